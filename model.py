@@ -1,0 +1,388 @@
+"""
+A GPT language model with ParScale's parallel streams, in one file.
+
+ParScale (Chen et al., 2025, "Parallel Scaling Law for Language Models", arXiv 2505.10475)
+runs P copies ("streams") of one transformer on the same input. The streams share every
+weight; they differ only by a few learned key/value vectors (a prefix) in every attention
+layer. All P streams run as one batch, and a small learned aggregator mixes their final
+hidden states before the LM head. P streams behave like ~(1 + 0.39 ln P) times the parameters.
+
+Everything ParScale adds sits behind `n_streams > 1`: with n_streams = 1 this file is a
+plain nanoGPT-style GPT, and a nanoGPT checkpoint loads into it unchanged.
+
+Stream layout, used everywhere below: the P streams are folded into the batch dimension,
+stream-major, so row r = s * B + b holds stream s of batch element b, shape (P*B, T, C).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: Optional[int] = None  # None = n_head; fewer gives grouped-query attention (GQA)
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears and LayerNorms, like GPT-2
+    # ParScale
+    n_streams: int = 1  # P, the number of parallel streams; 1 = plain GPT
+    n_prefix: int = 48  # learned prefix key/value slots per layer per stream (the paper: 48)
+    agg_smoothing: float = 0.01  # eps in w = w(1-eps) + eps/P; official code 0.01, paper text 0.1
+    prefix_init_std: float = 0.02  # prefixes start as N(0, std) draws from the global torch RNG
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        positive = ["block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_streams"]
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"GPTConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.n_streams > 1 and self.n_prefix < 1:
+            # without prefixes every stream computes exactly the same thing
+            raise ValueError(f"GPTConfig.n_prefix must be >= 1 when n_streams > 1, got {self.n_prefix}")
+        if self.n_prefix < 0:
+            raise ValueError(f"GPTConfig.n_prefix must be >= 0, got {self.n_prefix}")
+        if not 0.0 <= self.agg_smoothing <= 1.0:
+            raise ValueError(f"GPTConfig.agg_smoothing must be in [0, 1], got {self.agg_smoothing}")
+        if self.prefix_init_std < 0:
+            raise ValueError(f"GPTConfig.prefix_init_std must be >= 0, got {self.prefix_init_std}")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def n_prefix_slots(self):
+        """Key/value slots in front of the real tokens in every attention layer."""
+        return self.n_prefix if self.n_streams > 1 else 0
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """
+    Preallocated keys and values for incremental decoding, one buffer for all layers:
+    k, v: (n_layer, P*B, n_kv_head, n_prefix_slots + block_size, head_dim).
+    Each row starts with its stream's prefix (copied in once, at creation), then the real
+    tokens. `pos` counts the real tokens cached so far; it is also the next token's position.
+    """
+
+    def __init__(self, model, batch_size, device=None, dtype=None):
+        cfg = model.config
+        p = next(model.parameters())
+        device, dtype = device or p.device, dtype or p.dtype
+        self.n_pre = cfg.n_prefix_slots
+        shape = (cfg.n_layer, cfg.n_streams * batch_size, cfg.n_kv_head, self.n_pre + cfg.block_size, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        if cfg.n_streams > 1:
+            for i, block in enumerate(model.transformer.h):
+                # (P, n_kv_head, n_prefix, hd) -> (P*B, ...), stream-major like the rows
+                self.k[i, :, :, : self.n_pre] = block.attn.prefix_k.repeat_interleave(batch_size, dim=0)
+                self.v[i, :, :, : self.n_pre] = block.attn.prefix_v.repeat_interleave(batch_size, dim=0)
+
+    def append(self, layer, k, v):
+        """Store k, v (P*B, n_kv_head, T, hd) after what is cached; return everything so far."""
+        start = self.n_pre + self.pos
+        end = start + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # query, key and value projections in one matmul; with n_kv_head = n_head this is nanoGPT's c_attn
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_streams = config.n_streams
+        if config.n_streams > 1:
+            # ParScale prefix: raw keys and values, one set per stream. They skip c_attn, carry no
+            # position and occupy none: real tokens still sit at positions 0..T-1.
+            shape = (config.n_streams, config.n_kv_head, config.n_prefix, config.head_dim)
+            self.prefix_k = nn.Parameter(torch.empty(shape))
+            self.prefix_v = nn.Parameter(torch.empty(shape))
+
+    def forward(self, x, cache=None):
+        R, T, C = x.size()  # R = P*B rows, stream-major
+        q, k, v = self.c_attn(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
+        q = q.view(R, T, self.n_head, self.head_dim).transpose(1, 2)  # (R, n_head, T, hd)
+        k = k.view(R, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (R, n_kv_head, T, hd)
+        v = v.view(R, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k, v)  # the cache rows already begin with the prefix
+        elif self.n_streams > 1:
+            B = R // self.n_streams
+            pk = self.prefix_k.repeat_interleave(B, dim=0).to(k.dtype)  # (R, n_kv_head, n_prefix, hd)
+            pv = self.prefix_v.repeat_interleave(B, dim=0).to(v.dtype)
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (R, n_kv_head, n_prefix + T, hd)
+        # The S - T keys in front of the queries (prefix slots, earlier cached tokens) are visible to
+        # every query; among the T new ones, query i sees key j <= i. One rule covers all cases.
+        S = k.size(2)
+        mask = None
+        if T > 1 and S > T:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S), shared by all rows
+        gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),  # S == T: plain causal, flash-eligible
+            dropout_p=self.attn_dropout if self.training else 0.0, **gqa)
+        y = y.transpose(1, 2).contiguous().view(R, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Aggregator(nn.Module):
+    """
+    ParScale's output aggregation (PARSCALE.md section 1.3): for every position, concatenate the
+    P streams' final hidden states, (B, T, P*C) -> Linear -> SiLU -> Linear -> softmax over P in
+    float32 -> label smoothing -> weighted sum of the P hidden states, (B, T, C).
+    Both Linears have biases: that is what the paper's parameter counts imply.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_streams, self.eps = config.n_streams, config.agg_smoothing
+        self.proj_in = nn.Linear(config.n_streams * config.n_embd, config.n_embd)
+        self.proj_out = nn.Linear(config.n_embd, config.n_streams)
+
+    def weights(self, x):
+        """x: (P*B, T, C), stream-major -> mixing weights (B, T, P) in float32."""
+        P, (R, T, C) = self.n_streams, x.shape
+        per_position = x.view(P, R // P, T, C).permute(1, 2, 0, 3).reshape(R // P, T, P * C)  # (B, T, P*C)
+        w = self.proj_out(F.silu(self.proj_in(per_position))).float().softmax(dim=-1)
+        return w * (1 - self.eps) + self.eps / P  # smoothing: no stream's weight falls below eps/P
+
+    def forward(self, x):
+        P, (R, T, C) = self.n_streams, x.shape
+        w = self.weights(x)  # (B, T, P)
+        return torch.einsum("btp,pbtc->btc", w.to(x.dtype), x.view(P, R // P, T, C))  # (B, T, C)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if config.n_streams > 1:
+            self.aggregator = Aggregator(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        # init as nanoGPT: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2 paper)
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.n_streams > 1:
+            self.reset_parscale_parameters()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def reset_parscale_parameters(self):
+        """
+        Fresh ParScale parameters. Prefixes: N(0, prefix_init_std), drawn from the global torch
+        RNG (so torch.manual_seed makes them reproducible); each stream gets its own draw, which
+        is the only thing that makes the streams differ. Aggregator: its output layer starts at
+        zero, so the streams start out exactly averaged (weights 1/P) and the mix is learned.
+        """
+        for block in self.transformer.h:
+            torch.nn.init.normal_(block.attn.prefix_k, std=self.config.prefix_init_std)
+            torch.nn.init.normal_(block.attn.prefix_v, std=self.config.prefix_init_std)
+        torch.nn.init.normal_(self.aggregator.proj_in.weight, std=0.02)
+        torch.nn.init.zeros_(self.aggregator.proj_in.bias)
+        torch.nn.init.zeros_(self.aggregator.proj_out.weight)
+        torch.nn.init.zeros_(self.aggregator.proj_out.bias)
+
+    @staticmethod
+    def is_parscale_param(name):
+        """The parameters ParScale adds: per-layer prefixes and the aggregator."""
+        return ".prefix_" in name or name.startswith("aggregator.")
+
+    def param_report(self):
+        """Parameter counts by role. 'non_embedding' is the N of the scaling law (ParScale's own included)."""
+        r = dict(embedding=0, backbone=0, prefixes=0, aggregator=0)
+        for name, p in self.named_parameters():  # tied lm_head/wte counted once, as embedding
+            key = ("embedding" if name.startswith(("transformer.wte", "transformer.wpe")) else
+                   "prefixes" if ".prefix_" in name else "aggregator" if name.startswith("aggregator.") else "backbone")
+            r[key] += p.numel()
+        r["non_embedding"] = r["backbone"] + r["prefixes"] + r["aggregator"]
+        r["total"] = r["non_embedding"] + r["embedding"]
+        return r
+
+    def hidden(self, idx, cache=None):
+        """Token ids (B, T) -> final hidden states (B, T, C), streams already aggregated."""
+        B, T = idx.size()
+        pos0 = cache.pos if cache is not None else 0
+        if pos0 + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos0 + T} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C), once for all streams
+        if self.config.n_streams > 1:
+            x = x.repeat(self.config.n_streams, 1, 1)  # (P*B, T, C): every stream sees the same input
+        for block in self.transformer.h:
+            x = block(x, cache)
+        x = self.transformer.ln_f(x)
+        if self.config.n_streams > 1:
+            x = self.aggregator(x)  # (P*B, T, C) -> (B, T, C): the LM head runs on B rows, not P*B
+        if cache is not None:
+            cache.pos += T
+        return x
+
+    def forward(self, idx, targets=None, cache=None):
+        x = self.hidden(idx, cache)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # inference: only the last position's logits
+        logits = self.lm_head(x)  # mixing hidden states before this linear head mixes logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; matrices and embeddings decay. Biases, norms and prefixes don't: decaying the
+        prefixes would pull every stream's prefix toward zero, i.e. toward each other."""
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        decay = [p for n, p in params if p.dim() >= 2 and ".prefix_" not in n]
+        no_decay = [p for n, p in params if p.dim() < 2 or ".prefix_" in n]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward): the backbone runs P times, the LM head
+        once (PaLM appendix B's 6N + attention, counted per stream)."""
+        cfg, r = self.config, self.param_report()
+        P, L, H, Q = cfg.n_streams, cfg.n_layer, cfg.n_head, cfg.head_dim
+        body = 6 * (r["backbone"] + r["prefixes"]) * P
+        attn = 12 * L * H * Q * (seq_len + cfg.n_prefix_slots) * P  # each query against prefix + context
+        head = 6 * (cfg.vocab_size * cfg.n_embd + r["aggregator"])
+        return body + attn + head
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Continue idx (B, T) by max_new_tokens tokens, decoding through a KV cache.
+        temperature 0 picks the most likely token (greedy)."""
+        cache = None
+        for _ in range(max_new_tokens):
+            if idx.size(1) <= self.config.block_size:
+                if cache is None:
+                    cache = KVCache(self, idx.size(0))
+                    logits, _ = self(idx, cache=cache)  # prefill the whole prompt
+                else:
+                    logits, _ = self(idx[:, -1:], cache=cache)  # one new token per step
+            else:  # past block_size positions run out: crop the context and recompute, as nanoGPT does
+                logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and the two-stage recipe
+
+def clean_state_dict(state_dict):
+    """Accept nanoGPT's checkpoints as they are: drop the `_orig_mod.` prefix torch.compile adds
+    and the causal-mask buffers (`attn.bias`) that nanoGPT saves when flash attention is off."""
+    out = {}
+    for k, v in state_dict.items():
+        k = k.removeprefix("_orig_mod.")
+        if k.endswith(".attn.bias") and v.dim() == 4:
+            continue
+        out[k] = v
+    return out
+
+
+def convert_to_streams(model, n_streams, **parscale_args):
+    """
+    Two-stage ParScale (PARSCALE.md section 2): a P-stream model whose backbone is a copy of a
+    trained P=1 model's, with fresh prefixes and aggregator. parscale_args may set n_prefix,
+    agg_smoothing, prefix_init_std.
+    """
+    if model.config.n_streams != 1:
+        raise ValueError(f"convert_to_streams needs a P=1 model, got n_streams={model.config.n_streams}")
+    cfg = GPTConfig(**{**vars(model.config), **parscale_args, "n_streams": n_streams})
+    new = GPT(cfg).to(next(model.parameters()).device)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(GPT.is_parscale_param(k) for k in missing), (missing, unexpected)
+    return new
+
+
+def freeze_backbone(model):
+    """Train only the prefixes and the aggregator ("dynamic parallel scaling", PARSCALE.md section 2)."""
+    if model.config.n_streams == 1:
+        raise ValueError("freeze_backbone needs n_streams > 1: with one stream nothing would train")
+    for name, p in model.named_parameters():
+        p.requires_grad = GPT.is_parscale_param(name)
