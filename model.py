@@ -15,6 +15,7 @@ stream-major, so row r = s * B + b holds stream s of batch element b, shape (P*B
 """
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -353,6 +354,26 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # checkpoints and the two-stage recipe
 
+def load_checkpoint(path):
+    """torch.load with weights_only=True and errors that say what is wrong."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path} is corrupt or not a checkpoint: {e}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise RuntimeError(f"checkpoint {path} lacks 'model' or 'model_args'; is it a training checkpoint?")
+    return ckpt
+
+
+def save_checkpoint(ckpt, out_dir):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a half checkpoint."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def clean_state_dict(state_dict):
     """Accept nanoGPT's checkpoints as they are: drop the `_orig_mod.` prefix torch.compile adds
     and the causal-mask buffers (`attn.bias`) that nanoGPT saves when flash attention is off."""
@@ -363,6 +384,16 @@ def clean_state_dict(state_dict):
             continue
         out[k] = v
     return out
+
+
+def model_from_checkpoint(ckpt, **overrides):
+    """Rebuild the model a checkpoint (ours or nanoGPT's) describes and load its weights."""
+    model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))
+    try:
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+    except RuntimeError as e:
+        raise RuntimeError(f"checkpoint weights do not match its model_args: {e}") from e
+    return model
 
 
 def convert_to_streams(model, n_streams, **parscale_args):

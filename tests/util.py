@@ -16,6 +16,8 @@ HAS_CUDA = torch.cuda.is_available()
 def assert_close(actual, expected, atol=1e-5, rtol=1e-5, what="tensors"):
     """torch.testing.assert_close, but the message always carries max and mean |difference|."""
     diff = (actual.float() - expected.float()).abs()
+    if diff.numel() == 0:
+        diff = torch.zeros(1)
     msg = f"{what}: max |diff| {diff.max().item():.3e}, mean |diff| {diff.mean().item():.3e}"
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}")
 

@@ -1,0 +1,210 @@
+"""model.py against independent computations: plain GPT, explicit streams, explicit aggregator, full recompute."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from util import assert_close, tiny_config
+
+from model import GPT, GPTConfig, KVCache, clean_state_dict, convert_to_streams, freeze_backbone
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**kw)).eval()
+
+
+def plain_gpt_logits(sd, cfg, idx, prefix=None):
+    """A from-the-weights GPT-2 forward written out longhand, reading nanoGPT's parameter names.
+    prefix: optional list (per layer) of (k, v), each (n_kv_head, n_prefix, hd), given to every row."""
+    B, T = idx.shape
+    C, H, KV = cfg.n_embd, cfg.n_head, cfg.n_kv_head
+    hd = C // H
+    g = lambda n: sd[n]  # noqa: E731
+    ln = lambda x, n: F.layer_norm(x, (C,), g(n + ".weight"), g(n + ".bias"), 1e-5)  # noqa: E731
+    x = g("transformer.wte.weight")[idx] + g("transformer.wpe.weight")[:T]
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        qkv = ln(x, p + "ln_1") @ g(p + "attn.c_attn.weight").T + g(p + "attn.c_attn.bias")
+        q, k, v = qkv.split([C, KV * hd, KV * hd], dim=-1)
+        q = q.view(B, T, H, hd).transpose(1, 2)
+        k = k.view(B, T, KV, hd).transpose(1, 2).repeat_interleave(H // KV, dim=1)
+        v = v.view(B, T, KV, hd).transpose(1, 2).repeat_interleave(H // KV, dim=1)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
+        att = att.masked_fill(torch.ones(T, T).tril() == 0, float("-inf"))
+        if prefix is not None:
+            pk, pv = (t.repeat_interleave(H // KV, dim=0) for t in prefix[i])  # (H, n_prefix, hd)
+            att = torch.cat([(q @ pk.transpose(-2, -1)) / math.sqrt(hd), att], dim=-1)
+            v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+        x = x + y @ g(p + "attn.c_proj.weight").T + g(p + "attn.c_proj.bias")
+        h = F.gelu(ln(x, p + "ln_2") @ g(p + "mlp.c_fc.weight").T + g(p + "mlp.c_fc.bias"))
+        x = x + h @ g(p + "mlp.c_proj.weight").T + g(p + "mlp.c_proj.bias")
+    return ln(x, "transformer.ln_f")
+
+
+def all_logits(model, idx):
+    return model.lm_head(model.hidden(idx))
+
+
+def test_p1_is_plain_gpt_and_loads_a_nanogpt_state_dict():
+    ref = make(1)
+    cfg = ref.config
+    # a state dict as nanoGPT writes it: compiled-model prefix and causal-mask buffers included
+    sd = {"_orig_mod." + k: v.clone() for k, v in ref.state_dict().items()}
+    for i in range(cfg.n_layer):
+        sd[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.ones(1, 1, cfg.block_size, cfg.block_size).tril()
+    assert not any("prefix" in k or "aggregator" in k for k in sd)
+    model = GPT(cfg).eval()
+    model.load_state_dict(clean_state_dict(sd))
+    idx = torch.randint(0, cfg.vocab_size, (3, 17))
+    clean = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}
+    expected = plain_gpt_logits(clean, cfg, idx) @ clean["lm_head.weight"].T
+    assert_close(all_logits(model, idx), expected, what="P=1 vs plain GPT")
+    logits, loss = model(idx)  # inference returns the last position only, as nanoGPT
+    assert logits.shape == (3, 1, cfg.vocab_size) and loss is None
+
+
+@pytest.mark.parametrize("P,kv", [(2, 4), (4, 2)])
+def test_streams_are_stream_major_with_their_own_prefix(P, kv):
+    model = make(2, n_streams=P, n_kv_head=kv)
+    cfg, B = model.config, 3
+    idx = torch.randint(0, cfg.vocab_size, (B, 11))
+    seen = {}
+    model.aggregator.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0], out=out))
+    model.hidden(idx)
+    x = seen["x"]
+    assert x.shape == (P * B, 11, cfg.n_embd) and seen["out"].shape == (B, 11, cfg.n_embd)
+    sd = model.state_dict()
+    for s in range(P):  # rows s*B .. s*B+B-1 are stream s: the plain GPT with stream s's prefix
+        prefix = [(b.attn.prefix_k[s], b.attn.prefix_v[s]) for b in model.transformer.h]
+        assert_close(x[s * B:(s + 1) * B], plain_gpt_logits(sd, cfg, idx, prefix), what=f"stream {s}")
+    assert (x[:B] - x[B:2 * B]).abs().max() > 1e-4  # different prefixes, different streams
+
+
+def test_aggregator_matches_explicit_computation():
+    model = make(3, n_streams=3, agg_smoothing=0.1)
+    agg, P, B, T, C = model.aggregator, 3, 2, 5, model.config.n_embd
+    torch.nn.init.normal_(agg.proj_out.weight, std=0.5)  # leave the uniform start behind
+    torch.nn.init.normal_(agg.proj_out.bias, std=0.5)
+    x = torch.randn(P * B, T, C)
+    out = agg(x)
+    for b in range(B):
+        for t in range(T):
+            hs = [x[s * B + b, t] for s in range(P)]
+            z = agg.proj_out.weight @ F.silu(agg.proj_in.weight @ torch.cat(hs) + agg.proj_in.bias) + agg.proj_out.bias
+            w = torch.exp(z) / torch.exp(z).sum()
+            w = w * 0.9 + 0.1 / P
+            assert_close(out[b, t], sum(w[s] * hs[s] for s in range(P)), what=f"aggregate b={b} t={t}")
+    assert agg.weights(x).dtype == torch.float32
+
+
+def test_fresh_aggregator_averages_streams_and_prefix_init_is_seeded():
+    a, b = make(4, n_streams=4), make(4, n_streams=4)
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), na  # same seed, same model
+    pk = a.transformer.h[0].attn.prefix_k
+    assert torch.isfinite(pk).all() and (pk[0] - pk[1]).abs().max() > 0  # streams differ
+    w = a.aggregator.weights(torch.randn(4 * 2, 3, a.config.n_embd))
+    assert_close(w, torch.full_like(w, 0.25), what="uniform start")
+
+
+@pytest.mark.parametrize("P", [1, 2, 4])
+def test_prefix_reaches_every_position_and_causality_holds(P):
+    model = make(5, n_streams=P)
+    T = 12
+    idx = torch.randint(0, model.config.vocab_size, (2, T))
+    base = all_logits(model, idx)
+    for j in (0, 5, T - 1):  # change token j: logits before j must not move, logits at j must
+        changed = idx.clone()
+        changed[:, j] = (changed[:, j] + 1) % model.config.vocab_size
+        out = all_logits(model, changed)
+        assert_close(out[:, :j], base[:, :j], what=f"positions before {j}")
+        assert (out[:, j] - base[:, j]).abs().max() > 1e-6
+    if P > 1:
+        with torch.no_grad():
+            model.transformer.h[0].attn.prefix_v[P - 1] += 1.0  # only the last stream's prefix
+        moved = (all_logits(model, idx) - base).abs().amax(dim=-1)  # (B, T)
+        assert (moved > 1e-6).all(), "some position does not see the prefix"
+
+
+@pytest.mark.parametrize("P", [1, 2, 4])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("kv", [4, 2, 1])
+def test_cached_decoding_equals_full_recompute(P, B, kv):
+    model = make(6, n_streams=P, n_kv_head=kv)
+    cfg = model.config
+    idx = torch.randint(0, cfg.vocab_size, (B, cfg.block_size))
+    full = all_logits(model, idx)
+    cache = KVCache(model, B)
+    chunks = [model.lm_head(model.hidden(idx[:, a:b], cache)) for a, b in [(0, 9), (9, 10), (10, 11), (11, cfg.block_size)]]
+    assert cache.pos == cfg.block_size
+    assert_close(torch.cat(chunks, dim=1), full, atol=2e-5, what="cached vs full logits")
+    # greedy tokens: generate() through the cache against a loop of full recomputes
+    prompt = idx[:, :5]
+    out = model.generate(prompt, cfg.block_size - 5, temperature=0)
+    x = prompt
+    for _ in range(cfg.block_size - 5):
+        x = torch.cat([x, all_logits(model, x)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, x)
+
+
+def test_generate_past_block_size_crops_like_nanogpt():
+    model = make(7, n_streams=2)
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), model.config.block_size + 6, temperature=0)
+    assert out.shape == (1, model.config.block_size + 9)
+    x = out[:, :-1][:, -model.config.block_size:]
+    assert out[0, -1] == all_logits(model, x)[0, -1].argmax()
+
+
+def test_two_stage_conversion_keeps_backbone_and_freezing_trains_only_parscale():
+    base = make(8)
+    model = convert_to_streams(base, 4, n_prefix=2)
+    assert model.config.n_streams == 4 and model.config.n_prefix == 2
+    bsd = base.state_dict()
+    for k, v in model.state_dict().items():
+        if k in bsd:
+            assert torch.equal(v, bsd[k]), k
+        else:
+            assert GPT.is_parscale_param(k), k
+    freeze_backbone(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(GPT.is_parscale_param(n) for n in trainable)
+    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), "cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    for _ in range(2):  # two steps: the zero-initialised aggregator output lets proj_in move on step 2
+        _, loss = model(idx, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != GPT.is_parscale_param(n), n
+    with pytest.raises(ValueError, match="P=1"):
+        convert_to_streams(model, 2)
+
+
+@pytest.mark.parametrize("P,paper_delta", [(2, 2_382_466), (4, 4_764_036), (8, 9_527_176)])
+def test_parscale_parameter_count_matches_the_paper(P, paper_delta):
+    """The paper's N rows (PARSCALE.md section 3), 0.5B model: N(P) - N(1) is ParScale's own parameters."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=36, n_embd=896, n_head=16, n_kv_head=2, n_streams=P, n_prefix=48, vocab_size=256))
+    r = model.param_report()
+    assert r["prefixes"] + r["aggregator"] == paper_delta
+    assert r["non_embedding"] == r["backbone"] + paper_delta
+
+
+@pytest.mark.parametrize("field,value", [("n_embd", 30), ("n_kv_head", 3), ("n_streams", 0), ("dropout", 1.5),
+                                         ("agg_smoothing", -0.1), ("block_size", 0), ("n_prefix", -1)])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**{field: value})
+    with pytest.raises(ValueError, match="n_prefix"):
+        tiny_config(n_streams=2, n_prefix=0)
+
+
+def test_too_long_input_is_refused():
+    model = make(9)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, model.config.block_size + 1, dtype=torch.long))
