@@ -14,9 +14,10 @@ Stream layout, used everywhere below: the P streams are folded into the batch di
 stream-major, so row r = s * B + b holds stream s of batch element b, shape (P*B, T, C).
 """
 
+import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -367,9 +368,9 @@ def load_checkpoint(path):
     return ckpt
 
 
-def save_checkpoint(ckpt, out_dir):
+def save_checkpoint(ckpt, out_dir, name="ckpt.pt"):
     """Write to a temporary file, then rename: a crash mid-write never leaves a half checkpoint."""
-    path = os.path.join(out_dir, "ckpt.pt")
+    path = os.path.join(out_dir, name)
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -405,10 +406,44 @@ def convert_to_streams(model, n_streams, **parscale_args):
     if model.config.n_streams != 1:
         raise ValueError(f"convert_to_streams needs a P=1 model, got n_streams={model.config.n_streams}")
     cfg = GPTConfig(**{**vars(model.config), **parscale_args, "n_streams": n_streams})
-    new = GPT(cfg).to(next(model.parameters()).device)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    p = next(model.parameters())
+    new = GPT(cfg).to(device=p.device, dtype=p.dtype)
+    # assign=True: the new model holds the very same backbone tensors, no copy
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False, assign=True)
     assert not unexpected and all(GPT.is_parscale_param(k) for k in missing), (missing, unexpected)
     return new
+
+
+def backbone_fingerprint(model):
+    """A short hash of the backbone's weights: ties a streams file to the backbone it was trained on."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if not GPT.is_parscale_param(name):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def streams_state(model):
+    """
+    Dynamic parallel scaling (PARSCALE.md section 2): with a frozen backbone, all that a given P
+    adds is its prefixes and aggregator. This is that small set, as a checkpoint-like dict.
+    """
+    return dict(kind="streams", model_args=asdict(model.config), backbone=backbone_fingerprint(model),
+                model={k: v for k, v in model.state_dict().items() if GPT.is_parscale_param(k)})
+
+
+def attach_streams(backbone, streams):
+    """A P=1 model + a streams_state dict -> a P-stream model sharing the backbone's tensors."""
+    if streams.get("kind") != "streams":
+        raise ValueError("not a streams file (expected kind='streams'); a full checkpoint goes to --ckpt")
+    if backbone_fingerprint(backbone) != streams["backbone"]:
+        raise ValueError("these streams were trained on a different backbone (weight fingerprints differ)")
+    args = streams["model_args"]
+    model = convert_to_streams(backbone, args["n_streams"], n_prefix=args["n_prefix"],
+                               agg_smoothing=args["agg_smoothing"], prefix_init_std=args["prefix_init_std"])
+    model.load_state_dict(streams["model"], strict=False)
+    return model
 
 
 def freeze_backbone(model):

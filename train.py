@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import GPT, GPTConfig, convert_to_streams, freeze_backbone, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import (GPT, GPTConfig, attach_streams, convert_to_streams, freeze_backbone, load_checkpoint, model_from_checkpoint,
+                   save_checkpoint, streams_state)
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, vendor datasheets
 
@@ -59,7 +60,8 @@ def get_args(argv=None):
     p.add_argument("--n_prefix", type=int, default=4, help="prefix slots per layer per stream (paper: 48 at block 2048; keep ~2-3%% of block_size)")
     p.add_argument("--agg_smoothing", type=float, default=0.01, help="aggregator label smoothing eps")
     p.add_argument("--prefix_init_std", type=float, default=0.02, help="std of the N(0, std) prefix init")
-    p.add_argument("--freeze_backbone", action="store_true", help="train only prefixes and aggregator")
+    p.add_argument("--freeze_backbone", action="store_true", help="train only prefixes and aggregator; also writes streams_p{P}.pt")
+    p.add_argument("--streams", default="", help="a streams_p{P}.pt file to attach to the P=1 checkpoint given by --init_from=PATH")
     # optimisation
     p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per step (summed over DDP ranks)")
@@ -173,6 +175,12 @@ def main(argv=None):
                              f"the data in {args.data_dir} has {meta['vocab_size']} ({meta.get('tokenizer')})")
         if args.block_size > src.block_size:
             raise ValueError(f"--block_size {args.block_size} exceeds the checkpoint's block_size {src.block_size}")
+        if args.streams:  # dynamic P: a P=1 backbone plus one small prefix/aggregator set
+            if resume or src.n_streams != 1:
+                raise ValueError("--streams needs --init_from=PATH to a P=1 (backbone) checkpoint")
+            model = attach_streams(model, load_checkpoint(args.streams))
+            src = model.config
+            args.n_streams = src.n_streams
         if not resume and src.n_streams not in (1, args.n_streams):
             raise ValueError(f"cannot start P={args.n_streams} from a P={src.n_streams} checkpoint: use a P=1 checkpoint or the same P")
         if resume:
@@ -181,6 +189,8 @@ def main(argv=None):
         elif src.n_streams == 1 and args.n_streams > 1:
             model = convert_to_streams(model, args.n_streams, **parscale)  # two-stage: fresh prefixes + aggregator
             how = f"converted P=1 -> P={args.n_streams} from {args.init_from}"
+        elif args.streams:
+            how = f"backbone {args.init_from} + streams {args.streams}"
         else:
             how = f"initialised from {args.init_from}"
     cfg = model.config
@@ -291,6 +301,8 @@ def main(argv=None):
             log_json(kind="eval", step=iter_num, **ev)
             if iter_num > 0:
                 save_checkpoint(checkpoint(), args.out_dir)
+                if args.freeze_backbone:  # the small file that dynamic P needs
+                    save_checkpoint(streams_state(raw_model), args.out_dir, f"streams_p{cfg.n_streams}.pt")
         if iter_num >= args.max_iters:
             break
 

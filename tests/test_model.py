@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from util import assert_close, tiny_config
 
-from model import GPT, GPTConfig, KVCache, clean_state_dict, convert_to_streams, freeze_backbone
+from model import GPT, GPTConfig, KVCache, attach_streams, clean_state_dict, convert_to_streams, freeze_backbone, streams_state
 
 
 def make(seed=0, **kw):
@@ -208,3 +208,26 @@ def test_too_long_input_is_refused():
     model = make(9)
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, model.config.block_size + 1, dtype=torch.long))
+
+
+def test_dynamic_p_streams_share_one_backbone():
+    base = make(10)
+    sets = {}
+    for P in (2, 4):
+        m = convert_to_streams(base, P)
+        with torch.no_grad():  # stand-in for training the streams on a frozen backbone
+            m.transformer.h[1].attn.prefix_k.add_(0.3)
+        sets[P] = streams_state(m)
+        assert all(GPT.is_parscale_param(k) for k in sets[P]["model"])
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    idx = torch.randint(0, base.config.vocab_size, (2, 9))
+    for P, st in sets.items():
+        m = attach_streams(base, st)
+        assert m.config.n_streams == P
+        assert m.transformer.h[0].mlp.c_fc.weight.data_ptr() == base.transformer.h[0].mlp.c_fc.weight.data_ptr()
+        assert_close(m.transformer.h[1].attn.prefix_k, st["model"]["transformer.h.1.attn.prefix_k"], what="prefix")
+        all_logits(m, idx)
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="different backbone"):
+        attach_streams(make(11), sets[2])

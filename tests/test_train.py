@@ -90,7 +90,7 @@ def test_sigint_saves_a_checkpoint_that_resumes(data_dir, tmp_path):
     assert resumed["iter_num"] == step + 2
 
 
-def test_two_stage_and_frozen_backbone_through_train(data_dir, tmp_path):
+def test_two_stage_and_frozen_backbone_through_train(data_dir, tmp_path, capsys):
     base = run(data_dir, tmp_path / "p1", "--max_iters=10", "--eval_interval=10", "--n_streams=1")
     conv = run(data_dir, tmp_path / "p3", "--max_iters=4", "--eval_interval=4", "--n_streams=3",
                f"--init_from={tmp_path / 'p1' / 'ckpt.pt'}", "--freeze_backbone")
@@ -98,6 +98,12 @@ def test_two_stage_and_frozen_backbone_through_train(data_dir, tmp_path):
     for k, v in base["model"].items():
         assert torch.equal(conv["model"][k], v), k  # frozen: the backbone never moved
     assert any("prefix" in k for k in conv["model"])
+    streams = tmp_path / "p3" / "streams_p3.pt"  # dynamic P: backbone + the small streams file
+    capsys.readouterr()
+    train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'eval'}", "--eval_only",
+                       f"--init_from={tmp_path / 'p1' / 'ckpt.pt'}", f"--streams={streams}"])
+    out = capsys.readouterr().out
+    assert "P=3" in out and json.loads(out.strip().splitlines()[-1])["val"] == evals(tmp_path / "p3")[-1]["val"]
     with pytest.raises(ValueError, match="P=3 checkpoint"):
         run(data_dir, tmp_path / "p2", "--max_iters=1", "--n_streams=2", f"--init_from={tmp_path / 'p3' / 'ckpt.pt'}")
 
