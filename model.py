@@ -155,7 +155,13 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if T > 1 and S > T:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S), shared by all rows
-        gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
+        gqa = {}
+        if self.n_kv_head != self.n_head:
+            if mask is None:
+                gqa = {"enable_gqa": True}
+            else:  # SDPA's masked fused kernels take no GQA: share the kv heads by copying instead
+                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),  # S == T: plain causal, flash-eligible
             dropout_p=self.attn_dropout if self.training else 0.0, **gqa)

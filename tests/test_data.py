@@ -155,7 +155,7 @@ def test_default_out_dir(tmp_path):
     ("empty_files", ValueError, "empty input"),
     ("empty_file", ValueError, "empty input"),
     ("undecodable", ValueError, r"bad\.txt is not valid UTF-8 at byte offset 6"),
-    ("too_little", ValueError, r"too little data for one block: the val split .* --block_size=256"),
+    ("too_little", ValueError, r"too little data for one block: the val split .* --block_size=128"),
 ])
 def test_bad_input(case, error, match, tmp_path):
     src = tmp_path / "in"
@@ -172,7 +172,7 @@ def test_bad_input(case, error, match, tmp_path):
         (src / "bad.txt").write_bytes("héllo".encode("utf-8") + b"\xff more")  # é is 2 bytes: 0xff at offset 6
     if case == "too_little":
         for i in range(12):
-            (src / f"{i:02d}.txt").write_text("x" * 100)  # val = one file = 100 tokens < 257
+            (src / f"{i:02d}.txt").write_text("x" * 100)  # val = one file = 100 tokens < 129
     out = tmp_path / "out"
     with pytest.raises(error, match=match):
         prep.main([f"--input={src}", f"--out_dir={out}"])

@@ -1,0 +1,465 @@
+"""
+The parallel scaling law at toy scale: fit it, sweep P x width, two-stage training, dynamic P.
+
+    python scripts/scaling.py fit --paper                      # the paper's Stack-V2-Python grid -> k 0.3935
+    python scripts/scaling.py fit --runs=out/scaling/cpu/sweep # fit your own runs (or a sweep.csv)
+    python scripts/scaling.py sweep --preset=tiny              # seconds: P in {1,2,4,8} x 3 widths, fitted
+    python scripts/scaling.py sweep --preset=cpu               # ~2 h on a 2-core CPU
+    python scripts/scaling.py sweep --preset=gpu               # ~4 min on one H200 (run prepare_data.py first)
+    python scripts/scaling.py two_stage --preset=cpu           # P=1 base, then P=1 / P=4 / P=4 frozen / P=4 kv-init
+    python scripts/scaling.py dynamic --preset=cpu             # one frozen backbone, streams files for P = 2, 4, 8
+
+The law (Chen et al. 2025, eq. 5): L = E + (A / (N (k ln P + 1)))^alpha, N the non-embedding
+parameters, ParScale's prefixes and aggregator included. It is fitted as the official script does:
+Huber loss (delta 1e-3) on log L, several starting points, A in units of 1e9. Positivity comes from
+fitting log E, log A, log alpha, log k with torch.optim.LBFGS (no SciPy): k -> 0 means P buys nothing.
+
+Every run is train.py's main() called in-process, with its own out_dir. Runs are resumable: a run
+whose log.jsonl holds its final evaluation is skipped, one with a ckpt.pt resumes (--init_from=resume),
+so re-running an interrupted command finishes the work. Results land in --out (default
+out/scaling/<preset>) as CSV and JSON; the last line printed is one JSON object.
+
+Prefix init "kv" (two_stage --prefix_init=kv, and dynamic): instead of N(0, 0.02) draws, each stream's
+prefix is the base model's own keys and values on a random n_prefix-token training snippet, one snippet
+per stream (PARSCALE.md section 6: it removes the loss spike at conversion). It is prototyped here by
+writing a converted P-stream checkpoint that train.py then starts from (--init_from=PATH, same P).
+"""
+import argparse
+import contextlib
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import signal
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+from model import GPT, GPTConfig, convert_to_streams, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# the paper's grid (PARSCALE.md section 3): Stack-V2-Python, 42B tokens, depth 36, final training loss
+
+PAPER_STREAMS = [1, 2, 4, 8]
+PAPER_N = [  # one row per P; N counts ParScale's prefixes and aggregator
+    [535813376, 693753856, 1088376320, 1571472384, 2774773760, 4353203200],
+    [538195842, 696738818, 1092762882, 1577522690, 2784937986, 4368529922],
+    [540577412, 699722756, 1097148164, 1583571460, 2795100164, 4383854084],
+    [545340552, 705690632, 1105918728, 1595669000, 2815424520, 4414502408],
+]
+PAPER_LOSS = [
+    [1.1722, 1.1496, 1.1131, 1.0817, 1.0451, 1.0213],
+    [1.1507, 1.1262, 1.0940, 1.0623, 1.0244, 1.0025],
+    [1.1354, 1.1124, 1.0808, 1.0490, 1.0126, 0.9906],
+    [1.1231, 1.0997, 1.0688, 1.0383, 1.0016, 0.9794],
+]
+PAPER_FIT = dict(E=0.6912, A=1.131e7, alpha=0.1894, k=0.3935, r2=0.9978)
+
+
+def paper_points():
+    """The paper's grid as parallel lists (N, P, L)."""
+    rows = [(n, P, l) for P, ns, ls in zip(PAPER_STREAMS, PAPER_N, PAPER_LOSS) for n, l in zip(ns, ls)]
+    return [list(c) for c in zip(*rows)]
+
+
+# -----------------------------------------------------------------------------
+# the law and its fit
+
+def law(N, P, E, A, alpha, k):
+    """Predicted loss; N, P numbers or float64 tensors, natural log."""
+    N, P = torch.as_tensor(N, dtype=torch.float64), torch.as_tensor(P, dtype=torch.float64)
+    return E + (A / (N * (k * torch.log(P) + 1))) ** alpha
+
+
+def fit_law(N, P, L, n_starts=27, delta=1e-3):
+    """
+    Fit L = E + (A / (N (k ln P + 1)))^alpha to points (N, P, L) as the paper does: minimise the
+    Huber loss (delta) of log L_pred - log L, from a grid of starting points, keep the best.
+    Parameters are optimised as logs (positive by construction); N is taken in billions so that
+    log A sits near 0 for every scale (the official script's "A scaled by 1e9").
+    n_starts: 27 = 3 E x 3 alpha x 3 k; fewer takes the first ones (1 is enough for clean data).
+    Returns E, A (in raw parameter units), alpha, k, r2 (on L) and the Huber objective.
+    """
+    n = torch.tensor(N, dtype=torch.float64) / 1e9
+    p = torch.tensor(P, dtype=torch.float64)
+    y = torch.tensor(L, dtype=torch.float64)
+    n_med, l_min, l_mean = n.median(), y.min(), y.mean()
+
+    def objective(theta):
+        E, A, alpha, k = theta.exp()
+        r = (E + (A / (n * (k * p.log() + 1))) ** alpha).log() - y.log()
+        a = r.abs()
+        return torch.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta)).sum()
+
+    best = None
+    starts = itertools.product([0.5, 0.8, 0.2], [0.3, 0.15, 0.6], [0.4, 0.1, 1.0])  # (E / min L, alpha, k)
+    for e_frac, alpha0, k0 in itertools.islice(starts, n_starts):
+        E0 = e_frac * l_min
+        A0 = n_med * (l_mean - E0) ** (1 / alpha0)  # the start passes through the mean loss at the median N
+        theta = torch.tensor([E0, A0, alpha0, k0], dtype=torch.float64).log().requires_grad_()
+        opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                history_size=50, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            o = objective(theta)
+            o.backward()
+            return o
+        opt.step(closure)
+        with torch.no_grad():
+            o = objective(theta).item()
+        if math.isfinite(o) and (best is None or o < best[0]):
+            best = (o, theta.detach().clone())
+    if best is None:
+        raise RuntimeError("the law fit diverged from every starting point")
+    obj, theta = best
+    E, A, alpha, k = theta.exp().tolist()
+    pred = law(n, p, E, A, alpha, k)
+    r2 = 1 - ((pred - y) ** 2).sum().item() / ((y - l_mean) ** 2).sum().item()
+    return dict(E=E, A=A * 1e9, alpha=alpha, k=k, r2=r2, huber=obj)
+
+
+def fit_line(fit):
+    mult = " / ".join(f"{1 + fit['k'] * math.log(P):.2f}" for P in (2, 4, 8))
+    return (f"k {fit['k']:.4f}  E {fit['E']:.4f}  A {fit['A']:.4g}  alpha {fit['alpha']:.4f}  R^2 {fit['r2']:.4f}"
+            f"  (P = 2/4/8 worth {mult} x parameters)")
+
+
+# -----------------------------------------------------------------------------
+# presets: fixed depth and token budget per run, widths x streams
+
+PRESETS = {
+    # for tests: seconds on a CPU
+    "tiny": dict(device="cpu", n_layer=1, n_head=2, widths=[8, 16, 24], streams=[1, 2, 4, 8], block_size=16,
+                 n_prefix=1, batch_size=4, max_iters=3, learning_rate=3e-3, warmup_iters=1, eval_interval=3,
+                 eval_iters=1, base_iters=3, extra_iters=2, two_stage_width=16),
+    # ~2 h on a 2-core CPU (measured: ~0.5 s per step at width 48; P=8 costs ~1.3x P=1 here, CPU time
+    # at these widths is per-step overhead more than FLOPs). 2 prefix slots = 1.6% of the block.
+    "cpu": dict(device="cpu", n_layer=2, n_head=4, widths=[32, 48, 64], streams=[1, 2, 4, 8], block_size=128,
+                n_prefix=2, batch_size=32, max_iters=1000, learning_rate=3e-3, warmup_iters=50, eval_interval=200,
+                eval_iters=20, base_iters=1500, extra_iters=500, two_stage_width=48),
+    # ~4 min on one H200, bf16: 12 runs of 10M tokens (~1 epoch of the stdlib bytes); see plan() for the estimate.
+    # 4 prefix slots = 1.6% of the block.
+    "gpu": dict(device="cuda", n_layer=4, n_head=4, widths=[64, 128, 192], streams=[1, 2, 4, 8], block_size=256,
+                n_prefix=4, batch_size=64, max_iters=600, learning_rate=3e-3, warmup_iters=50, eval_interval=150,
+                eval_iters=20, base_iters=1200, extra_iters=400, two_stage_width=128),
+}
+
+
+def train_argv(pre, data_dir, out_dir, width, P, max_iters, learning_rate=None, warmup_iters=None):
+    lr = pre["learning_rate"] if learning_rate is None else learning_rate
+    return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--device={pre['device']}",
+            f"--n_layer={pre['n_layer']}", f"--n_head={pre['n_head']}", f"--n_embd={width}",
+            f"--block_size={pre['block_size']}", f"--n_prefix={pre['n_prefix']}", f"--n_streams={P}",
+            f"--batch_size={pre['batch_size']}", f"--max_iters={max_iters}", f"--learning_rate={lr}",
+            f"--min_lr={lr / 10}", f"--warmup_iters={pre['warmup_iters'] if warmup_iters is None else warmup_iters}",
+            f"--eval_interval={min(pre['eval_interval'], max_iters)}", f"--eval_iters={pre['eval_iters']}",
+            f"--log_interval={max(1, min(50, max_iters // 4))}", "--progress=0"]
+
+
+def evals(out_dir):
+    """Evaluation records of a run, one per step (a resumed run re-evaluates its resume step: keep the last)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        return []
+    by_step = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("kind") == "eval":
+                by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def finished(out_dir, max_iters):
+    ev = evals(out_dir)
+    return bool(ev) and ev[-1]["step"] >= max_iters and os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
+
+
+def call_train(argv):
+    """train.main in-process. It installs its own SIGINT handler (finish the step, save, return);
+    put ours back afterwards so Ctrl-C between runs still stops this script."""
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        train.main(argv)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+
+
+def run(argv, out_dir, max_iters, init_from="scratch", extra=()):
+    """Train unless already done; resume a run that has a checkpoint. Returns 'done', 'resumed' or 'trained'."""
+    if finished(out_dir, max_iters):
+        return "done"
+    resume = os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
+    call_train(argv + [f"--init_from={'resume' if resume else init_from}", *extra])
+    if not finished(out_dir, max_iters):
+        raise SystemExit(f"run {out_dir} stopped before step {max_iters}; run the same command again to resume")
+    return "resumed" if resume else "trained"
+
+
+def eval_only(pre, data_dir, out_dir, init_from, streams=""):
+    """train.py --eval_only, which prints one JSON line {train, val, ...}: capture and parse it."""
+    argv = train_argv(pre, data_dir, out_dir, pre["two_stage_width"], 1, 0) + [f"--init_from={init_from}", "--eval_only"]
+    if streams:
+        argv.append(f"--streams={streams}")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        call_train(argv)
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def non_embedding(out_dir):
+    cfg = GPTConfig(**load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model_args"])
+    return GPT(cfg).param_report()["non_embedding"]
+
+
+def plan(pre, data_dir):
+    """What a sweep will cost: tokens and FLOPs per run (model.flops_per_token), and for a GPU an estimate of
+    the time at an assumed 10% of the H200's ~790 TFLOP/s achieved bf16 plus ~15 ms per step of launch overhead."""
+    vocab = math.ceil(train.load_meta(data_dir)["vocab_size"] / 64) * 64
+    tokens = pre["max_iters"] * pre["batch_size"] * pre["block_size"]
+    total, est = 0.0, 0.0
+    for width, P in itertools.product(pre["widths"], pre["streams"]):
+        cfg = GPTConfig(n_layer=pre["n_layer"], n_head=pre["n_head"], n_embd=width, block_size=pre["block_size"],
+                        vocab_size=vocab, n_streams=P, n_prefix=pre["n_prefix"])
+        flops = GPT(cfg).flops_per_token(pre["block_size"]) * tokens
+        total += flops
+        est += flops / (0.10 * 790e12) + pre["max_iters"] * 0.015
+    line = f"plan: {len(pre['widths']) * len(pre['streams'])} runs x {tokens:,} tokens, {total / 1e15:.2f} PFLOP"
+    if pre["device"] == "cuda":
+        line += f", estimated ~{est / 60:.1f} min on one H200 (10% MFU + 15 ms/step) plus evaluation"
+    return line
+
+
+# -----------------------------------------------------------------------------
+# subcommands
+
+def table(rows, cols):
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def cmd_fit(args):
+    if args.paper:
+        N, P, L = paper_points()
+        source = "paper grid (Stack-V2-Python, PARSCALE.md section 3)"
+    elif args.runs:
+        N, P, L = points_from(args.runs)
+        source = args.runs
+    else:
+        raise SystemExit("fit needs --paper or --runs=DIR|FILE.csv")
+    fit = fit_law(N, P, L, n_starts=args.starts)
+    print(f"{source}: {len(L)} points\n{fit_line(fit)}")
+    if args.paper:
+        print("paper:  " + fit_line(PAPER_FIT))
+    return dict(source=source, points=len(L), **fit)
+
+
+def points_from(path):
+    """(N, P, L) from a sweep.csv (columns N, P, val) or from every finished run under a folder
+    (N from its checkpoint's model_args, L = its last evaluation's val loss)."""
+    if path.endswith(".csv"):
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        return [float(r["N"]) for r in rows], [int(r["P"]) for r in rows], [float(r["val"]) for r in rows]
+    N, P, L = [], [], []
+    for dirpath, _, files in sorted(os.walk(path)):
+        if "ckpt.pt" in files and evals(dirpath):
+            ckpt = load_checkpoint(os.path.join(dirpath, "ckpt.pt"))
+            N.append(GPT(GPTConfig(**ckpt["model_args"])).param_report()["non_embedding"])
+            P.append(ckpt["model_args"]["n_streams"])
+            L.append(evals(dirpath)[-1]["val"])
+    if len(L) < 5:
+        raise SystemExit(f"{path}: found {len(L)} finished runs; a 4-parameter fit needs at least 5")
+    return N, P, L
+
+
+def cmd_sweep(args):
+    pre = preset(args)
+    out = os.path.join(args.out, "sweep")
+    print(plan(pre, args.data_dir))
+    rows = []
+    for width in pre["widths"]:
+        for P in pre["streams"]:
+            d = os.path.join(out, f"w{width}_p{P}")
+            status = run(train_argv(pre, args.data_dir, d, width, P, pre["max_iters"]), d, pre["max_iters"])
+            last = evals(d)[-1]
+            rows.append(dict(width=width, P=P, N=non_embedding(d), train=round(last["train"], 4),
+                             val=round(last["val"], 4), status=status))
+            print(f"w{width} P={P}: val {last['val']:.4f} ({status})", flush=True)
+    for r in rows:  # what each P gained over P=1 at the same width
+        base = next(b for b in rows if b["width"] == r["width"] and b["P"] == 1)
+        r["gain_vs_p1"] = round(base["val"] - r["val"], 4)
+    write_csv(os.path.join(args.out, "sweep.csv"), rows)
+    fit = fit_law([r["N"] for r in rows], [r["P"] for r in rows], [r["val"] for r in rows])
+    print(table(rows, ["width", "P", "N", "train", "val", "gain_vs_p1", "status"]))
+    print(f"fit on val loss: {fit_line(fit)}")
+    result = dict(preset=args.preset, config=pre, runs=rows, fit=fit)
+    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return dict(preset=args.preset, fit=fit, val={f"w{r['width']}_p{r['P']}": r["val"] for r in rows})
+
+
+def train_base(pre, args):
+    d = os.path.join(args.out, "base")
+    w = pre["two_stage_width"]
+    run(train_argv(pre, args.data_dir, d, w, 1, pre["base_iters"]), d, pre["base_iters"])
+    return os.path.join(d, "ckpt.pt")
+
+
+def kv_prefix_checkpoint(base_path, P, data_dir, path, seed=0):
+    """
+    A P-stream checkpoint whose prefixes are the base model's own keys and values on a random
+    n_prefix-token training snippet, one snippet per stream (aggregator fresh: streams start averaged).
+    The converted model computes, at init, what the base model would with a short real context in
+    front, instead of attending to random vectors.
+    """
+    ckpt = load_checkpoint(base_path)
+    base = model_from_checkpoint(ckpt).eval()
+    torch.manual_seed(seed)
+    model = convert_to_streams(base, P, n_prefix=ckpt["args"]["n_prefix"])
+    n, cfg = model.config.n_prefix, model.config
+    data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r")
+    ix = np.random.default_rng(seed).integers(0, len(data) - n, size=P)
+    x = torch.from_numpy(np.stack([data[i:i + n] for i in ix]).astype(np.int64))  # (P, n): one snippet per stream
+    kv = []
+    hooks = [b.attn.c_attn.register_forward_hook(lambda m, i, o: kv.append(o)) for b in base.transformer.h]
+    with torch.no_grad():
+        base(x)
+        for h in hooks:
+            h.remove()
+        for block, qkv in zip(model.transformer.h, kv):  # qkv: (P, n, (n_head + 2 n_kv_head) * hd)
+            _, k, v = qkv.split([cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim], dim=2)
+            block.attn.prefix_k.copy_(k.view(P, n, cfg.n_kv_head, cfg.head_dim).transpose(1, 2))  # (P, n_kv_head, n, hd)
+            block.attn.prefix_v.copy_(v.view(P, n, cfg.n_kv_head, cfg.head_dim).transpose(1, 2))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(cfg), meta=ckpt.get("meta", {}),
+                         prefix_init=f"kv of base {base_path}, snippets {ix.tolist()}"),
+                    os.path.dirname(path), os.path.basename(path))
+    return path
+
+
+def cmd_two_stage(args):
+    pre = preset(args)
+    base = train_base(pre, args)
+    w, extra, lr = pre["two_stage_width"], pre["extra_iters"], pre["learning_rate"] / 2
+    kv = kv_prefix_checkpoint(base, 4, args.data_dir, os.path.join(args.out, "two_stage", "p4_kv_init.pt"))
+    branches = [  # (name, P, init_from, extra train.py flags)
+        ("p1_continued", 1, base, []),
+        ("p4_full", 4, base, []),
+        ("p4_frozen", 4, base, ["--freeze_backbone"]),
+        ("p4_full_kv_init", 4, kv, []),
+        ("p4_frozen_kv_init", 4, kv, ["--freeze_backbone"]),
+    ]
+    curves, final = {}, {}
+    for name, P, init, flags in branches:
+        d = os.path.join(args.out, "two_stage", name)
+        argv = train_argv(pre, args.data_dir, d, w, P, extra, learning_rate=lr, warmup_iters=extra // 10)
+        run(argv, d, extra, init_from=init, extra=flags)
+        curves[name] = {r["step"]: round(r["val"], 4) for r in evals(d)}
+        final[name] = curves[name][extra]
+    steps = sorted(curves["p1_continued"])
+    rows = [dict(step=s, **{n: curves[n].get(s, "") for n, *_ in branches}) for s in steps]
+    write_csv(os.path.join(args.out, "two_stage.csv"), rows)
+    base_val = evals(os.path.join(args.out, "base"))[-1]["val"]
+    print(f"base P=1 after {pre['base_iters']} steps: val {base_val:.4f}; then {extra} steps each at lr {lr:g}:")
+    print(table(rows, ["step"] + [n for n, *_ in branches]))
+    result = dict(preset=args.preset, base_val=base_val, base_iters=pre["base_iters"], extra_iters=extra,
+                  stage2_lr=lr, width=w, curves=curves, final=final)
+    with open(os.path.join(args.out, "two_stage.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return dict(preset=args.preset, base_val=base_val, final=final)
+
+
+def cmd_dynamic(args):
+    pre = preset(args)
+    base = train_base(pre, args)
+    w, extra, lr = pre["two_stage_width"], pre["extra_iters"], pre["learning_rate"] / 2
+    rows = [dict(P=1, streams_file="(none: the backbone alone)", **pick(eval_only(pre, args.data_dir,
+                 os.path.join(args.out, "dynamic", "eval"), base)))]
+    for P in (2, 4, 8):
+        d = os.path.join(args.out, "dynamic", f"p{P}")
+        init = base
+        if args.prefix_init == "kv":
+            init = kv_prefix_checkpoint(base, P, args.data_dir, os.path.join(d + "_init", "ckpt.pt"))
+        argv = train_argv(pre, args.data_dir, d, w, P, extra, learning_rate=lr, warmup_iters=extra // 10)
+        run(argv, d, extra, init_from=init, extra=["--freeze_backbone"])
+        streams = os.path.join(d, f"streams_p{P}.pt")
+        ev = eval_only(pre, args.data_dir, os.path.join(args.out, "dynamic", "eval"), base, streams)
+        rows.append(dict(P=P, streams_file=os.path.relpath(streams, args.out), **pick(ev)))
+    print(f"one frozen backbone ({base}), streams trained {extra} steps each, prefix init {args.prefix_init}:")
+    print(table(rows, ["P", "train", "val", "streams_file"]))
+    with open(os.path.join(args.out, "dynamic.json"), "w") as f:
+        json.dump(dict(preset=args.preset, backbone=base, prefix_init=args.prefix_init, rows=rows), f, indent=1)
+    return dict(preset=args.preset, val={r["P"]: r["val"] for r in rows})
+
+
+def pick(ev):
+    return dict(train=round(ev["train"], 4), val=round(ev["val"], 4))
+
+
+def preset(args):
+    pre = dict(PRESETS[args.preset])
+    for key in ("max_iters", "base_iters", "extra_iters", "eval_iters", "batch_size"):
+        if getattr(args, key, -1) > 0:
+            pre[key] = getattr(args, key)
+    if args.widths:
+        pre["widths"] = [int(w) for w in args.widths.split(",")]
+    if args.device:
+        pre["device"] = args.device
+    return pre
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit", help="fit the law to the paper's grid or to your runs")
+    f.add_argument("--paper", action="store_true", help="the paper's Stack-V2-Python grid")
+    f.add_argument("--runs", default="", help="a folder of finished runs (searched recursively) or a sweep.csv")
+    f.add_argument("--starts", type=int, default=27, help="starting points of the fit (<= 27)")
+    for name in ("sweep", "two_stage", "dynamic"):
+        s = sub.add_parser(name)
+        s.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+        s.add_argument("--out", default="", help="results and run folders; '' = out/scaling/<preset>")
+        s.add_argument("--data_dir", default=os.path.join(ROOT, "data", "stdlib_bytes"))
+        s.add_argument("--device", default="", help="'' = the preset's")
+        # reduced runs: override the preset
+        s.add_argument("--max_iters", type=int, default=-1, help="sweep steps per run; -1 = the preset's")
+        s.add_argument("--base_iters", type=int, default=-1, help="steps of the P=1 base; -1 = the preset's")
+        s.add_argument("--extra_iters", type=int, default=-1, help="steps after conversion; -1 = the preset's")
+        s.add_argument("--eval_iters", type=int, default=-1, help="batches per evaluation; -1 = the preset's")
+        s.add_argument("--batch_size", type=int, default=-1, help="-1 = the preset's")
+        s.add_argument("--widths", default="", help="comma-separated, e.g. 32,48,64; '' = the preset's")
+        s.add_argument("--prefix_init", default="kv", choices=["kv", "random"], help="dynamic only: prefix init of the streams")
+    args = p.parse_args(argv)
+    if args.cmd != "fit" and not args.out:
+        args.out = os.path.join("out", "scaling", args.preset)
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    result = {"fit": cmd_fit, "sweep": cmd_sweep, "two_stage": cmd_two_stage, "dynamic": cmd_dynamic}[args.cmd](args)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

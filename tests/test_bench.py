@@ -1,0 +1,132 @@
+"""bench.py: width matching against real parameter counts, and every mode end to end at a toy shape."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from util import HAS_CUDA, tiny_config
+
+import bench
+from model import GPT
+
+# one layer, a handful of tokens: the whole sweep runs in about a second on CPU
+TOY = ["--n_layer=1", "--n_embd=32", "--n_head=4", "--vocab_size=64", "--n_prefix=2", "--streams=1,2",
+       "--batches=1,2", "--contexts=4,8", "--l_out=2", "--repeats=1"]
+
+
+def last_json_line(out):
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("cfg", [tiny_config(), tiny_config(n_kv_head=2), tiny_config(n_streams=4), tiny_config(bias=False)])
+def test_param_counts_are_a_real_models(cfg):
+    assert bench.param_counts(cfg) == GPT(cfg).param_report()
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 2])
+def test_match_width(n_kv_head):
+    base = tiny_config(n_embd=64, n_head=8, n_kv_head=n_kv_head)  # head_dim 8
+    mha = n_kv_head is None
+    step = 1 if mha else 2
+    n_base = bench.param_counts(base)["backbone"]
+
+    def error(cfg, target):
+        return abs(bench.param_counts(cfg)["non_embedding"] - target)
+
+    widths = []
+    # 0.3x and 6x walk the width down and far up from the base
+    for target in [bench.equivalent_params(n_base, P, 0.39) for P in (1, 2, 4, 8)] + [0.3 * n_base, 6 * n_base]:
+        cfg = bench.match_width(base, target)
+        assert (cfg.n_layer, cfg.head_dim, cfg.n_streams, cfg.vocab_size) == (base.n_layer, base.head_dim, 1, base.vocab_size)
+        assert cfg.n_head % cfg.n_kv_head == 0 and cfg.n_kv_head == (cfg.n_head if mha else 2)  # GQA stays valid
+        for h in (cfg.n_head - step, cfg.n_head + step):  # within rounding: no neighbouring width is closer
+            if h >= step:
+                other = dataclasses.replace(cfg, n_head=h, n_embd=h * base.head_dim, n_kv_head=h if mha else 2)
+                assert error(cfg, target) <= error(other, target), (h, cfg.n_head)
+        widths.append(cfg.n_embd)
+    assert widths[0] == base.n_embd  # P=1 is the base itself
+    assert widths[:4] == sorted(widths[:4])  # monotone in P
+    assert widths[4] < base.n_embd < widths[5]
+
+
+def test_family_pairs_every_p_with_a_width_model():
+    fam = bench.model_family(tiny_config(n_embd=96, n_head=12, n_kv_head=2), [1, 2, 8], k=0.39)
+    assert [(m["side"], m["P"]) for m in fam] == [("base", 1), ("parscale", 2), ("width", 2), ("parscale", 8), ("width", 8)]
+    assert all(m["cfg"].n_kv_head == 2 for m in fam)
+    n_base = fam[0]["non_embedding"]
+    assert fam[4]["target"] == pytest.approx(n_base * (1 + 0.39 * torch.log(torch.tensor(8.0)).item()))
+    assert fam[0]["cfg"].n_streams == 1 and fam[3]["cfg"].n_streams == 8
+
+
+def test_crossover():
+    assert bench.crossover([128, 512, 1024], [3.0, 1.0, -1.0]) == ("stops winning", 768.0)
+    assert bench.crossover([1, 2, 4], [1.0, 2.0, 0.5]) == ("wins throughout", None)
+    assert bench.crossover([1, 2], [0.0, 2.0]) == ("loses throughout", None)
+    assert bench.increase_ratio(22.0, 1.0) == 22.0 and bench.increase_ratio(5.0, 0.0) is None
+
+
+def test_decode_sweep_end_to_end(capsys, tmp_path):
+    png = tmp_path / "cost.png"
+    result = bench.main(["--device=cpu", *TOY, f"--plot={png}"])
+    out = capsys.readouterr().out
+    assert last_json_line(out)["headline"] == json.loads(json.dumps(bench.rounded(result)))["headline"]
+    assert "decode paths: eager" in out and result["paths"] == ["eager"]  # CPU: said, not silent
+    assert png.exists() if bench.Figure is not None else "matplotlib is not importable" in out
+    for key in ("models", "results", "headline", "crossovers", "paper_cell", "notes", "elapsed_s"):
+        assert key in result, key
+    assert not result["notes"]
+    rows = result["results"]
+    assert len(rows) == 2 * 3 * 2 * 2  # attention kinds x models x contexts x batches
+    for r in rows:
+        assert r["mem_mb"] > 0 and r["weights_mb"] > 0 and r["state_mb"] > 0
+        assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"] and r["prefill_ms"] > 0 and r["ms_per_token"] > 0
+    at = {(r["attn"], r["side"], r["batch"], r["context"]): r for r in rows}
+    for kind in ("MHA", "GQA2"):  # two streams and their prefix need a bigger KV cache than one stream
+        assert at[kind, "parscale", 2, 8]["state_mb"] > at[kind, "base", 2, 8]["state_mb"]
+    assert len(result["headline"]) == 2 * 1 * 2 * 2  # kinds x (P > 1) x batches x contexts
+    for h in result["headline"]:
+        assert {"memory_ratio", "latency_ratio", "memory_increase_parscale", "latency_increase_width"} <= set(h)
+    assert {c["along"] for c in result["crossovers"]} == {"context", "batch"}
+
+
+def test_two_paths_are_kept_apart(monkeypatch, capsys):
+    # a stand-in for kernels.fused (the eager decoder under the fused name) exercises the two-path sweep on CPU
+    class StandIn(bench.EagerDecoder):
+        def __init__(self, model, batch_size, dtype, cuda_graph):
+            super().__init__(model, batch_size)
+
+    monkeypatch.setattr(bench, "FusedDecoder", StandIn)
+    monkeypatch.setattr(bench, "fused_status", lambda device: (True, "test stand-in"), raising=False)
+    result = bench.main(["--device=cpu", *TOY, "--kv_heads=2", "--contexts=8"])
+    assert result["paths"] == ["fused", "eager"] and "test stand-in" in capsys.readouterr().out
+    assert {(r["path"], r["side"]) for r in result["results"]} == {(p, s) for p in ("fused", "eager") for s in ("base", "parscale", "width")}
+    assert {h["path"] for h in result["headline"]} == {"fused", "eager"} and result["paper_cell"]["path"] == "fused"
+
+
+def test_time_limit_skips_loudly(capsys):
+    result = bench.main(["--device=cpu", *TOY, "--time_limit=1e-9"])
+    assert result["results"] == [] and "TIME LIMIT" in result["notes"][0]
+    assert "TIME LIMIT" in capsys.readouterr().out
+
+
+def test_fused_path_is_refused_when_unavailable():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device=cpu", "--paths=fused"])
+
+
+def test_train_mode(capsys):
+    result = bench.main(["--mode=train", "--device=cpu", *TOY, "--kv_heads=0", "--train_batch=2", "--train_seq=8", "--train_steps=1"])
+    assert last_json_line(capsys.readouterr().out)["mode"] == "train"
+    assert [t["P"] for t in result["train"]] == [1, 2]
+    for t in result["train"]:
+        assert t["tokens_per_s"] > 0 and t["step_ms"] > 0 and t["flops_per_s"] > 0 and t["mfu"] is None
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_decode_sweep_on_gpu():
+    # head_dim 32: the smallest the fused kernels take
+    result = bench.main(["--device=cuda", "--n_layer=1", "--n_embd=128", "--n_head=4", "--vocab_size=64", "--n_prefix=2",
+                         "--streams=1,2", "--batches=1,2", "--contexts=4,8", "--l_out=3", "--repeats=1"])
+    assert not result["notes"], result["notes"]
+    assert {r["path"] for r in result["results"]} == set(result["paths"])
+    assert all(r["peak_mb"] >= r["weights_mb"] > 0 and r["roofline"] > 0 for r in result["results"])
