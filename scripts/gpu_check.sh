@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, for one lent GPU (~8 minutes on an H200, each stage under a timeout):
+#   1. the GPU tests (fused kernels vs the reference model, graph vs no graph, bench on CUDA)
+#   2. the decode-latency table (scripts/decode_bench.py)
+#   3. train.py + sample.py on CUDA: a short bf16 run at the README's GPU preset shape, then fused sampling
+#   4. bench.py: memory and latency of P streams against width scaling, and the training-cost table
+# Usage: bash scripts/gpu_check.sh [OUTDIR]    (logs land in OUTDIR, default gpu_out/)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-gpu_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+stage() { echo; echo "=== $1 ($(date +%T))"; }
+
+stage "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/env.txt"
+
+stage "GPU tests"
+timeout 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_bench.py --tb=short --maxfail=20 > "$OUT/tests.log" 2>&1
+echo "pytest rc=$?"; grep -E "passed|failed|Error|error" "$OUT/tests.log" | tail -25
+
+stage "decode latency"
+timeout 170 "$PY" scripts/decode_bench.py > "$OUT/decode.log" 2>&1
+echo "decode_bench rc=$?"; grep -v '^{' "$OUT/decode.log" | tail -45
+
+stage "train + sample on CUDA"
+D=/tmp/gpu_check_data; C=/tmp/gpu_check_out
+timeout 60 "$PY" prepare_data.py --out_dir=$D > "$OUT/train.log" 2>&1
+timeout 90 "$PY" train.py --data_dir=$D --out_dir=$C --device=cuda --n_layer=6 --n_head=6 --n_embd=384 --block_size=512 \
+  --batch_size=64 --n_streams=4 --n_prefix=8 --max_iters=150 --eval_interval=150 --eval_iters=10 --log_interval=25 \
+  --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20 --progress=0 >> "$OUT/train.log" 2>&1
+echo "train rc=$?"
+timeout 60 "$PY" sample.py --out_dir=$C --device=cuda --num_samples=2 --max_new_tokens=200 >> "$OUT/train.log" 2>&1
+echo "sample rc=$?"; grep -E "device|model|parameters|step|decoding|tokens/s|error|Error" "$OUT/train.log" | tail -20
+
+stage "bench.py"
+timeout 230 "$PY" bench.py --mode=all --time_limit=140 --plot="$OUT/cost.png" > "$OUT/bench.log" 2>&1
+echo "bench rc=$?"; grep -v -e '^{' -e 'FusedDecoder: P=' "$OUT/bench.log" | tail -c 7000
+stage "done"
