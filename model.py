@@ -17,12 +17,16 @@ stream-major, so row r = s * B + b holds stream s of batch element b, shape (P*B
 import hashlib
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -162,9 +166,12 @@ class CausalSelfAttention(nn.Module):
             else:  # SDPA's masked fused kernels take no GQA: share the kv heads by copying instead
                 k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
                 v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),  # S == T: plain causal, flash-eligible
-            dropout_p=self.attn_dropout if self.training else 0.0, **gqa)
+        # cuDNN's SDPA builds a plan for every new shape: decoding changes S each step, and that
+        # cost ms per call on an H200 (scripts/profile_decode.py), so cached calls skip cuDNN
+        with sdpa_kernel(DECODE_BACKENDS) if cache is not None else nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),  # S == T: plain causal, flash-eligible
+                dropout_p=self.attn_dropout if self.training else 0.0, **gqa)
         y = y.transpose(1, 2).contiguous().view(R, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -14,7 +14,8 @@
 // over the 32 keys) with an online softmax (running max m, running sum l, rescaled accumulator).
 // The warps merge in shared memory; with nsplit > 1 each block writes (acc, m, l) to `part`, and the
 // last block of a (row, head) to finish (atomic ticket in `counters`, threadfence-reduction pattern)
-// merges the nsplit partials and writes the output, then resets its counter to 0. So there is no
+// merges the partials of the n_active splits that hold keys (blocks past them return at once) and
+// writes the output, then resets its counter to 0. So there is no
 // separate combine launch. counters must be zero before the first launch.
 //
 // Launch: grid (nsplit, H, R), block 128 (ATT_WARPS = 4 warps), no dynamic shared memory.
@@ -67,6 +68,8 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(
     __syncthreads();
 
     const int per = (((S + nsplit - 1) / nsplit) + 31) & ~31;
+    const int n_active = (S + per - 1) / per;  // splits that hold keys; rounding per up can leave the rest empty
+    if (split >= n_active) return;              // the whole block returns: no later barrier waits for it
     const int s0 = split * per;
     const int s1 = min(S, s0 + per);
     float m = NEG_INF, l = 0.f, acc[DPL];
@@ -93,12 +96,24 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(
         l = l * alpha + warp_sum(p);
 #pragma unroll
         for (int i = 0; i < DPL; i++) acc[i] *= alpha;
+        // p.v over these keys, 8 value rows at a time, all 8 loaded before any is used: one memory
+        // round trip per 8 keys instead of one per key (a key-by-key loop was latency-bound)
         const int n_valid = min(32, s1 - base);  // the same for the whole warp
-        for (int jj = 0; jj < n_valid; jj++) {
-            const float pj = __shfl_sync(0xffffffffu, p, jj);
-            const elem_t* vr = ctx_row(base + jj, prefix_v + pre_off, cache_v + cache_off, v_new, n_pre, pos);
+        for (int j0 = 0; j0 < n_valid; j0 += 8) {
+            float vf[8][DPL];
 #pragma unroll
-            for (int i = 0; i < DPL; i++) acc[i] += pj * to_f32(vr[lane * DPL + i]);
+            for (int u = 0; u < 8; u++) {
+                const int jj = min(j0 + u, n_valid - 1);  // past the end: a valid row, weighted by p = 0
+                const elem_t* vr = ctx_row(base + jj, prefix_v + pre_off, cache_v + cache_off, v_new, n_pre, pos);
+#pragma unroll
+                for (int i = 0; i < DPL; i++) vf[u][i] = to_f32(vr[lane * DPL + i]);
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const float pj = __shfl_sync(0xffffffffu, p, j0 + u);  // 0 for lanes past s1
+#pragma unroll
+                for (int i = 0; i < DPL; i++) acc[i] += pj * vf[u][i];
+            }
         }
         m = m_new;
     }
@@ -115,7 +130,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(
 #pragma unroll
     for (int w = 0; w < ATT_WARPS; w++) { f[w] = (m_s[w] == NEG_INF) ? 0.f : expf(m_s[w] - M); L += l_s[w] * f[w]; }
 
-    if (nsplit == 1) {  // the block saw the whole context: finish here
+    if (n_active == 1) {  // the block saw the whole context: finish here
         for (int d = tid; d < HEAD_DIM; d += 128) {
             float a = 0.f;
 #pragma unroll
@@ -135,7 +150,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(
     if (tid == 0) { mine[HEAD_DIM] = M; mine[HEAD_DIM + 1] = L; }  // an empty split: M = -inf, L = 0
     __threadfence();  // make this block's partial visible device-wide before taking a ticket
     __syncthreads();
-    if (tid == 0) last_s = (atomicAdd(counters + (long long)r * H + h, 1u) == (unsigned int)(nsplit - 1));
+    if (tid == 0) last_s = (atomicAdd(counters + (long long)r * H + h, 1u) == (unsigned int)(n_active - 1));
     __syncthreads();
     if (!last_s) return;
 
@@ -143,15 +158,15 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(
     __threadfence();
     const float* all = part + ((long long)r * H + h) * nsplit * (HEAD_DIM + 2);
     float Mg = NEG_INF;
-    for (int i = 0; i < nsplit; i++) Mg = fmaxf(Mg, __ldcg(all + i * (HEAD_DIM + 2) + HEAD_DIM));
+    for (int i = 0; i < n_active; i++) Mg = fmaxf(Mg, __ldcg(all + i * (HEAD_DIM + 2) + HEAD_DIM));
     float Lg = 0.f;
-    for (int i = 0; i < nsplit; i++) {
+    for (int i = 0; i < n_active; i++) {
         const float mi = __ldcg(all + i * (HEAD_DIM + 2) + HEAD_DIM);
         if (mi != NEG_INF) Lg += __ldcg(all + i * (HEAD_DIM + 2) + HEAD_DIM + 1) * expf(mi - Mg);
     }
     for (int d = tid; d < HEAD_DIM; d += 128) {
         float a = 0.f;
-        for (int i = 0; i < nsplit; i++) {
+        for (int i = 0; i < n_active; i++) {
             const float mi = __ldcg(all + i * (HEAD_DIM + 2) + HEAD_DIM);
             if (mi != NEG_INF) a += __ldcg(all + i * (HEAD_DIM + 2) + d) * expf(mi - Mg);
         }

@@ -13,6 +13,8 @@
 //   dynamic shared memory R * K * 4 bytes for the *_ln_* kernels (the wrapper keeps it <= 48 KB), 0 otherwise.
 // Limits: R <= RMAX; K % 8 == 0; W, in and x 16-byte aligned (32 bytes for fp32) with rows of K elements.
 
+#define GEMV_CHUNKS 4  // 16-byte weight loads in flight per lane (K = 768: all 3 at once; K = 3072: 3 rounds)
+
 template <bool LN_IN, int EPI>  // EPI: 0 store elem_t, 1 GELU + store elem_t, 2 add into fp32 out, 3 store fp32
 __device__ __forceinline__ void gemv_body(
     const float* __restrict__ x,      // LN_IN: (R, K) fp32 rows to normalise
@@ -36,26 +38,35 @@ __device__ __forceinline__ void gemv_body(
 #pragma unroll
     for (int r = 0; r < RMAX; r++) acc[r] = 0.f;
     const elem_t* wrow = W + (long long)n * K;
-#pragma unroll 2
-    for (int k = lane * 8; k < K; k += 256) {
-        float wf[8];
-        load8(wrow + k, wf);
+    // GEMV_CHUNKS weight loads per lane are issued before any is used: a decode GEMV is latency-bound
+    // (few bytes per warp), so the number of loads in flight, not the arithmetic, sets its speed
+    for (int k0 = lane * 8; k0 < K; k0 += 256 * GEMV_CHUNKS) {
+        float wc[GEMV_CHUNKS][8];
 #pragma unroll
-        for (int r = 0; r < RMAX; r++) {
-            if (r < R) {
-                float xf[8];
-                if (LN_IN) {
-                    const f32x4 a = *reinterpret_cast<const f32x4*>(xs + r * K + k);
-                    const f32x4 b = *reinterpret_cast<const f32x4*>(xs + r * K + k + 4);
-                    xf[0] = a.a; xf[1] = a.b; xf[2] = a.c; xf[3] = a.d;
-                    xf[4] = b.a; xf[5] = b.b; xf[6] = b.c; xf[7] = b.d;
-                } else {
-                    load8(in + (long long)r * K + k, xf);
+        for (int c = 0; c < GEMV_CHUNKS; c++)
+            if (k0 + c * 256 < K) load8(wrow + k0 + c * 256, wc[c]);
+#pragma unroll
+        for (int c = 0; c < GEMV_CHUNKS; c++) {
+            const int k = k0 + c * 256;
+            if (k >= K) break;
+            const float* wf = wc[c];
+#pragma unroll
+            for (int r = 0; r < RMAX; r++) {
+                if (r < R) {
+                    float xf[8];
+                    if (LN_IN) {
+                        const f32x4 a = *reinterpret_cast<const f32x4*>(xs + r * K + k);
+                        const f32x4 b = *reinterpret_cast<const f32x4*>(xs + r * K + k + 4);
+                        xf[0] = a.a; xf[1] = a.b; xf[2] = a.c; xf[3] = a.d;
+                        xf[4] = b.a; xf[5] = b.b; xf[6] = b.c; xf[7] = b.d;
+                    } else {
+                        load8(in + (long long)r * K + k, xf);
+                    }
+                    float s = 0.f;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) s += wf[i] * xf[i];
+                    acc[r] += s;
                 }
-                float s = 0.f;
-#pragma unroll
-                for (int i = 0; i < 8; i++) s += wf[i] * xf[i];
-                acc[r] += s;
             }
         }
     }
