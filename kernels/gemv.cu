@@ -13,9 +13,10 @@
 //   dynamic shared memory R * K * 4 bytes for the *_ln_* kernels (the wrapper keeps it <= 48 KB), 0 otherwise.
 // Limits: R <= RMAX; K % 8 == 0; W, in and x 16-byte aligned (32 bytes for fp32) with rows of K elements.
 
-#define GEMV_CHUNKS 4  // 16-byte weight loads in flight per lane (K = 768: all 3 at once; K = 3072: 3 rounds)
-
-template <bool LN_IN, int EPI>  // EPI: 0 store elem_t, 1 GELU + store elem_t, 2 add into fp32 out, 3 store fp32
+// CHUNKS: 16-byte weight loads in flight per lane. The per-layer GEMVs have few outputs (a few hundred
+// warps on the whole GPU), so they need many loads per warp in flight (4: K = 768 in one round, K = 3072
+// in three); the LM head has 50k outputs and is better served by the occupancy of a lean kernel (1).
+template <bool LN_IN, int EPI, int CHUNKS>  // EPI: 0 store elem_t, 1 GELU + store elem_t, 2 add into fp32 out, 3 store fp32
 __device__ __forceinline__ void gemv_body(
     const float* __restrict__ x,      // LN_IN: (R, K) fp32 rows to normalise
     const float* __restrict__ ln_w,   // LN_IN: (K,)
@@ -38,15 +39,15 @@ __device__ __forceinline__ void gemv_body(
 #pragma unroll
     for (int r = 0; r < RMAX; r++) acc[r] = 0.f;
     const elem_t* wrow = W + (long long)n * K;
-    // GEMV_CHUNKS weight loads per lane are issued before any is used: a decode GEMV is latency-bound
+    // CHUNKS weight loads per lane are issued before any is used: a decode GEMV is latency-bound
     // (few bytes per warp), so the number of loads in flight, not the arithmetic, sets its speed
-    for (int k0 = lane * 8; k0 < K; k0 += 256 * GEMV_CHUNKS) {
-        float wc[GEMV_CHUNKS][8];
+    for (int k0 = lane * 8; k0 < K; k0 += 256 * CHUNKS) {
+        float wc[CHUNKS][8];
 #pragma unroll
-        for (int c = 0; c < GEMV_CHUNKS; c++)
+        for (int c = 0; c < CHUNKS; c++)
             if (k0 + c * 256 < K) load8(wrow + k0 + c * 256, wc[c]);
 #pragma unroll
-        for (int c = 0; c < GEMV_CHUNKS; c++) {
+        for (int c = 0; c < CHUNKS; c++) {
             const int k = k0 + c * 256;
             if (k >= K) break;
             const float* wf = wc[c];
@@ -92,7 +93,7 @@ extern "C" __global__ void __launch_bounds__(256) gemv_ln_store(
     const elem_t* __restrict__ W, const elem_t* __restrict__ bias, elem_t* __restrict__ out,
     int R, int N, int K) {
     extern __shared__ float xs[];
-    gemv_body<true, 0>(x, ln_w, ln_b, nullptr, W, bias, out, nullptr, xs, R, N, K);
+    gemv_body<true, 0, 4>(x, ln_w, ln_b, nullptr, W, bias, out, nullptr, xs, R, N, K);
 }
 
 // gemv_ln_gelu: out = GELU(LayerNorm(x) @ W^T + bias), stored as elem_t (the MLP's c_fc after ln_2).
@@ -101,19 +102,19 @@ extern "C" __global__ void __launch_bounds__(256) gemv_ln_gelu(
     const elem_t* __restrict__ W, const elem_t* __restrict__ bias, elem_t* __restrict__ out,
     int R, int N, int K) {
     extern __shared__ float xs[];
-    gemv_body<true, 1>(x, ln_w, ln_b, nullptr, W, bias, out, nullptr, xs, R, N, K);
+    gemv_body<true, 1, 4>(x, ln_w, ln_b, nullptr, W, bias, out, nullptr, xs, R, N, K);
 }
 
 // gemv_add: x += in @ W^T + bias into the fp32 residual stream (attention and MLP c_proj).
 extern "C" __global__ void __launch_bounds__(256) gemv_add(
     const elem_t* __restrict__ in, const elem_t* __restrict__ W, const elem_t* __restrict__ bias,
     float* __restrict__ x, int R, int N, int K) {
-    gemv_body<false, 2>(nullptr, nullptr, nullptr, in, W, bias, nullptr, x, nullptr, R, N, K);
+    gemv_body<false, 2, 4>(nullptr, nullptr, nullptr, in, W, bias, nullptr, x, nullptr, R, N, K);
 }
 
 // gemv_f32: out = in @ W^T in fp32, no bias (the LM head: logits come out in float32 directly).
 extern "C" __global__ void __launch_bounds__(256) gemv_f32(
     const elem_t* __restrict__ in, const elem_t* __restrict__ W, float* __restrict__ out,
     int R, int N, int K) {
-    gemv_body<false, 3>(nullptr, nullptr, nullptr, in, W, nullptr, nullptr, out, nullptr, R, N, K);
+    gemv_body<false, 3, 1>(nullptr, nullptr, nullptr, in, W, nullptr, nullptr, out, nullptr, R, N, K);
 }
