@@ -427,6 +427,26 @@ def convert_to_streams(model, n_streams, **parscale_args):
     return new
 
 
+@torch.no_grad()
+def prefixes_from_kv(model, snippets):
+    """
+    Prefix init for the two-stage recipe, measured in PARSCALE.md section 6 and scripts/scaling.py:
+    stream s's prefix becomes the backbone's own keys and values on snippets[s], (P, n_prefix) token
+    ids from the training data. Each stream then starts as the trained model reading a short real
+    context, not random vectors, and conversion no longer makes the loss jump.
+    """
+    cfg = model.config
+    if tuple(snippets.shape) != (cfg.n_streams, cfg.n_prefix):
+        raise ValueError(f"snippets must be (n_streams, n_prefix) = {(cfg.n_streams, cfg.n_prefix)}, got {tuple(snippets.shape)}")
+    base = GPT(GPTConfig(**{**vars(cfg), "n_streams": 1})).to(snippets.device)
+    base.load_state_dict(model.state_dict(), strict=False, assign=True)  # the same backbone tensors
+    cache = KVCache(base, cfg.n_streams)  # one row per stream
+    base.hidden(snippets, cache)
+    for i, block in enumerate(model.transformer.h):
+        block.attn.prefix_k.copy_(cache.k[i, :, :, :cfg.n_prefix])  # (P, n_kv_head, n_prefix, hd)
+        block.attn.prefix_v.copy_(cache.v[i, :, :, :cfg.n_prefix])
+
+
 def backbone_fingerprint(model):
     """A short hash of the backbone's weights: ties a streams file to the backbone it was trained on."""
     h = hashlib.sha256()

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import (GPT, GPTConfig, attach_streams, convert_to_streams, freeze_backbone, load_checkpoint, model_from_checkpoint,
-                   save_checkpoint, streams_state)
+                   prefixes_from_kv, save_checkpoint, streams_state)
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, vendor datasheets
 
@@ -60,6 +60,8 @@ def get_args(argv=None):
     p.add_argument("--n_prefix", type=int, default=4, help="prefix slots per layer per stream (paper: 48 at block 2048; keep ~2-3%% of block_size)")
     p.add_argument("--agg_smoothing", type=float, default=0.01, help="aggregator label smoothing eps")
     p.add_argument("--prefix_init_std", type=float, default=0.02, help="std of the N(0, std) prefix init")
+    p.add_argument("--prefix_init", default="random", choices=["random", "kv"],
+                   help="when converting P=1 -> P>1: random N(0, prefix_init_std), or kv = the base model's own keys/values on training snippets")
     p.add_argument("--freeze_backbone", action="store_true", help="train only prefixes and aggregator; also writes streams_p{P}.pt")
     p.add_argument("--streams", default="", help="a streams_p{P}.pt file to attach to the P=1 checkpoint given by --init_from=PATH")
     # optimisation
@@ -78,6 +80,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on capable CUDA, else float32) | float32 | bfloat16 | float16")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=int, default=-1, help="CPU threads for torch; -1 = torch's default")
     p.add_argument("--peak_flops", type=float, default=-1, help="for MFU; -1 = look up the GPU (H100/H200/A100), else none")
     p.add_argument("--progress", type=int, default=1, help="1 = tqdm progress bar")
     args = p.parse_args(argv)
@@ -102,7 +105,15 @@ def load_meta(data_dir):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_training(get_args(argv))
+    finally:  # callers in the same process (tests, scripts/) get their own handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_training(args):
 
     # system: DDP, device, dtype, seeds -------------------------------------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -125,6 +136,8 @@ def main(argv=None):
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     accum = args.gradient_accumulation_steps // world
     torch.manual_seed(args.seed + rank)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -188,7 +201,11 @@ def main(argv=None):
             how = f"resumed at step {iter_num}"
         elif src.n_streams == 1 and args.n_streams > 1:
             model = convert_to_streams(model, args.n_streams, **parscale)  # two-stage: fresh prefixes + aggregator
-            how = f"converted P=1 -> P={args.n_streams} from {args.init_from}"
+            how = f"converted P=1 -> P={args.n_streams} from {args.init_from}, {args.prefix_init} prefixes"
+            if args.prefix_init == "kv":  # one training snippet per stream, fixed by the seed
+                data = np.memmap(os.path.join(args.data_dir, "train.bin"), dtype=np.uint16, mode="r")
+                ix = np.random.default_rng([args.seed, 2]).integers(0, len(data) - args.n_prefix, size=args.n_streams)
+                prefixes_from_kv(model, torch.from_numpy(np.stack([data[i:i + args.n_prefix] for i in ix]).astype(np.int64)))
         elif args.streams:
             how = f"backbone {args.init_from} + streams {args.streams}"
         else:

@@ -168,3 +168,16 @@ def test_sample_from_checkpoint(data_dir, tmp_path, capsys):
     gpt2 = write_corpus(tmp_path / "gpt2", tokenizer="gpt2", vocab_size=50257)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         sample.main(argv + [f"--data_dir={gpt2}"])
+
+
+def test_kv_prefix_init_starts_near_the_base_model(data_dir, tmp_path):
+    """Two-stage with prefixes from the base model's own keys/values: no loss jump at conversion."""
+    run(data_dir, tmp_path / "p1", "--max_iters=60", "--eval_interval=60", "--n_streams=1")
+    base_val = evals(tmp_path / "p1")[-1]["val"]
+    jumps = {}
+    for init in ("random", "kv"):
+        ck = run(data_dir, tmp_path / init, "--max_iters=1", "--eval_interval=1", "--n_streams=2", "--n_prefix=4",
+                 f"--init_from={tmp_path / 'p1' / 'ckpt.pt'}", f"--prefix_init={init}", "--learning_rate=0")
+        jumps[init] = evals(tmp_path / init)[0]["val"] - base_val
+        assert torch.isfinite(ck["model"]["transformer.h.0.attn.prefix_k"]).all()
+    assert jumps["kv"] < jumps["random"], jumps
