@@ -54,6 +54,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from model import sample_next
+
 KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["common.cuh", "norm.cu", "gemv.cu", "attention.cu", "aggregate.cu"]  # concatenated in this order
 RMAX = 8  # most rows the GEMV kernels take (accumulators in registers); cuBLAS above
@@ -440,15 +442,7 @@ class FusedDecoder:
             raise ValueError(f"generate: prompt {idx.size(1)} + {max_new_tokens} new tokens exceed block_size {self.Tmax}")
         for i in range(max_new_tokens):
             logits = self.prefill(idx) if i == 0 else self.decode_step(idx[:, -1:])
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx = torch.cat((idx, sample_next(logits, temperature, top_k)), dim=1)
         return idx
 
 
