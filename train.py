@@ -108,7 +108,7 @@ def main(argv=None):
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         run_training(get_args(argv))
-    finally:  # callers in the same process (tests, scripts/) get their own handlers back
+    finally:  # callers in the same process (the tests) get their own handlers back
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

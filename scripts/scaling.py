@@ -3,10 +3,10 @@ The parallel scaling law at toy scale: fit it, sweep P x width, two-stage traini
 
     python scripts/scaling.py fit --paper                      # the paper's Stack-V2-Python grid -> k 0.3935
     python scripts/scaling.py fit --runs=out/scaling/cpu/sweep # fit your own runs (or a sweep.csv)
-    python scripts/scaling.py sweep --preset=tiny              # seconds: P in {1,2,4,8} x 3 widths, fitted
-    python scripts/scaling.py sweep --preset=cpu               # ~2 h on a 2-core CPU
+    python scripts/scaling.py sweep --preset=tiny              # ~30 s: P in {1,2,4,8} x 3 widths, fitted
+    python scripts/scaling.py sweep --preset=cpu               # ~2 h on a 2-core CPU (add --threads=1 on a shared CPU)
     python scripts/scaling.py sweep --preset=gpu               # ~4 min on one H200 (run prepare_data.py first)
-    python scripts/scaling.py two_stage --preset=cpu           # P=1 base, then P=1 / P=4 / P=4 frozen / P=4 kv-init
+    python scripts/scaling.py two_stage --preset=cpu           # P=1 base, then P=1 / P=4 / P=4 frozen / P=4 kv-init prefixes
     python scripts/scaling.py dynamic --preset=cpu             # one frozen backbone, streams files for P = 2, 4, 8
 
 The law (Chen et al. 2025, eq. 5): L = E + (A / (N (k ln P + 1)))^alpha, N the non-embedding
@@ -14,35 +14,31 @@ parameters, ParScale's prefixes and aggregator included. It is fitted as the off
 Huber loss (delta 1e-3) on log L, several starting points, A in units of 1e9. Positivity comes from
 fitting log E, log A, log alpha, log k with torch.optim.LBFGS (no SciPy): k -> 0 means P buys nothing.
 
-Every run is train.py's main() called in-process, with its own out_dir. Runs are resumable: a run
-whose log.jsonl holds its final evaluation is skipped, one with a ckpt.pt resumes (--init_from=resume),
-so re-running an interrupted command finishes the work. Results land in --out (default
-out/scaling/<preset>) as CSV and JSON; the last line printed is one JSON object.
+Every run is train.py in a process of its own, with its own out_dir; its output goes to out_dir/train.out.
+Runs are resumable: a run whose log.jsonl holds its final evaluation is skipped, one with a ckpt.pt
+resumes (--init_from=resume), so re-running an interrupted command (Ctrl-C: the run saves first) finishes
+the work. Results land in --out (default out/scaling/<preset>) as CSV and JSON; the last line printed is
+one JSON object.
 
-Prefix init "kv" (two_stage --prefix_init=kv, and dynamic): instead of N(0, 0.02) draws, each stream's
-prefix is the base model's own keys and values on a random n_prefix-token training snippet, one snippet
-per stream (PARSCALE.md section 6: it removes the loss spike at conversion). It is prototyped here by
-writing a converted P-stream checkpoint that train.py then starts from (--init_from=PATH, same P).
+Prefix init "kv" (two_stage's p4_full_kv_init branch, and dynamic by default) is train.py's
+--prefix_init=kv: instead of N(0, 0.02) draws, each stream's prefix is the base model's own keys and
+values on a random n_prefix-token training snippet, one snippet per stream (PARSCALE.md section 6: it
+removes the loss spike at conversion).
 """
 import argparse
-import contextlib
 import csv
-import io
 import itertools
 import json
 import math
 import os
-import signal
+import subprocess
 import sys
-from dataclasses import asdict
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import train  # noqa: E402
-from model import GPT, GPTConfig, convert_to_streams, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the paper's grid (PARSCALE.md section 3): Stack-V2-Python, 42B tokens, depth 36, final training loss
@@ -91,9 +87,13 @@ def fit_law(N, P, L, n_starts=27, delta=1e-3):
     p = torch.tensor(P, dtype=torch.float64)
     y = torch.tensor(L, dtype=torch.float64)
     n_med, l_min, l_mean = n.median(), y.min(), y.mean()
+    # bounds, as the official bounded L-BFGS-B has: outside them the gradient is zero and the search stops
+    # (degenerate toy data otherwise drives k or alpha towards 0 for thousands of iterations)
+    lo = torch.tensor([1e-3, 1e-12, 1e-3, 1e-4], dtype=torch.float64).log()
+    hi = torch.tensor([1e2, 1e12, 3.0, 1e3], dtype=torch.float64).log()
 
     def objective(theta):
-        E, A, alpha, k = theta.exp()
+        E, A, alpha, k = torch.minimum(torch.maximum(theta, lo), hi).exp()
         r = (E + (A / (n * (k * p.log() + 1))) ** alpha).log() - y.log()
         a = r.abs()
         return torch.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta)).sum()
@@ -104,7 +104,7 @@ def fit_law(N, P, L, n_starts=27, delta=1e-3):
         E0 = e_frac * l_min
         A0 = n_med * (l_mean - E0) ** (1 / alpha0)  # the start passes through the mean loss at the median N
         theta = torch.tensor([E0, A0, alpha0, k0], dtype=torch.float64).log().requires_grad_()
-        opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+        opt = torch.optim.LBFGS([theta], lr=1, max_iter=300, tolerance_grad=1e-12, tolerance_change=1e-15,
                                 history_size=50, line_search_fn="strong_wolfe")
 
         def closure():
@@ -120,7 +120,7 @@ def fit_law(N, P, L, n_starts=27, delta=1e-3):
     if best is None:
         raise RuntimeError("the law fit diverged from every starting point")
     obj, theta = best
-    E, A, alpha, k = theta.exp().tolist()
+    E, A, alpha, k = torch.minimum(torch.maximum(theta, lo), hi).exp().tolist()
     pred = law(n, p, E, A, alpha, k)
     r2 = 1 - ((pred - y) ** 2).sum().item() / ((y - l_mean) ** 2).sum().item()
     return dict(E=E, A=A * 1e9, alpha=alpha, k=k, r2=r2, huber=obj)
@@ -139,29 +139,31 @@ PRESETS = {
     # for tests: seconds on a CPU
     "tiny": dict(device="cpu", n_layer=1, n_head=2, widths=[8, 16, 24], streams=[1, 2, 4, 8], block_size=16,
                  n_prefix=1, batch_size=4, max_iters=3, learning_rate=3e-3, warmup_iters=1, eval_interval=3,
-                 eval_iters=1, base_iters=3, extra_iters=2, two_stage_width=16),
-    # ~2 h on a 2-core CPU (measured: ~0.5 s per step at width 48; P=8 costs ~1.3x P=1 here, CPU time
-    # at these widths is per-step overhead more than FLOPs). 2 prefix slots = 1.6% of the block.
+                 eval_iters=1, base_iters=3, extra_iters=2, two_stage_width=16, fit_starts=3),
+    # ~2 h on a 2-core CPU with --threads=1 (measured, batch 32 x block 128: width 64 takes 55 ms per step
+    # at P=1 and 490 ms at P=8, ~1.7 s per step for all 12 runs, x 4000 steps). 2 prefix slots = 1.6% of the block.
     "cpu": dict(device="cpu", n_layer=2, n_head=4, widths=[32, 48, 64], streams=[1, 2, 4, 8], block_size=128,
-                n_prefix=2, batch_size=32, max_iters=1000, learning_rate=3e-3, warmup_iters=50, eval_interval=200,
+                n_prefix=2, batch_size=32, max_iters=4000, learning_rate=3e-3, warmup_iters=50, eval_interval=500,
                 eval_iters=20, base_iters=1500, extra_iters=500, two_stage_width=48),
-    # ~4 min on one H200, bf16: 12 runs of 10M tokens (~1 epoch of the stdlib bytes); see plan() for the estimate.
-    # 4 prefix slots = 1.6% of the block.
+    # ~4 min on one H200, bf16: 12 runs x 9.8M tokens (~1 epoch of the stdlib bytes), 3.3 PFLOP in all: ~80 s at
+    # 5% MFU (tiny widths get little of the ~790 TFLOP/s) plus ~15 ms of launch overhead per step (~110 s), plus
+    # evaluation and start-up. 4 prefix slots = 1.6% of the block.
     "gpu": dict(device="cuda", n_layer=4, n_head=4, widths=[64, 128, 192], streams=[1, 2, 4, 8], block_size=256,
                 n_prefix=4, batch_size=64, max_iters=600, learning_rate=3e-3, warmup_iters=50, eval_interval=150,
                 eval_iters=20, base_iters=1200, extra_iters=400, two_stage_width=128),
 }
 
 
-def train_argv(pre, data_dir, out_dir, width, P, max_iters, learning_rate=None, warmup_iters=None):
+def train_argv(pre, data_dir, out_dir, width, P, max_iters, learning_rate=None, warmup_iters=None, eval_interval=None):
     lr = pre["learning_rate"] if learning_rate is None else learning_rate
+    eval_interval = pre["eval_interval"] if eval_interval is None else eval_interval
     return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--device={pre['device']}",
             f"--n_layer={pre['n_layer']}", f"--n_head={pre['n_head']}", f"--n_embd={width}",
             f"--block_size={pre['block_size']}", f"--n_prefix={pre['n_prefix']}", f"--n_streams={P}",
             f"--batch_size={pre['batch_size']}", f"--max_iters={max_iters}", f"--learning_rate={lr}",
             f"--min_lr={lr / 10}", f"--warmup_iters={pre['warmup_iters'] if warmup_iters is None else warmup_iters}",
-            f"--eval_interval={min(pre['eval_interval'], max_iters)}", f"--eval_iters={pre['eval_iters']}",
-            f"--log_interval={max(1, min(50, max_iters // 4))}", "--progress=0"]
+            f"--eval_interval={max(1, min(eval_interval, max_iters))}", f"--eval_iters={pre['eval_iters']}",
+            f"--log_interval={max(1, min(50, max_iters // 4))}", f"--threads={pre['threads']}", "--progress=0"]
 
 
 def evals(out_dir):
@@ -180,18 +182,35 @@ def evals(out_dir):
 
 def finished(out_dir, max_iters):
     ev = evals(out_dir)
-    return bool(ev) and ev[-1]["step"] >= max_iters and os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
+    if ev and ev[-1]["step"] > max_iters:
+        raise SystemExit(f"{out_dir} holds a run of {ev[-1]['step']} steps, not {max_iters}: use another --out")
+    return bool(ev) and ev[-1]["step"] == max_iters and os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
 
 
-def call_train(argv):
-    """train.main in-process. It installs its own SIGINT handler (finish the step, save, return);
-    put ours back afterwards so Ctrl-C between runs still stops this script."""
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        train.main(argv)
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
+def call_train(argv, out_dir):
+    """
+    train.py in a process of its own (scripts do not import scripts), stdout and stderr appended to
+    out_dir/train.out. Returns what this call wrote there; a failed run raises with the tail of it.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "train.out")
+    with open(path, "a") as log:
+        log.write(f"$ python train.py {' '.join(argv)}\n")
+        log.flush()
+        start = log.tell()
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached train.py too: it finishes the step and saves; wait for that
+            rc = proc.wait()
+    with open(path) as f:
+        f.seek(start)
+        out = f.read()
+    if rc != 0:
+        tail = "\n".join(out.splitlines()[-15:])
+        raise SystemExit(f"train.py failed (exit {rc}) in {out_dir}; the end of {path}:\n{tail}")
+    return out
 
 
 def run(argv, out_dir, max_iters, init_from="scratch", extra=()):
@@ -199,21 +218,19 @@ def run(argv, out_dir, max_iters, init_from="scratch", extra=()):
     if finished(out_dir, max_iters):
         return "done"
     resume = os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
-    call_train(argv + [f"--init_from={'resume' if resume else init_from}", *extra])
+    call_train(argv + [f"--init_from={'resume' if resume else init_from}", *extra], out_dir)
     if not finished(out_dir, max_iters):
         raise SystemExit(f"run {out_dir} stopped before step {max_iters}; run the same command again to resume")
     return "resumed" if resume else "trained"
 
 
 def eval_only(pre, data_dir, out_dir, init_from, streams=""):
-    """train.py --eval_only, which prints one JSON line {train, val, ...}: capture and parse it."""
+    """train.py --eval_only, which ends its output with one JSON line {train, val, ...}: parse it."""
     argv = train_argv(pre, data_dir, out_dir, pre["two_stage_width"], 1, 0) + [f"--init_from={init_from}", "--eval_only"]
     if streams:
         argv.append(f"--streams={streams}")
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        call_train(argv)
-    return json.loads(buf.getvalue().strip().splitlines()[-1])
+    out = call_train(argv, out_dir)
+    return json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{")))
 
 
 def non_embedding(out_dir):
@@ -224,7 +241,11 @@ def non_embedding(out_dir):
 def plan(pre, data_dir):
     """What a sweep will cost: tokens and FLOPs per run (model.flops_per_token), and for a GPU an estimate of
     the time at an assumed 10% of the H200's ~790 TFLOP/s achieved bf16 plus ~15 ms per step of launch overhead."""
-    vocab = math.ceil(train.load_meta(data_dir)["vocab_size"] / 64) * 64
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} not found: run prepare_data.py first (python prepare_data.py)")
+    with open(path) as f:
+        vocab = math.ceil(json.load(f)["vocab_size"] / 64) * 64  # as train.py pads it
     tokens = pre["max_iters"] * pre["batch_size"] * pre["block_size"]
     total, est = 0.0, 0.0
     for width, P in itertools.product(pre["widths"], pre["streams"]):
@@ -265,6 +286,8 @@ def cmd_fit(args):
         source = args.runs
     else:
         raise SystemExit("fit needs --paper or --runs=DIR|FILE.csv")
+    if len(L) < 5:
+        raise SystemExit(f"{source}: found {len(L)} finished runs; a 4-parameter fit needs at least 5")
     fit = fit_law(N, P, L, n_starts=args.starts)
     print(f"{source}: {len(L)} points\n{fit_line(fit)}")
     if args.paper:
@@ -286,8 +309,6 @@ def points_from(path):
             N.append(GPT(GPTConfig(**ckpt["model_args"])).param_report()["non_embedding"])
             P.append(ckpt["model_args"]["n_streams"])
             L.append(evals(dirpath)[-1]["val"])
-    if len(L) < 5:
-        raise SystemExit(f"{path}: found {len(L)} finished runs; a 4-parameter fit needs at least 5")
     return N, P, L
 
 
@@ -304,13 +325,17 @@ def cmd_sweep(args):
             rows.append(dict(width=width, P=P, N=non_embedding(d), train=round(last["train"], 4),
                              val=round(last["val"], 4), status=status))
             print(f"w{width} P={P}: val {last['val']:.4f} ({status})", flush=True)
-    for r in rows:  # what each P gained over P=1 at the same width
-        base = next(b for b in rows if b["width"] == r["width"] and b["P"] == 1)
-        r["gain_vs_p1"] = round(base["val"] - r["val"], 4)
+    for r in rows:  # what each P gained over P=1 at the same width ('' without a P=1 run)
+        base = next((b for b in rows if b["width"] == r["width"] and b["P"] == 1), None)
+        r["gain_vs_p1"] = round(base["val"] - r["val"], 4) if base else ""
     write_csv(os.path.join(args.out, "sweep.csv"), rows)
-    fit = fit_law([r["N"] for r in rows], [r["P"] for r in rows], [r["val"] for r in rows])
     print(table(rows, ["width", "P", "N", "train", "val", "gain_vs_p1", "status"]))
-    print(f"fit on val loss: {fit_line(fit)}")
+    fit = None
+    if len(rows) >= 5:
+        fit = fit_law([r["N"] for r in rows], [r["P"] for r in rows], [r["val"] for r in rows], pre.get("fit_starts", 27))
+        print(f"fit on val loss: {fit_line(fit)}")
+    else:
+        print(f"no fit: {len(rows)} runs, a 4-parameter fit needs at least 5")
     result = dict(preset=args.preset, config=pre, runs=rows, fit=fit)
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -324,55 +349,22 @@ def train_base(pre, args):
     return os.path.join(d, "ckpt.pt")
 
 
-def kv_prefix_checkpoint(base_path, P, data_dir, path, seed=0):
-    """
-    A P-stream checkpoint whose prefixes are the base model's own keys and values on a random
-    n_prefix-token training snippet, one snippet per stream (aggregator fresh: streams start averaged).
-    The converted model computes, at init, what the base model would with a short real context in
-    front, instead of attending to random vectors.
-    """
-    ckpt = load_checkpoint(base_path)
-    base = model_from_checkpoint(ckpt).eval()
-    torch.manual_seed(seed)
-    model = convert_to_streams(base, P, n_prefix=ckpt["args"]["n_prefix"])
-    n, cfg = model.config.n_prefix, model.config
-    data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r")
-    ix = np.random.default_rng(seed).integers(0, len(data) - n, size=P)
-    x = torch.from_numpy(np.stack([data[i:i + n] for i in ix]).astype(np.int64))  # (P, n): one snippet per stream
-    kv = []
-    hooks = [b.attn.c_attn.register_forward_hook(lambda m, i, o: kv.append(o)) for b in base.transformer.h]
-    with torch.no_grad():
-        base(x)
-        for h in hooks:
-            h.remove()
-        for block, qkv in zip(model.transformer.h, kv):  # qkv: (P, n, (n_head + 2 n_kv_head) * hd)
-            _, k, v = qkv.split([cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim], dim=2)
-            block.attn.prefix_k.copy_(k.view(P, n, cfg.n_kv_head, cfg.head_dim).transpose(1, 2))  # (P, n_kv_head, n, hd)
-            block.attn.prefix_v.copy_(v.view(P, n, cfg.n_kv_head, cfg.head_dim).transpose(1, 2))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(cfg), meta=ckpt.get("meta", {}),
-                         prefix_init=f"kv of base {base_path}, snippets {ix.tolist()}"),
-                    os.path.dirname(path), os.path.basename(path))
-    return path
-
-
 def cmd_two_stage(args):
     pre = preset(args)
     base = train_base(pre, args)
     w, extra, lr = pre["two_stage_width"], pre["extra_iters"], pre["learning_rate"] / 2
-    kv = kv_prefix_checkpoint(base, 4, args.data_dir, os.path.join(args.out, "two_stage", "p4_kv_init.pt"))
-    branches = [  # (name, P, init_from, extra train.py flags)
-        ("p1_continued", 1, base, []),
-        ("p4_full", 4, base, []),
-        ("p4_frozen", 4, base, ["--freeze_backbone"]),
-        ("p4_full_kv_init", 4, kv, []),
-        ("p4_frozen_kv_init", 4, kv, ["--freeze_backbone"]),
+    branches = [  # (name, P, extra train.py flags); each starts from the base
+        ("p1_continued", 1, []),
+        ("p4_full", 4, []),
+        ("p4_frozen", 4, ["--freeze_backbone"]),
+        ("p4_full_kv_init", 4, ["--prefix_init=kv"]),
     ]
     curves, final = {}, {}
-    for name, P, init, flags in branches:
+    for name, P, flags in branches:
         d = os.path.join(args.out, "two_stage", name)
-        argv = train_argv(pre, args.data_dir, d, w, P, extra, learning_rate=lr, warmup_iters=extra // 10)
-        run(argv, d, extra, init_from=init, extra=flags)
+        argv = train_argv(pre, args.data_dir, d, w, P, extra, learning_rate=lr, warmup_iters=extra // 10,
+                          eval_interval=max(1, extra // 5))  # a curve: the step-0 evaluation shows the conversion spike
+        run(argv, d, extra, init_from=base, extra=flags)
         curves[name] = {r["step"]: round(r["val"], 4) for r in evals(d)}
         final[name] = curves[name][extra]
     steps = sorted(curves["p1_continued"])
@@ -394,16 +386,14 @@ def cmd_dynamic(args):
     w, extra, lr = pre["two_stage_width"], pre["extra_iters"], pre["learning_rate"] / 2
     rows = [dict(P=1, streams_file="(none: the backbone alone)", **pick(eval_only(pre, args.data_dir,
                  os.path.join(args.out, "dynamic", "eval"), base)))]
-    for P in (2, 4, 8):
+    for P in [P for P in pre["streams"] if P > 1]:
         d = os.path.join(args.out, "dynamic", f"p{P}")
-        init = base
-        if args.prefix_init == "kv":
-            init = kv_prefix_checkpoint(base, P, args.data_dir, os.path.join(d + "_init", "ckpt.pt"))
         argv = train_argv(pre, args.data_dir, d, w, P, extra, learning_rate=lr, warmup_iters=extra // 10)
-        run(argv, d, extra, init_from=init, extra=["--freeze_backbone"])
+        run(argv, d, extra, init_from=base, extra=["--freeze_backbone", f"--prefix_init={args.prefix_init}"])
         streams = os.path.join(d, f"streams_p{P}.pt")
         ev = eval_only(pre, args.data_dir, os.path.join(args.out, "dynamic", "eval"), base, streams)
         rows.append(dict(P=P, streams_file=os.path.relpath(streams, args.out), **pick(ev)))
+    base = os.path.relpath(base)  # as the user would type it
     print(f"one frozen backbone ({base}), streams trained {extra} steps each, prefix init {args.prefix_init}:")
     print(table(rows, ["P", "train", "val", "streams_file"]))
     with open(os.path.join(args.out, "dynamic.json"), "w") as f:
@@ -422,8 +412,11 @@ def preset(args):
             pre[key] = getattr(args, key)
     if args.widths:
         pre["widths"] = [int(w) for w in args.widths.split(",")]
+    if args.n_streams:
+        pre["streams"] = [int(P) for P in args.n_streams.split(",")]
     if args.device:
         pre["device"] = args.device
+    pre["threads"] = args.threads
     return pre
 
 
@@ -447,10 +440,16 @@ def get_args(argv=None):
         s.add_argument("--eval_iters", type=int, default=-1, help="batches per evaluation; -1 = the preset's")
         s.add_argument("--batch_size", type=int, default=-1, help="-1 = the preset's")
         s.add_argument("--widths", default="", help="comma-separated, e.g. 32,48,64; '' = the preset's")
-        s.add_argument("--prefix_init", default="kv", choices=["kv", "random"], help="dynamic only: prefix init of the streams")
+        s.add_argument("--n_streams", default="", help="comma-separated P, e.g. 1,2,4,8; '' = the preset's "
+                       "(dynamic trains those > 1)")
+        s.add_argument("--threads", type=int, default=-1, help="train.py's torch CPU threads; -1 = torch's default. On a "
+                       "CPU shared with other jobs 1 thread can be ~10x faster (measured: 55 vs 700 ms per step)")
+        if name == "dynamic":
+            s.add_argument("--prefix_init", default="kv", choices=["kv", "random"], help="prefix init of the streams")
     args = p.parse_args(argv)
-    if args.cmd != "fit" and not args.out:
-        args.out = os.path.join("out", "scaling", args.preset)
+    if args.cmd != "fit":  # absolute: train.py runs in the repository root
+        args.out = os.path.abspath(args.out or os.path.join("out", "scaling", args.preset))
+        args.data_dir = os.path.abspath(args.data_dir)
     return args
 
 
