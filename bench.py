@@ -46,12 +46,8 @@ from contextlib import nullcontext
 
 import torch
 
+from kernels.fused import FusedDecoder, fused_status  # the hand-written CUDA path; which one runs is printed
 from model import GPT, GPTConfig, KVCache
-
-try:  # the hand-written CUDA decode path; optional, and which path runs is printed at start-up
-    from kernels.fused import FusedDecoder, fused_status
-except ImportError:
-    FusedDecoder = None
 
 try:  # only for --plot; the object-oriented API needs no backend choice (no import-time side effects)
     from matplotlib.figure import Figure
@@ -587,10 +583,7 @@ def parse_args(argv):
         args.streams = [1] + args.streams  # the P=1 base is what every increase is measured from
 
     # which decode paths run, and why: said once, never silently changed
-    if FusedDecoder is None:
-        fused_ok, why = False, "kernels/fused.py is not importable"
-    else:
-        fused_ok, why = fused_status(args.device)
+    fused_ok, why = fused_status(args.device)
     if args.paths == "fused" and not fused_ok:
         p.error(f"--paths=fused, but the fused path is unavailable: {why}")
     args.paths = ["fused", "eager"] if args.paths == "auto" and fused_ok else ["eager"] if args.paths != "fused" else ["fused"]
