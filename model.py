@@ -441,7 +441,8 @@ def prefixes_from_kv(model, snippets):
     cfg = model.config
     if tuple(snippets.shape) != (cfg.n_streams, cfg.n_prefix):
         raise ValueError(f"snippets must be (n_streams, n_prefix) = {(cfg.n_streams, cfg.n_prefix)}, got {tuple(snippets.shape)}")
-    base = GPT(GPTConfig(**{**vars(cfg), "n_streams": 1})).to(snippets.device)
+    with torch.device("meta"):  # no memory and no init: every tensor comes from `model` below
+        base = GPT(GPTConfig(**{**vars(cfg), "n_streams": 1}))
     base.load_state_dict(model.state_dict(), strict=False, assign=True)  # the same backbone tensors
     cache = KVCache(base, cfg.n_streams)  # one row per stream
     base.hidden(snippets, cache)

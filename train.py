@@ -357,10 +357,13 @@ def run_training(args):
             log_json(kind="train", step=iter_num, loss=lossf, lr=lr, ms=1000 * dt, tok_s=tok_s, mfu=mfu if mfu >= 0 else None)
 
         requested = stop["requested"]
-        if ddp:  # every rank must stop at the same step
-            flag = torch.tensor(float(requested), device=device)
-            dist.all_reduce(flag)
-            requested = flag.item() > 0
+        if ddp:  # every rank must stop at the same step; agreeing on it is a sync, so only every log_interval
+            if iter_num % args.log_interval == 0:
+                flag = torch.tensor(float(requested), device=device)
+                dist.all_reduce(flag)
+                requested = flag.item() > 0
+            else:
+                requested = False
         if requested:
             if master:
                 save_checkpoint(checkpoint(), args.out_dir)
