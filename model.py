@@ -29,6 +29,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+class UserError(ValueError):
+    """A mistake the user can fix: a bad flag or config value, a missing or wrong file. Every entry
+    point prints it as one `error: ...` line and exits 1; any other exception is a bug and keeps its
+    traceback."""
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024
@@ -51,22 +57,22 @@ class GPTConfig:
         positive = ["block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_streams"]
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise UserError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise UserError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head != 0:
-            raise ValueError(f"GPTConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+            raise UserError(f"GPTConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.n_streams > 1 and self.n_prefix < 1:
             # without prefixes every stream computes exactly the same thing
-            raise ValueError(f"GPTConfig.n_prefix must be >= 1 when n_streams > 1, got {self.n_prefix}")
+            raise UserError(f"GPTConfig.n_prefix must be >= 1 when n_streams > 1, got {self.n_prefix}")
         if self.n_prefix < 0:
-            raise ValueError(f"GPTConfig.n_prefix must be >= 0, got {self.n_prefix}")
+            raise UserError(f"GPTConfig.n_prefix must be >= 0, got {self.n_prefix}")
         if not 0.0 <= self.agg_smoothing <= 1.0:
-            raise ValueError(f"GPTConfig.agg_smoothing must be in [0, 1], got {self.agg_smoothing}")
+            raise UserError(f"GPTConfig.agg_smoothing must be in [0, 1], got {self.agg_smoothing}")
         if self.prefix_init_std < 0:
-            raise ValueError(f"GPTConfig.prefix_init_std must be >= 0, got {self.prefix_init_std}")
+            raise UserError(f"GPTConfig.prefix_init_std must be >= 0, got {self.prefix_init_std}")
 
     @property
     def head_dim(self):
@@ -338,6 +344,10 @@ class GPT(nn.Module):
         head = 6 * (cfg.vocab_size * cfg.n_embd + r["aggregator"])
         return body + attn + head
 
+    def estimate_mfu(self, tokens_per_second, seq_len, peak):
+        """Model FLOPs utilisation: achieved training FLOP/s over `peak` FLOP/s (None if peak unknown)."""
+        return self.flops_per_token(seq_len) * tokens_per_second / peak if peak else None
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Continue idx (B, T) by max_new_tokens tokens, decoding through a KV cache.
@@ -354,6 +364,15 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -self.config.block_size:])
             idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
+
+
+# dense bf16 peak FLOP/s from the vendors' datasheets, for MFU; matched against the device name
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device_name):
+    """The datasheet bf16 peak of a GPU named like 'NVIDIA H200', or None when it is not in PEAK_FLOPS."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
 
 
 def sample_next(logits, temperature=1.0, top_k=None):
@@ -374,13 +393,13 @@ def sample_next(logits, temperature=1.0, top_k=None):
 def load_checkpoint(path):
     """torch.load with weights_only=True and errors that say what is wrong."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise UserError(f"no checkpoint at {path}: train one first (python train.py), or check the path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"checkpoint {path} is corrupt or not a checkpoint: {e}") from e
+        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise RuntimeError(f"checkpoint {path} lacks 'model' or 'model_args'; is it a training checkpoint?")
+        raise UserError(f"checkpoint {path} lacks 'model' or 'model_args': is it a training checkpoint?")
     return ckpt
 
 
@@ -409,7 +428,7 @@ def model_from_checkpoint(ckpt, **overrides):
     try:
         model.load_state_dict(clean_state_dict(ckpt["model"]))
     except RuntimeError as e:
-        raise RuntimeError(f"checkpoint weights do not match its model_args: {e}") from e
+        raise UserError(f"checkpoint weights do not match its model_args: {e}") from e
     return model
 
 
@@ -473,9 +492,9 @@ def streams_state(model):
 def attach_streams(backbone, streams):
     """A P=1 model + a streams_state dict -> a P-stream model sharing the backbone's tensors."""
     if streams.get("kind") != "streams":
-        raise ValueError("not a streams file (expected kind='streams'); a full checkpoint goes to --ckpt")
+        raise UserError("not a streams file (expected kind='streams'); a full checkpoint goes to --ckpt")
     if backbone_fingerprint(backbone) != streams["backbone"]:
-        raise ValueError("these streams were trained on a different backbone (weight fingerprints differ)")
+        raise UserError("these streams were trained on a different backbone (weight fingerprints differ)")
     args = streams["model_args"]
     model = convert_to_streams(backbone, args["n_streams"], n_prefix=args["n_prefix"],
                                agg_smoothing=args["agg_smoothing"], prefix_init_std=args["prefix_init_std"])

@@ -21,7 +21,7 @@ import torch
 from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from kernels.fused import FusedDecoder, fused_status
+from kernels.fused import fused_decoder_for
 from model import attach_streams, load_checkpoint, model_from_checkpoint
 
 
@@ -111,13 +111,7 @@ def main(argv=None):
 
     decoder, why = None, "not on CUDA"
     if device.startswith("cuda") and args.fused:
-        ok, why = fused_status(device)
-        if ok:
-            ok, why = FusedDecoder.supports(model.config, args.num_samples, ptdtype)
-        if ok and x.size(1) + args.max_new_tokens > model.config.block_size:
-            ok, why = False, f"prompt + new tokens exceed block_size {model.config.block_size}"
-        if ok:
-            decoder = FusedDecoder(model, args.num_samples, dtype=ptdtype, cuda_graph=True)
+        decoder, why = fused_decoder_for(model, args.num_samples, ptdtype, x.size(1) + args.max_new_tokens)
     elif device.startswith("cuda"):
         why = "--fused=0"
     path = "fused CUDA kernels + CUDA graph" if decoder else f"reference PyTorch with KV cache ({why})"

@@ -201,6 +201,21 @@ def fused_status(device=None):
         return _report(False, f"kernel build failed: {type(e).__name__}: {e}")
 
 
+def fused_decoder_for(model, batch_size, dtype, max_len, cuda_graph=True):
+    """(FusedDecoder, why) when the fused path can decode `model` for batch_size rows up to max_len
+    tokens, else (None, why it is not used). Never raises: sample.py and bench.py print `why`."""
+    device = next(model.parameters()).device
+    ok, why = fused_status(device)
+    if ok:
+        ok, reason = FusedDecoder.supports(model.config, batch_size, dtype)
+        why = reason or why
+    if ok and max_len > model.config.block_size:
+        ok, why = False, f"prompt + new tokens exceed block_size {model.config.block_size}"
+    if not ok:
+        return None, why
+    return FusedDecoder(model, batch_size, dtype=dtype, cuda_graph=cuda_graph), why
+
+
 def _cdiv(a, b):
     return (a + b - 1) // b
 

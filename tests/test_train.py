@@ -13,7 +13,7 @@ from util import ROOT, assert_close
 
 import sample
 import train
-from model import load_checkpoint
+from model import UserError, load_checkpoint
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--n_prefix=2",
         "--eval_iters=2", "--log_interval=5", "--progress=0", "--device=cpu", "--warmup_iters=5",
@@ -114,11 +114,11 @@ def test_bad_inputs_get_named_errors(data_dir, tmp_path):
     small = write_corpus(tmp_path / "small", n_bytes=300)
     with pytest.raises(ValueError, match="block_size"):
         run(small, tmp_path / "o", "--block_size=64")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(UserError, match="no checkpoint"):
         run(data_dir, tmp_path / "empty", "--init_from=resume")
     os.makedirs(tmp_path / "bad")
     (tmp_path / "bad" / "ckpt.pt").write_bytes(os.urandom(1000))
-    with pytest.raises(RuntimeError, match="corrupt"):
+    with pytest.raises(UserError, match="corrupt"):
         run(data_dir, tmp_path / "bad", "--init_from=resume")
     with pytest.raises(ValueError, match="n_embd"):
         run(data_dir, tmp_path / "o", "--n_embd=31")
@@ -163,7 +163,7 @@ def test_sample_from_checkpoint(data_dir, tmp_path, capsys):
     texts = first.out.split("---------------")
     assert first.out == second.out and texts[0].startswith("def f") and texts[0].strip() == texts[1].strip()
     assert "tokens/s" in first.err and "reference PyTorch with KV cache" in first.err
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(UserError, match="no checkpoint"):
         sample.main([f"--out_dir={tmp_path / 'none'}"])
     gpt2 = write_corpus(tmp_path / "gpt2", tokenizer="gpt2", vocab_size=50257)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
