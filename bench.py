@@ -46,8 +46,8 @@ from contextlib import nullcontext
 
 import torch
 
-from kernels.fused import FusedDecoder, fused_status  # the hand-written CUDA path; which one runs is printed
-from model import GPT, GPTConfig, KVCache
+from kernels.fused import fused_decoder_for, fused_status  # the hand-written CUDA path; which one runs is printed
+from model import GPT, GPTConfig, KVCache, UserError
 
 try:  # only for --plot; the object-oriented API needs no backend choice (no import-time side effects)
     from matplotlib.figure import Figure
@@ -143,8 +143,8 @@ class EagerDecoder:
         self.model, self.cache = model, KVCache(model, batch_size)
 
     def prefill(self, idx):
-        # rewinding is enough: the prefix slots never change, and attention reads only the first
-        # n_prefix + pos slots, so stale tokens past pos are never seen
+        # rewinding is enough: attention reads only the first pos cached tokens (the prefix is not
+        # in the cache), so stale tokens past pos are never seen
         self.cache.pos = 0
         return self.model(idx, cache=self.cache)[0][:, -1]  # (B, vocab)
 
@@ -153,8 +153,12 @@ class EagerDecoder:
 
 
 def make_decoder(path, model, batch_size, dtype):
+    """The decoder a path times. A model the fused kernels refuse raises UserError with the reason."""
     if path == "fused":
-        return FusedDecoder(model, batch_size, dtype=dtype, cuda_graph=True)
+        dec, why = fused_decoder_for(model, batch_size, dtype, model.config.block_size)
+        if dec is None:
+            raise UserError(why)
+        return dec
     return EagerDecoder(model, batch_size)
 
 
@@ -285,6 +289,10 @@ def bench_decode(args, base_cfgs):
                             continue
                         try:
                             r = measure(model, path, batch_size, context, args, resident)
+                        except UserError as e:  # the fused path refused this model: eager measures it
+                            notes.append(f"fused path not used for {kind} {m['label']}: {e}: measured on the eager path only")
+                            print(f"!!! {notes[-1]}", flush=True)
+                            break
                         except Exception as e:  # a failing path or shape is reported, and the sweep goes on
                             notes.append(f"FAILED {kind} {path} {m['label']} B={batch_size} ctx={context}: {type(e).__name__}: {e}")
                             print(f"!!! {notes[-1]} (skipping this model's larger batches)", flush=True)

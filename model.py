@@ -12,6 +12,9 @@ plain nanoGPT-style GPT, and a nanoGPT checkpoint loads into it unchanged.
 
 Stream layout, used everywhere below: the P streams are folded into the batch dimension,
 stream-major, so row r = s * B + b holds stream s of batch element b, shape (P*B, T, C).
+
+Read top to bottom: config -> attention, MLP -> Block -> Aggregator -> GPT ->
+KVCache and sampling -> checkpoints and the two-stage / dynamic-P helpers.
 """
 
 import hashlib
@@ -54,25 +57,22 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        positive = ["block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_streams"]
-        for name in positive:
+        for name in ["block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_streams"]:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.n_embd % self.n_head != 0:
-            raise UserError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_head % self.n_kv_head != 0:
-            raise UserError(f"GPTConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.n_streams > 1 and self.n_prefix < 1:
-            # without prefixes every stream computes exactly the same thing
-            raise UserError(f"GPTConfig.n_prefix must be >= 1 when n_streams > 1, got {self.n_prefix}")
-        if self.n_prefix < 0:
-            raise UserError(f"GPTConfig.n_prefix must be >= 0, got {self.n_prefix}")
-        if not 0.0 <= self.agg_smoothing <= 1.0:
-            raise UserError(f"GPTConfig.agg_smoothing must be in [0, 1], got {self.agg_smoothing}")
-        if self.prefix_init_std < 0:
-            raise UserError(f"GPTConfig.prefix_init_std must be >= 0, got {self.prefix_init_std}")
+        rules = [  # (holds, what is wrong)
+            (self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
+            (self.n_head % self.n_kv_head == 0, f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.n_prefix >= 0, f"n_prefix must be >= 0, got {self.n_prefix}"),
+            # without prefixes every stream would compute exactly the same thing
+            (self.n_streams == 1 or self.n_prefix >= 1, f"n_prefix must be >= 1 when n_streams > 1, got {self.n_prefix}"),
+            (0.0 <= self.agg_smoothing <= 1.0, f"agg_smoothing must be in [0, 1], got {self.agg_smoothing}"),
+            (self.prefix_init_std >= 0, f"prefix_init_std must be >= 0, got {self.prefix_init_std}"),
+        ]
+        for holds, wrong in rules:
+            if not holds:
+                raise UserError(f"GPTConfig.{wrong}")
 
     @property
     def head_dim(self):
@@ -80,52 +80,13 @@ class GPTConfig:
 
     @property
     def n_prefix_slots(self):
-        """Key/value slots in front of the real tokens in every attention layer."""
+        """Key/value slots in front of the real tokens in every attention layer: 0 at P = 1."""
         return self.n_prefix if self.n_streams > 1 else 0
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class KVCache:
-    """
-    Preallocated keys and values for incremental decoding, one buffer for all layers:
-    k, v: (n_layer, P*B, n_kv_head, n_prefix_slots + block_size, head_dim).
-    Each row starts with its stream's prefix (copied in once, at creation), then the real
-    tokens. `pos` counts the real tokens cached so far; it is also the next token's position.
-    """
-
-    def __init__(self, model, batch_size, device=None, dtype=None):
-        cfg = model.config
-        p = next(model.parameters())
-        device, dtype = device or p.device, dtype or p.dtype
-        self.n_pre = cfg.n_prefix_slots
-        shape = (cfg.n_layer, cfg.n_streams * batch_size, cfg.n_kv_head, self.n_pre + cfg.block_size, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
-        if cfg.n_streams > 1:
-            for i, block in enumerate(model.transformer.h):
-                # (P, n_kv_head, n_prefix, hd) -> (P*B, ...), stream-major like the rows
-                self.k[i, :, :, : self.n_pre] = block.attn.prefix_k.repeat_interleave(batch_size, dim=0)
-                self.v[i, :, :, : self.n_pre] = block.attn.prefix_v.repeat_interleave(batch_size, dim=0)
-
-    def append(self, layer, k, v):
-        """Store k, v (P*B, n_kv_head, T, hd) after what is cached; return everything so far."""
-        start = self.n_pre + self.pos
-        end = start + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+def is_prefix_param(name):
+    """Per-layer ParScale prefix keys/values, e.g. 'transformer.h.0.attn.prefix_k'."""
+    return ".prefix_" in name
 
 
 class CausalSelfAttention(nn.Module):
@@ -133,12 +94,12 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.n_streams = config.n_streams
         # query, key and value projections in one matmul; with n_kv_head = n_head this is nanoGPT's c_attn
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = config.dropout
+        self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_streams = config.n_streams
         if config.n_streams > 1:
             # ParScale prefix: raw keys and values, one set per stream. They skip c_attn, carry no
             # position and occupy none: real tokens still sit at positions 0..T-1.
@@ -146,39 +107,40 @@ class CausalSelfAttention(nn.Module):
             self.prefix_k = nn.Parameter(torch.empty(shape))
             self.prefix_v = nn.Parameter(torch.empty(shape))
 
+    def keys_values(self, k, v, cache):
+        """
+        k, v of the T new tokens (R, n_kv_head, T, hd) -> everything their queries attend to,
+        [stream prefix | cached tokens | new tokens]: (R, n_kv_head, n_prefix_slots + pos + T, hd).
+        The cache holds real tokens only; the prefix is put in front here, the same way in
+        training, prefill and decoding, and is stored once per stream, never once per row.
+        """
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k, v)  # (R, n_kv_head, pos + T, hd)
+        if self.n_streams > 1:
+            B = k.size(0) // self.n_streams  # stream-major rows: stream s owns rows s*B .. s*B+B-1
+            k = torch.cat([self.prefix_k.to(k.dtype).repeat_interleave(B, dim=0), k], dim=2)
+            v = torch.cat([self.prefix_v.to(v.dtype).repeat_interleave(B, dim=0), v], dim=2)
+        return k, v
+
     def forward(self, x, cache=None):
         R, T, C = x.size()  # R = P*B rows, stream-major
-        q, k, v = self.c_attn(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
         q = q.view(R, T, self.n_head, self.head_dim).transpose(1, 2)  # (R, n_head, T, hd)
         k = k.view(R, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (R, n_kv_head, T, hd)
         v = v.view(R, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.append(self.layer_idx, k, v)  # the cache rows already begin with the prefix
-        elif self.n_streams > 1:
-            B = R // self.n_streams
-            pk = self.prefix_k.repeat_interleave(B, dim=0).to(k.dtype)  # (R, n_kv_head, n_prefix, hd)
-            pv = self.prefix_v.repeat_interleave(B, dim=0).to(v.dtype)
-            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (R, n_kv_head, n_prefix + T, hd)
-        # The S - T keys in front of the queries (prefix slots, earlier cached tokens) are visible to
-        # every query; among the T new ones, query i sees key j <= i. One rule covers all cases.
+        k, v = self.keys_values(k, v, cache)  # (R, n_kv_head, S, hd)
+        if self.n_kv_head != self.n_head:  # GQA: each kv head serves n_head / n_kv_head query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        # The S - T keys in front of the queries (prefix slots, cached tokens) are visible to every
+        # query; among the T new ones, query i sees key j <= i. One rule for every case.
         S = k.size(2)
-        mask = None
-        if T > 1 and S > T:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S), shared by all rows
-        gqa = {}
-        if self.n_kv_head != self.n_head:
-            if mask is None:
-                gqa = {"enable_gqa": True}
-            else:  # SDPA's masked fused kernels take no GQA: share the kv heads by copying instead
-                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        # cuDNN's SDPA builds a plan for every new shape, and decoding changes S every step: on an
-        # H200 that made an eager P > 1 decode step ~7 ms instead of ~4.5, so cached calls skip cuDNN
-        with sdpa_kernel(DECODE_BACKENDS) if cache is not None else nullcontext():
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),  # S == T: plain causal, flash-eligible
-                dropout_p=self.attn_dropout if self.training else 0.0, **gqa)
-        y = y.transpose(1, 2).contiguous().view(R, T, C)
+        mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T) if S > T > 1 else None
+        with sdpa_kernel(DECODE_BACKENDS) if cache is not None else nullcontext():  # no cuDNN: a new plan per S
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(S == T > 1),
+                                               dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(R, T, C)  # (R, T, C), heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -197,9 +159,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None):
@@ -210,7 +172,7 @@ class Block(nn.Module):
 
 class Aggregator(nn.Module):
     """
-    ParScale's output aggregation (PARSCALE.md section 1.3): for every position, concatenate the
+    ParScale's output aggregation (arXiv 2505.10475, section 2): for every position, concatenate the
     P streams' final hidden states, (B, T, P*C) -> Linear -> SiLU -> Linear -> softmax over P in
     float32 -> label smoothing -> weighted sum of the P hidden states, (B, T, C).
     Both Linears have biases: that is what the paper's parameter counts imply.
@@ -244,7 +206,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         if config.n_streams > 1:
             self.aggregator = Aggregator(config)
@@ -284,21 +246,21 @@ class GPT(nn.Module):
     @staticmethod
     def is_parscale_param(name):
         """The parameters ParScale adds: per-layer prefixes and the aggregator."""
-        return ".prefix_" in name or name.startswith("aggregator.")
+        return is_prefix_param(name) or name.startswith("aggregator.")
 
     def param_report(self):
         """Parameter counts by role. 'non_embedding' is the N of the scaling law (ParScale's own included)."""
         r = dict(embedding=0, backbone=0, prefixes=0, aggregator=0)
         for name, p in self.named_parameters():  # tied lm_head/wte counted once, as embedding
             key = ("embedding" if name.startswith(("transformer.wte", "transformer.wpe")) else
-                   "prefixes" if ".prefix_" in name else "aggregator" if name.startswith("aggregator.") else "backbone")
+                   "prefixes" if is_prefix_param(name) else "aggregator" if name.startswith("aggregator.") else "backbone")
             r[key] += p.numel()
         r["non_embedding"] = r["backbone"] + r["prefixes"] + r["aggregator"]
         r["total"] = r["non_embedding"] + r["embedding"]
         return r
 
-    def hidden(self, idx, cache=None):
-        """Token ids (B, T) -> final hidden states (B, T, C), streams already aggregated."""
+    def stream_hidden(self, idx, cache=None):
+        """Token ids (B, T) -> every stream's final hidden states after ln_f, (P*B, T, C), stream-major."""
         B, T = idx.size()
         pos0 = cache.pos if cache is not None else 0
         if pos0 + T > self.config.block_size:
@@ -309,12 +271,14 @@ class GPT(nn.Module):
             x = x.repeat(self.config.n_streams, 1, 1)  # (P*B, T, C): every stream sees the same input
         for block in self.transformer.h:
             x = block(x, cache)
-        x = self.transformer.ln_f(x)
-        if self.config.n_streams > 1:
-            x = self.aggregator(x)  # (P*B, T, C) -> (B, T, C): the LM head runs on B rows, not P*B
         if cache is not None:
             cache.pos += T
-        return x
+        return self.transformer.ln_f(x)
+
+    def hidden(self, idx, cache=None):
+        """Token ids (B, T) -> final hidden states (B, T, C), the P streams mixed by the aggregator."""
+        x = self.stream_hidden(idx, cache)
+        return self.aggregator(x) if self.config.n_streams > 1 else x  # the LM head then runs on B rows, not P*B
 
     def forward(self, idx, targets=None, cache=None):
         x = self.hidden(idx, cache)
@@ -328,8 +292,8 @@ class GPT(nn.Module):
         """AdamW; matrices and embeddings decay. Biases, norms and prefixes don't: decaying the
         prefixes would pull every stream's prefix toward zero, i.e. toward each other."""
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        decay = [p for n, p in params if p.dim() >= 2 and ".prefix_" not in n]
-        no_decay = [p for n, p in params if p.dim() < 2 or ".prefix_" in n]
+        decay = [p for n, p in params if p.dim() >= 2 and not is_prefix_param(n)]
+        no_decay = [p for n, p in params if p.dim() < 2 or is_prefix_param(n)]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = {"fused": True} if device_type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
@@ -364,6 +328,31 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -self.config.block_size:])
             idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
+
+
+class KVCache:
+    """
+    Preallocated keys and values of the real tokens, for incremental decoding; one buffer for all
+    layers, k, v: (n_layer, P*B, n_kv_head, block_size, head_dim). The prefix is not stored here:
+    CausalSelfAttention.keys_values puts it in front at every call, so it exists once per stream
+    (the fused decoder reads it the same way). `pos` counts the tokens cached so far; it is also the
+    next token's position.
+    """
+
+    def __init__(self, model, batch_size, device=None, dtype=None):
+        cfg = model.config
+        p = next(model.parameters())
+        shape = (cfg.n_layer, cfg.n_streams * batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = 0
+
+    def append(self, layer, k, v):
+        """Store k, v (P*B, n_kv_head, T, hd) after what is cached; return all cached so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 # dense bf16 peak FLOP/s from the vendors' datasheets, for MFU; matched against the device name
@@ -413,13 +402,7 @@ def save_checkpoint(ckpt, out_dir, name="ckpt.pt"):
 def clean_state_dict(state_dict):
     """Accept nanoGPT's checkpoints as they are: drop the `_orig_mod.` prefix torch.compile adds
     and the causal-mask buffers (`attn.bias`) that nanoGPT saves when flash attention is off."""
-    out = {}
-    for k, v in state_dict.items():
-        k = k.removeprefix("_orig_mod.")
-        if k.endswith(".attn.bias") and v.dim() == 4:
-            continue
-        out[k] = v
-    return out
+    return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
 
 
 def model_from_checkpoint(ckpt, **overrides):
@@ -434,7 +417,7 @@ def model_from_checkpoint(ckpt, **overrides):
 
 def convert_to_streams(model, n_streams, **parscale_args):
     """
-    Two-stage ParScale (PARSCALE.md section 2): a P-stream model whose backbone is a copy of a
+    Two-stage ParScale (arXiv 2505.10475, section 4): a P-stream model whose backbone is a copy of a
     trained P=1 model's, with fresh prefixes and aggregator. parscale_args may set n_prefix,
     agg_smoothing, prefix_init_std.
     """
@@ -452,7 +435,7 @@ def convert_to_streams(model, n_streams, **parscale_args):
 @torch.no_grad()
 def prefixes_from_kv(model, snippets):
     """
-    Prefix init for the two-stage recipe, measured in PARSCALE.md section 6 and scripts/scaling.py:
+    Prefix init for the two-stage recipe (our own; the paper leaves it open), measured in the README's Results:
     stream s's prefix becomes the backbone's own keys and values on snippets[s], (P, n_prefix) token
     ids from the training data. Each stream then starts as the trained model reading a short real
     context, not random vectors, and conversion no longer makes the loss jump.
@@ -482,7 +465,7 @@ def backbone_fingerprint(model):
 
 def streams_state(model):
     """
-    Dynamic parallel scaling (PARSCALE.md section 2): with a frozen backbone, all that a given P
+    Dynamic parallel scaling (arXiv 2505.10475, section 4): with a frozen backbone, all that a given P
     adds is its prefixes and aggregator. This is that small set, as a checkpoint-like dict.
     """
     return dict(kind="streams", model_args=asdict(model.config), backbone=backbone_fingerprint(model),
@@ -503,7 +486,7 @@ def attach_streams(backbone, streams):
 
 
 def freeze_backbone(model):
-    """Train only the prefixes and the aggregator ("dynamic parallel scaling", PARSCALE.md section 2)."""
+    """Train only the prefixes and the aggregator ("dynamic parallel scaling", arXiv 2505.10475, section 4)."""
     if model.config.n_streams == 1:
         raise ValueError("freeze_backbone needs n_streams > 1: with one stream nothing would train")
     for name, p in model.named_parameters():

@@ -1,24 +1,40 @@
 """
-The fused GPU decode path for ParScale: hand-written CUDA kernels (kernels/*.cu), built at first use
-with NVRTC through PyTorch, a static KV cache, and CUDA-graph replay of the whole decode step.
+The fused GPU decode path for ParScale: hand-written CUDA kernels (kernels/*.cu) for the single-token
+decode step, built at first use with NVRTC through PyTorch, and CUDA-graph replay of the whole step.
+Everything else runs through model.py itself, so there is one model, not two:
 
-    from kernels.fused import FusedDecoder, fused_status
-    ok, reason = fused_status(device)               # never raises
-    dec = FusedDecoder(model, batch_size, dtype=torch.bfloat16, cuda_graph=True)
+    from kernels.fused import fused_decoder_for
+    dec, why = fused_decoder_for(model, batch_size, dtype, max_len)   # never raises; dec is None if refused
     logits = dec.prefill(idx)                       # (B, T) -> last-position logits (B, vocab) float32
     logits = dec.decode_step(tok)                   # (B, 1) -> (B, vocab) float32
     out = dec.generate(idx, max_new_tokens, temperature=1.0, top_k=None)
 
-Build. torch.cuda._compile_kernel (a PRIVATE PyTorch API: NVRTC, ~0.4 s, no CUDA toolkit needed,
-ships in the pip wheel) compiles one program per (dtype, head_dim): a #define preamble plus
-common.cuh and every .cu file, concatenated (NVRTC gets no #include of our own files and no CUDA
-headers, so bf16 is handled as raw bits, see common.cuh). Kernels are launched by our own
-cuLaunchKernel call through ctypes, with every argument marshalled to an explicit C type from the
-signature table SIGNATURES below (torch's own launcher turns a Python float into a C double,
-which is what broke float arguments in an earlier test), on torch's current stream, so the launches
-are recorded by CUDA-graph capture. Tensor arguments are checked for device and dtype at every launch.
+What runs where:
+  prefill           model.py's own forward (model(idx, cache=...)) fills a model.KVCache
+  decode step       the kernels below, reading the same KVCache (real tokens only) and each layer's
+                    (P, n_kv_head, n_prefix, hd) prefix parameter in place: the prefix exists once per stream
+  aggregation       the model's own Aggregator module, called on the kernels' final hidden states
+Before a decoder is made, two checks decide whether the kernels can stand in for model.py:
+  known_structure   every parameter has the name and shape the kernels assume, every module is of a
+                    type they know, no forward is replaced on an instance;
+  self_check        a small fp32 instance of the same classes and config (at most 2 layers, weights from
+                    a local torch.Generator, so the caller's seeded sampling does not move) decodes a short
+                    random prompt on both paths; the logits must agree to 2e-4. The result is cached per
+                    config and per version of the classes' code.
+A refusal is a reason string ("fused decode disagrees with model.py by 1.3 at step 2"); sample.py and
+bench.py print it and decode on the reference path.
 
-Design of one decode step (R = P*B rows, one token each; rows stream-major, r = s*B + b):
+Build. torch.cuda._compile_kernel (a PRIVATE PyTorch API: NVRTC, no nvcc needed) compiles one program per
+(dtype, head_dim): a #define preamble plus common.cuh and every .cu file, concatenated (NVRTC gets no
+#include of our own files and no CUDA headers, so bf16 is handled as raw bits, see common.cuh). With
+torch 2.13 it also calls torch's CUDA include-path lookup, which raises when CUDA_HOME is unset: on a
+machine with a pip-only torch and no CUDA toolkit the build fails, and the path reports that and stays off.
+Kernels are launched by our own cuLaunchKernel call through ctypes, with every argument marshalled to an
+explicit C type from the signature table SIGNATURES below (torch's own launcher turns a Python float into
+a C double), on torch's current stream, so the launches are recorded by CUDA-graph capture. Tensor
+arguments are checked for device and dtype at every launch.
+
+One decode step (R = P*B rows, one token each; rows stream-major, r = s*B + b):
   embed                      x = wte[tok] + wpe[pos] -> fp32 residual (R, C); pos read from device memory
   per layer, R <= RMAX (8):  5 launches
     gemv_ln_store            qkv = LN1(x) @ Wqkv^T + b      (LayerNorm recomputed per block, in smem)
@@ -27,25 +43,16 @@ Design of one decode step (R = P*B rows, one token each; rows stream-major, r = 
     gemv_add                 x += y @ Wo^T + b
     gemv_ln_gelu             f = GELU(LN2(x) @ Wfc^T + b)
     gemv_add                 x += f @ Wp^T + b
-  per layer, R > RMAX:       layernorm kernel + cuBLAS (torch addmm/F.linear) + F.gelu + attn_decode: 9 launches
-  tail                       layernorm (ln_f); P > 1: gather + 2 small Linears + SiLU (torch) + agg_mix;
-                             LM head: gemv_f32 (B <= RMAX, fp32 logits directly) or cuBLAS + .float();
-                             pos += 1
-GPT-2-small shape, B = 1: ~66 launches at P = 1, ~71 at P > 1. In a replayed CUDA graph a small launch
-costs ~2.5 us on the H200, so launch overhead alone is ~165-180 us: the 150 us target is not reached by
-this design; the HBM floor is ~59 us (PARSCALE.md 5). Eager (no graph) adds ~10 us of Python + launch
-per kernel.
-
-Bytes per step (bandwidth floor): every weight once (GPT-2-small bf16: 124M params -> ~248 MB incl.
-the 77 MB LM head) + KV read: L * R * Hkv * (n_pre_read + ctx) * hd * 2 (k and v) * 2 bytes, where the
-prefix is read once per row from the shared (P, Hkv, n_prefix, hd) tensor (L2 catches the reuse across
-the B rows of a stream).
+  per layer, R > RMAX:       layernorm kernel + cuBLAS (torch addmm/F.linear) + F.gelu + attn_decode
+  tail                       layernorm (ln_f); P > 1: model.aggregator (torch ops); LM head: gemv_f32
+                             (B <= RMAX, fp32 logits directly) or cuBLAS + .float(); pos += 1
 Residual stream and all reductions are fp32; weights, activations between kernels and the cache use
-the decoder's dtype (bf16 or fp32). Prefill runs on torch ops (SDPA with the prefix concatenated and one
-shared (T, n_prefix + T) mask) and fills the static cache.
+the decoder's dtype (bf16 or fp32). README, "The fused GPU decode path", has the measured times.
 """
 
+import copy
 import ctypes
+import dataclasses
 import math
 import os
 import re
@@ -54,12 +61,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import sample_next
+from model import GPT, MLP, Block, CausalSelfAttention, KVCache, UserError, sample_next
 
 KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["common.cuh", "norm.cu", "gemv.cu", "attention.cu", "aggregate.cu"]  # concatenated in this order
+SOURCES = ["common.cuh", "norm.cu", "gemv.cu", "attention.cu"]  # concatenated in this order
 RMAX = 8  # most rows the GEMV kernels take (accumulators in registers); cuBLAS above
 GEMV_SMEM_LIMIT = 48 * 1024  # the LayerNorm prologue stages R * C floats; more needs an opt-in we avoid
+CHECK_TOL = 2e-4  # self-check: fp32 logits of both paths must agree to this (absolute and relative)
 ATT_MAX_SPLITS = 64
 DTYPES = {torch.bfloat16: "ELEM_BF16", torch.float32: "ELEM_F32"}
 
@@ -74,7 +82,6 @@ SIGNATURES = {
     "gemv_add": "eeeFiii",
     "gemv_f32": "eeFiii",
     "attn_decode": "eeeeeIFUeiiiiiif",
-    "agg_mix": "eeeiiiff",
 }
 _TENSOR_DTYPES = {"F": torch.float32, "I": torch.int32, "L": torch.int64, "U": torch.int32}
 
@@ -201,6 +208,123 @@ def fused_status(device=None):
         return _report(False, f"kernel build failed: {type(e).__name__}: {e}")
 
 
+# ------------------------------------------------------------------------------------------------
+# Can the kernels stand in for model.py? A structural check, then a numerical one.
+
+def expected_shapes(cfg):
+    """{state_dict name: shape} of exactly the tensors the kernels read (the aggregator is called, not read)."""
+    C, V, L, qkv = cfg.n_embd, cfg.vocab_size, cfg.n_layer, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    linears = {"attn.c_attn": (qkv, C), "attn.c_proj": (C, C), "mlp.c_fc": (4 * C, C), "mlp.c_proj": (C, 4 * C)}
+    out = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (cfg.block_size, C), "lm_head.weight": (V, C),
+           "transformer.ln_f.weight": (C,)}
+    if cfg.bias:
+        out["transformer.ln_f.bias"] = (C,)
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out.update({p + ln + ".weight": (C,), **({p + ln + ".bias": (C,)} if cfg.bias else {})})
+        for name, shape in linears.items():
+            out.update({p + name + ".weight": shape, **({p + name + ".bias": shape[:1]} if cfg.bias else {})})
+        if cfg.n_streams > 1:
+            out[p + "attn.prefix_k"] = out[p + "attn.prefix_v"] = (cfg.n_streams, cfg.n_kv_head, cfg.n_prefix, cfg.head_dim)
+    return out
+
+
+KNOWN_MODULES = (GPT, Block, CausalSelfAttention, MLP, torch.nn.LayerNorm, torch.nn.ModuleDict, torch.nn.ModuleList,
+                 torch.nn.Embedding, torch.nn.Linear, torch.nn.Dropout, torch.nn.GELU)
+
+
+def known_structure(model):
+    """'' when the kernels know every tensor and module of `model` (outside its aggregator), else why not."""
+    cfg = model.config
+    want, have = expected_shapes(cfg), {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, shape in have.items():
+        if name.startswith("aggregator."):
+            continue  # the aggregator runs as the model's own module
+        if name not in want:
+            return f"the model has {name}, which the fused kernels do not know"
+        if shape != want[name]:
+            return f"{name} has shape {shape}, the fused kernels expect {want[name]}"
+    missing = [n for n in want if n not in have]
+    if missing:
+        return f"the fused kernels need {missing[0]}, which the model lacks"
+    if model.lm_head.weight is not model.transformer.wte.weight:
+        return "lm_head is not tied to transformer.wte, as the kernels assume"
+    for name, m in model.named_modules():
+        if name == "aggregator" or name.startswith("aggregator."):
+            continue
+        if type(m) not in KNOWN_MODULES:
+            return f"module {name} is a {type(m).__name__}, which the fused kernels do not know"
+        if "forward" in vars(m):
+            return f"the forward of module {name or 'model'} was replaced on the instance"
+        if isinstance(m, torch.nn.GELU) and m.approximate != "none":
+            return f"module {name} is GELU(approximate={m.approximate!r}); the kernels compute the erf form"
+    return ""
+
+
+def _code_version(model):
+    """Identifies the code of the model's classes: a monkeypatched or edited method gives a new value."""
+    classes = sorted({c for m in model.modules() for c in type(m).__mro__ if c.__module__ != "builtins"}, key=str)
+    return tuple((c.__qualname__, name, id(f)) for c in classes for name, f in vars(c).items() if callable(f))
+
+
+def _check_weights(model, gen):
+    """Unit-scale random weights from a local generator: every path through the kernels carries signal."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = torch.randn(p.shape, generator=gen)
+            if p.dim() == 2:  # Linear weights, embeddings: N(0, 1/fan_in)
+                x = x * p.size(1) ** -0.5
+            elif p.dim() == 1:  # norm weights around 1, biases around 0
+                x = x * 0.2 + (1.0 if name.endswith("weight") else 0.0)
+            p.copy_(x)  # prefixes (4-D): N(0, 1)
+
+
+_SELF_CHECKS = {}
+
+
+def self_check(model, batch_size, attn_splits=None, steps=3):
+    """
+    (True, what was checked) or (False, why not): decode a short random prompt with the fused kernels
+    and with model.py on a small fp32 instance of the same classes and config, and compare the logits.
+    Never raises, and leaves the global torch RNG as it found it.
+    """
+    cfg, device = model.config, next(model.parameters()).device
+    small_cfg = dataclasses.replace(cfg, n_layer=min(cfg.n_layer, 2), dropout=0.0)
+    B = batch_size if cfg.n_streams * batch_size <= RMAX else _cdiv(RMAX + 1, cfg.n_streams)  # same GEMV path
+    key = (type(model), dataclasses.astuple(small_cfg), B, str(device), attn_splits, _code_version(model))
+    if key in _SELF_CHECKS:
+        return _SELF_CHECKS[key]
+    gen = torch.Generator().manual_seed(1234)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False  # the reference must be true fp32
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            small = type(model)(small_cfg).to(device).eval()
+            _check_weights(small, gen)
+            T0 = max(1, min(5, cfg.block_size - steps))
+            tokens = torch.randint(0, cfg.vocab_size, (B, T0 + steps), generator=gen).to(device)
+            dec = FusedDecoder(small, B, dtype=torch.float32, cuda_graph=False, attn_splits=attn_splits, check=False)
+            dec.prefill(tokens[:, :T0])
+            cache = KVCache(small, B)
+            small(tokens[:, :T0], cache=cache)
+            result = (True, f"self-check passed: fused decode = model.py to {CHECK_TOL:g} over {steps} steps")
+            for i in range(min(steps, cfg.block_size - T0)):
+                tok = tokens[:, T0 + i:T0 + i + 1]
+                ref = small(tok, cache=cache)[0][:, -1].float()
+                got = dec.decode_step(tok)
+                if not torch.allclose(got, ref, atol=CHECK_TOL, rtol=CHECK_TOL):
+                    diff = (got - ref).abs().max().item()
+                    result = (False, f"fused decode disagrees with model.py by {diff:.3g} at step {i}")
+                    break
+    except Exception as e:  # a model the kernels cannot even run is refused, not crashed on
+        result = (False, f"fused self-check failed: {type(e).__name__}: {e}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    _SELF_CHECKS[key] = result
+    return result
+
+
 def fused_decoder_for(model, batch_size, dtype, max_len, cuda_graph=True):
     """(FusedDecoder, why) when the fused path can decode `model` for batch_size rows up to max_len
     tokens, else (None, why it is not used). Never raises: sample.py and bench.py print `why`."""
@@ -213,7 +337,11 @@ def fused_decoder_for(model, batch_size, dtype, max_len, cuda_graph=True):
         ok, why = False, f"prompt + new tokens exceed block_size {model.config.block_size}"
     if not ok:
         return None, why
-    return FusedDecoder(model, batch_size, dtype=dtype, cuda_graph=cuda_graph), why
+    try:
+        dec = FusedDecoder(model, batch_size, dtype=dtype, cuda_graph=cuda_graph)
+    except UserError as e:  # refused by known_structure or self_check
+        return None, str(e)
+    return dec, f"{why}; {dec.checked}"
 
 
 def _cdiv(a, b):
@@ -222,8 +350,9 @@ def _cdiv(a, b):
 
 class FusedDecoder:
     """
-    Static-cache, fused-kernel decoder for a model.GPT. Keeps its own dtype-cast copies of the weights;
-    the model is not modified (changes to it after construction are not seen).
+    Fused-kernel decoder for a model.GPT. Uses the model's own tensors when they are already in `dtype`
+    (a copy of the model otherwise). Raises UserError if known_structure or self_check refuses the model
+    (check=False skips self_check: the self-check itself uses that).
     attn_splits: force the number of flash-decoding splits (tests); None picks ~2 blocks per SM.
     """
 
@@ -237,13 +366,13 @@ class FusedDecoder:
         if config.n_embd % 8 != 0:
             return False, f"n_embd {config.n_embd} must be a multiple of 8 (16-byte vector loads)"
         if config.n_streams > 8:
-            return False, f"n_streams {config.n_streams} > 8 (agg_mix holds at most 8 weights)"
+            return False, f"n_streams {config.n_streams} > 8 was never run on a GPU"
         if batch_size < 1:
             return False, f"batch_size must be >= 1, got {batch_size}"
         return True, ""
 
     @torch.no_grad()
-    def __init__(self, model, batch_size, dtype=torch.bfloat16, cuda_graph=True, attn_splits=None):
+    def __init__(self, model, batch_size, dtype=torch.bfloat16, cuda_graph=True, attn_splits=None, check=True):
         cfg = model.config
         device = next(model.parameters()).device
         ok, why = fused_status(device)
@@ -252,63 +381,61 @@ class FusedDecoder:
         ok, why = self.supports(cfg, batch_size, dtype)
         if not ok:
             raise ValueError(f"FusedDecoder: {why}")
+        problem, self.checked = known_structure(model), "self-check skipped"
+        if not problem and check:
+            ok, self.checked = self_check(model, batch_size, attn_splits)
+            problem = "" if ok else self.checked
+        if problem:
+            raise UserError(problem)
+        if next(model.parameters()).dtype != dtype:
+            model = copy.deepcopy(model).to(dtype)  # prefill and the aggregator run in the decoder's dtype
+        self.model = model.eval()
         self.config, self.device, self.dtype, self.cuda_graph = cfg, device, dtype, cuda_graph
         self.k = build(dtype, cfg.head_dim, device)
         P, B, C, L = cfg.n_streams, batch_size, cfg.n_embd, cfg.n_layer
         H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.P, self.B, self.R, self.C, self.L, self.H, self.Hkv, self.hd = P, B, P * B, C, L, H, Hkv, hd
-        self.n_pre, self.Tmax = cfg.n_prefix_slots, cfg.block_size
+        self.n_prefix, self.Tmax = cfg.n_prefix_slots, cfg.block_size
         self.n_qkv = (H + 2 * Hkv) * hd
 
-        def w(t):  # a dtype-cast, contiguous copy on the model's device
-            return t.detach().to(device=device, dtype=dtype).contiguous()
+        sd = model.state_dict()  # the names and shapes known_structure checked; no copies when already in dtype
+        zeros = torch.zeros(C, device=device, dtype=dtype)
 
-        def f32(t):
-            return t.detach().to(device=device, dtype=torch.float32).contiguous()
+        def w(name, default=None):
+            return sd[name].contiguous() if name in sd else default
 
-        def bias(lin):
-            return w(lin.bias) if lin.bias is not None else torch.zeros(lin.out_features, device=device, dtype=dtype)
+        def ln(name):  # LayerNorm weight and bias in fp32 (the kernels normalise the fp32 residual)
+            return w(name + ".weight").float(), w(name + ".bias", zeros).float()
 
-        def ln(m):
-            return f32(m.weight), (f32(m.bias) if m.bias is not None else torch.zeros(C, device=device))
-
-        tr = model.transformer
-        self.wte, self.wpe = w(tr.wte.weight), w(tr.wpe.weight)
-        self.w_lm = self.wte if model.lm_head.weight is tr.wte.weight else w(model.lm_head.weight)
+        self.wte, self.wpe = w("transformer.wte.weight"), w("transformer.wpe.weight")
         self.layers = []
-        for blk in tr.h:
-            a, m = blk.attn, blk.mlp
+        for i in range(L):
+            p = f"transformer.h.{i}."
             self.layers.append(dict(
-                ln1=ln(blk.ln_1), ln2=ln(blk.ln_2),
-                w_qkv=w(a.c_attn.weight), b_qkv=bias(a.c_attn), w_o=w(a.c_proj.weight), b_o=bias(a.c_proj),
-                w_fc=w(m.c_fc.weight), b_fc=bias(m.c_fc), w_p=w(m.c_proj.weight), b_p=bias(m.c_proj),
-                # (P, Hkv, n_prefix, hd), shared by the B rows of each stream; a dummy when P = 1
-                pk=w(a.prefix_k) if P > 1 else torch.zeros(1, device=device, dtype=dtype),
-                pv=w(a.prefix_v) if P > 1 else torch.zeros(1, device=device, dtype=dtype),
+                ln1=ln(p + "ln_1"), ln2=ln(p + "ln_2"),
+                w_qkv=w(p + "attn.c_attn.weight"), b_qkv=w(p + "attn.c_attn.bias", torch.zeros(self.n_qkv, device=device, dtype=dtype)),
+                w_o=w(p + "attn.c_proj.weight"), b_o=w(p + "attn.c_proj.bias", zeros),
+                w_fc=w(p + "mlp.c_fc.weight"), b_fc=w(p + "mlp.c_fc.bias", torch.zeros(4 * C, device=device, dtype=dtype)),
+                w_p=w(p + "mlp.c_proj.weight"), b_p=w(p + "mlp.c_proj.bias", zeros),
+                # (P, Hkv, n_prefix, hd): the model's own prefix, shared by the B rows of each stream; a dummy at P = 1
+                pk=w(p + "attn.prefix_k", zeros), pv=w(p + "attn.prefix_v", zeros),
             ))
-        self.ln_f = ln(tr.ln_f)
-        if P > 1:
-            ag = model.aggregator
-            self.w_in, self.b_in = w(ag.proj_in.weight), w(ag.proj_in.bias)
-            self.w_out, self.b_out = w(ag.proj_out.weight), w(ag.proj_out.bias)
-            self.keep, self.floor = 1.0 - ag.eps, ag.eps / P  # in double, then rounded to float at launch
+        self.ln_f = ln("transformer.ln_f")
 
         # static state: every pointer baked into the CUDA graph lives here
         R, V = self.R, cfg.vocab_size
         kw = dict(device=device, dtype=dtype)
-        self.cache_k = torch.zeros(L, R, Hkv, self.Tmax, hd, **kw)  # real tokens only; the prefix stays separate
-        self.cache_v = torch.zeros(L, R, Hkv, self.Tmax, hd, **kw)
-        self.pos = torch.zeros(1, device=device, dtype=torch.int32)  # real tokens cached = next position
+        self.cache = KVCache(model, B, dtype=dtype)  # model.py's own cache: (L, R, Hkv, block_size, hd), real tokens only
+        self.pos = torch.zeros(1, device=device, dtype=torch.int32)  # = cache.pos, on the device for graph replay
         self.tok = torch.zeros(B, device=device, dtype=torch.long)
         self.x = torch.zeros(R, C, device=device)  # fp32 residual stream
         self.h = torch.empty(R, C, **kw)
         self.qkv = torch.empty(R, self.n_qkv, **kw)
         self.y = torch.empty(R, C, **kw)
         self.f = torch.empty(R, 4 * C, **kw)
-        self.mixed = torch.empty(B, C, **kw)
         self.logits = torch.empty(B, V, device=device)
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-        auto = max(1, min(_cdiv(2 * sms, R * H), _cdiv(self.n_pre + self.Tmax, 32), ATT_MAX_SPLITS))
+        auto = max(1, min(_cdiv(2 * sms, R * H), _cdiv(self.n_prefix + self.Tmax, 32), ATT_MAX_SPLITS))
         self.n_split = attn_splits or auto
         self.part = torch.empty(R, H, self.n_split, hd + 2, device=device)
         self.counters = torch.zeros(R, H, device=device, dtype=torch.int32)
@@ -316,28 +443,26 @@ class FusedDecoder:
         self.gemv_rows = R <= RMAX and R * C * 4 <= GEMV_SMEM_LIMIT  # hand GEMV layers, else cuBLAS
         self.gemv_head = B <= RMAX
         self.n_cached, self.graph, self.graph_logits = 0, None, None
-        _say(f"FusedDecoder: P={P} B={B} rows={R} {str(dtype).removeprefix('torch.')}, layers on "
-             f"{'hand GEMV kernels' if self.gemv_rows else f'cuBLAS (rows {R} > {RMAX} or LayerNorm smem too big)'}, "
-             f"LM head on {'gemv_f32' if self.gemv_head else 'cuBLAS'}, {self.n_split} attention split(s), "
-             f"CUDA graph {'ON' if cuda_graph else 'OFF'}")
+        if check:
+            _say(f"FusedDecoder: P={P} B={B} rows={R} {str(dtype).removeprefix('torch.')}, layers on "
+                 f"{'hand GEMV kernels' if self.gemv_rows else f'cuBLAS (rows {R} > {RMAX} or LayerNorm smem too big)'}, "
+                 f"LM head on {'gemv_f32' if self.gemv_head else 'cuBLAS'}, {self.n_split} attention split(s), "
+                 f"CUDA graph {'ON' if cuda_graph else 'OFF'}")
 
     # ---------------------------------------------------------------- one decode step (graph-capturable)
 
     def _head(self):
-        """x (R, C) fp32 -> logits (B, V) fp32: ln_f, aggregation (P > 1), LM head. No host sync."""
+        """x (R, C) fp32 -> logits (B, V) fp32: ln_f, the model's aggregator (P > 1), LM head. No host sync."""
         k, P, B, R, C = self.k, self.P, self.B, self.R, self.C
         k.layernorm((_cdiv(R, 8),), 256, self.x, *self.ln_f, self.h, R, C)
         last = self.h
-        if P > 1:
-            per_pos = self.h.view(P, B, C).transpose(0, 1).reshape(B, P * C)  # (B, P*C), as Aggregator
-            z = F.linear(F.silu(F.linear(per_pos, self.w_in, self.b_in)), self.w_out, self.b_out)  # (B, P)
-            k.agg_mix((_cdiv(C, 256), B), 256, z, self.h, self.mixed, B, P, C, self.keep, self.floor)
-            last = self.mixed
+        if P > 1:  # the model's own module: a changed aggregator is followed, not re-derived
+            last = self.model.aggregator(self.h.view(R, 1, C)).reshape(B, C).to(self.dtype).contiguous()
         if self.gemv_head:
             V = self.logits.size(1)
-            k.gemv_f32((_cdiv(V, 8),), 256, last, self.w_lm, self.logits, B, V, C)
+            k.gemv_f32((_cdiv(V, 8),), 256, last, self.wte, self.logits, B, V, C)  # tied: lm_head is wte
             return self.logits
-        return F.linear(last, self.w_lm).float()
+        return F.linear(last, self.wte).float()
 
     def _step(self):
         """One token for every row: reads self.tok and self.pos, appends to the cache, pos += 1."""
@@ -350,8 +475,8 @@ class FusedDecoder:
             else:
                 k.layernorm((_cdiv(R, 8),), 256, self.x, *ly["ln1"], self.h, R, C)
                 torch.addmm(ly["b_qkv"], self.h, ly["w_qkv"].t(), out=self.qkv)
-            k.attn_decode((self.n_split, self.H, R), 128, self.qkv, ly["pk"], ly["pv"], self.cache_k[li], self.cache_v[li],
-                          self.pos, self.part, self.counters, self.y, B, self.H, self.Hkv, self.n_pre, self.Tmax,
+            k.attn_decode((self.n_split, self.H, R), 128, self.qkv, ly["pk"], ly["pv"], self.cache.k[li], self.cache.v[li],
+                          self.pos, self.part, self.counters, self.y, B, self.H, self.Hkv, self.n_prefix, self.Tmax,
                           self.n_split, self.scale)
             if self.gemv_rows:
                 k.gemv_add((_cdiv(C, 8),), 256, self.y, ly["w_o"], ly["b_o"], self.x, R, C, C)
@@ -372,7 +497,7 @@ class FusedDecoder:
     def reset(self):
         """Forget the cached tokens (the buffers and the CUDA graph stay valid)."""
         self.pos.zero_()
-        self.n_cached = 0
+        self.cache.pos = self.n_cached = 0
 
     def _check_tokens(self, idx, what):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
@@ -384,37 +509,16 @@ class FusedDecoder:
 
     @torch.no_grad()
     def prefill(self, idx):
-        """Reset, run the prompt idx (B, T) through torch ops (SDPA), fill the cache; last logits (B, V) fp32."""
+        """Reset, run the prompt idx (B, T) through model.py itself into the cache; last logits (B, V) fp32."""
         self._check_tokens(idx, "prefill")
         T = idx.size(1)
         if not 1 <= T <= self.Tmax:
             raise ValueError(f"prefill: prompt length {T} must be in [1, block_size={self.Tmax}]")
         self.reset()
-        P, B, R, C, H, Hkv, hd, n_pre = self.P, self.B, self.R, self.C, self.H, self.Hkv, self.hd, self.n_pre
-        x = F.embedding(idx, self.wte).float() + self.wpe[:T].float()  # (B, T, C), once for all streams
-        x = x.repeat(P, 1, 1)  # (R, T, C), stream-major
-        # prefix slots visible to every query, causal among the T real tokens: one (T, n_pre + T) mask for all rows
-        mask = torch.ones(T, n_pre + T, dtype=torch.bool, device=self.device).tril(diagonal=n_pre) if n_pre else None
-        gqa = {"enable_gqa": True} if Hkv != H else {}
-        for li, ly in enumerate(self.layers):
-            h = F.layer_norm(x, (C,), *ly["ln1"], 1e-5).to(self.dtype)
-            q, k, v = F.linear(h, ly["w_qkv"], ly["b_qkv"]).split([H * hd, Hkv * hd, Hkv * hd], dim=2)
-            q = q.view(R, T, H, hd).transpose(1, 2)  # (R, H, T, hd)
-            k = k.view(R, T, Hkv, hd).transpose(1, 2)  # (R, Hkv, T, hd)
-            v = v.view(R, T, Hkv, hd).transpose(1, 2)
-            self.cache_k[li, :, :, :T] = k
-            self.cache_v[li, :, :, :T] = v
-            if n_pre:
-                k = torch.cat([ly["pk"].repeat_interleave(B, dim=0), k], dim=2)  # (R, Hkv, n_pre + T, hd)
-                v = torch.cat([ly["pv"].repeat_interleave(B, dim=0), v], dim=2)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
-            x = x + F.linear(y.transpose(1, 2).reshape(R, T, C), ly["w_o"], ly["b_o"]).float()
-            h = F.layer_norm(x, (C,), *ly["ln2"], 1e-5).to(self.dtype)
-            x = x + F.linear(F.gelu(F.linear(h, ly["w_fc"], ly["b_fc"])), ly["w_p"], ly["b_p"]).float()
-        self.x.copy_(x[:, -1])
+        logits, _ = self.model(idx, cache=self.cache)  # (B, 1, V); cache.pos becomes T
         self.pos.fill_(T)
         self.n_cached = T
-        return self._head().clone()
+        return logits[:, -1].float()
 
     @torch.no_grad()
     def decode_step(self, tok):
@@ -427,6 +531,7 @@ class FusedDecoder:
         if self.n_cached + 1 > self.Tmax:
             raise ValueError(f"decode_step: {self.n_cached + 1} tokens exceed block_size {self.Tmax}")
         self.tok.copy_(tok.view(-1))
+        self.cache.pos += 1  # host-side twin of self.pos: the cache stays usable by model.py
         if not self.cuda_graph:
             logits = self._step()
         elif self.graph is None:

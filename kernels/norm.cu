@@ -1,7 +1,7 @@
 // norm.cu: the token embedding and the stand-alone LayerNorm of the decode step.
 
 // embed: x[r, c] = wte[tok[r % B], c] + wpe[*pos, c] in fp32, for all R = P*B rows (stream-major:
-// every stream gets the same input row, PARSCALE.md 1.1). The position comes from device memory,
+// every stream gets the same input row, arXiv 2505.10475 section 2). The position comes from device memory,
 // so one captured CUDA graph serves every decode step.
 // Launch: grid (ceil(C / 256), R), block 256. Limits: token ids must be < vocab (not checked).
 extern "C" __global__ void __launch_bounds__(256) embed(

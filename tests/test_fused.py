@@ -27,7 +27,7 @@ from util import ROOT, assert_close, tiny_config
 
 from kernels import fused
 from kernels.fused import FusedDecoder, fused_status
-from model import GPT, KVCache, Aggregator
+from model import GPT, KVCache
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -92,8 +92,10 @@ def test_marshal_types_every_argument():
     vals = fused.marshal("gemv_add", torch.bfloat16, args, require_cuda=False)
     assert [type(v) for v in vals] == [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     assert [v.value for v in vals[4:]] == [3, -4, 5]
-    vals = fused.marshal("agg_mix", torch.float32, [torch.zeros(1)] * 3 + [1, 2, 3, 0.99, 0.25], require_cuda=False)
-    assert isinstance(vals[6], ctypes.c_float) and abs(vals[6].value - 0.99) < 1e-7 and vals[7].value == 0.25
+    att = [torch.zeros(1, dtype=torch.bfloat16)] * 5 + [torch.zeros(1, dtype=torch.int32), torch.zeros(1),
+                                                        torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.bfloat16)]
+    vals = fused.marshal("attn_decode", torch.bfloat16, att + [1] * 6 + [0.125], require_cuda=False)
+    assert isinstance(vals[-1], ctypes.c_float) and vals[-1].value == 0.125 and isinstance(vals[-2], ctypes.c_int)
     with pytest.raises(TypeError, match="argument 3"):
         fused.marshal("gemv_add", torch.bfloat16, args[:3] + [torch.zeros(2, dtype=torch.bfloat16)] + args[4:], require_cuda=False)
     with pytest.raises(TypeError, match="int32"):
@@ -204,12 +206,6 @@ class Emulated:
     def gemv_f32(self, grid, block, inp, W, out, R, N, K, smem=0):
         self._check("gemv_f32", (inp, W, out, R, N, K))
         out.view(-1)[: R * N] = self._gemv("gemv_f32", grid, block, inp.view(-1)[: R * K].view(R, K), W, None, R, N, K).view(-1)
-
-    def agg_mix(self, grid, block, z, hid, out, B, P, C, keep, floor_):
-        self._check("agg_mix", (z, hid, out, B, P, C, keep, floor_))
-        assert grid == (fused._cdiv(C, 256), B) and block == 256 and P <= 8
-        w = z.view(B, P).float().softmax(-1) * keep + floor_  # (B, P)
-        out.copy_(torch.einsum("bp,pbc->bc", w, hid.view(P, B, C).float()).to(out.dtype))
 
     def attn_decode(self, grid, block, qkv, pk, pv, ck, cv, pos_t, part, counters, out, B, H, Hkv, n_pre, Tmax, nsplit, scale):
         self._check("attn_decode", (qkv, pk, pv, ck, cv, pos_t, part, counters, out, B, H, Hkv, n_pre, Tmax, nsplit, scale))
@@ -353,6 +349,154 @@ def test_emulated_decoder_matches_reference(monkeypatch, P, B, n_kv_head, n_pref
     assert "attn_decode" in emu.calls and ("gemv_ln_store" in emu.calls) == dec.gemv_rows
 
 
+@pytest.fixture
+def emulated(monkeypatch):
+    """The fused path on CPU: kernels replaced by their emulation, the self-check cache emptied."""
+    emu = Emulated(torch.float32)
+    monkeypatch.setattr(fused, "fused_status", lambda device=None: (True, "emulated on CPU"))
+    monkeypatch.setattr(fused, "build", lambda dtype, head_dim, device=None: emu)
+    monkeypatch.setattr(fused, "_SELF_CHECKS", {})
+    return emu
+
+
+def test_one_cache_for_both_paths_without_per_row_prefix(emulated):
+    """The decoder's cache is model.KVCache (real tokens only); model.py can continue from it, and back."""
+    model = make_model(n_embd=64, n_head=2, n_streams=4, n_prefix=5, block_size=40)
+    B = 2
+    dec = FusedDecoder(model, B, dtype=torch.float32, cuda_graph=False, attn_splits=2)
+    cfg = model.config
+    assert isinstance(dec.cache, KVCache)
+    assert dec.cache.k.shape == (cfg.n_layer, cfg.n_streams * B, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+    torch.manual_seed(3)
+    idx = torch.randint(0, cfg.vocab_size, (B, 6))
+    toks = torch.randint(0, cfg.vocab_size, (B, 4))
+    ref_cache = KVCache(model, B)
+    with torch.no_grad():
+        model(idx, cache=ref_cache)
+        dec.prefill(idx)
+        for i in range(2):  # two fused steps, then model.py continues on the decoder's own cache
+            dec.decode_step(toks[:, i:i + 1])
+            model(toks[:, i:i + 1], cache=ref_cache)
+        assert dec.cache.pos == ref_cache.pos == 8
+        assert_close(dec.cache.k[:, :, :, :8], ref_cache.k[:, :, :, :8], atol=1e-5, what="cached keys")
+        ref = model(toks[:, 2:3], cache=ref_cache)[0][:, -1]
+        mixed = model(toks[:, 2:3], cache=dec.cache)[0][:, -1]  # model.py on the fused cache
+        assert_close(mixed, ref, atol=1e-4, what="model.py continuing from the fused cache")
+        dec.pos.fill_(dec.cache.pos)  # and the kernels continue from what model.py appended
+        dec.n_cached = dec.cache.pos
+        assert_close(dec.decode_step(toks[:, 3:4]), model(toks[:, 3:4], cache=ref_cache)[0][:, -1], atol=1e-4,
+                     what="fused continuing after model.py")
+
+
+def test_unmodified_model_is_accepted_and_the_check_is_cached(emulated, monkeypatch):
+    model = make_model(n_embd=64, n_head=2, n_streams=2, n_prefix=3, block_size=32)
+    rng = torch.get_rng_state()
+    dec, why = fused.fused_decoder_for(model, 2, torch.float32, 20, cuda_graph=False)
+    assert dec is not None and "self-check passed" in why
+    assert torch.equal(torch.get_rng_state(), rng), "the self-check moved the global RNG"
+    calls = []
+    monkeypatch.setattr(fused, "_check_weights", lambda *a: calls.append(a))
+    assert fused.fused_decoder_for(model, 2, torch.float32, 20, cuda_graph=False)[0] is not None
+    assert not calls, "a second decoder for the same config must reuse the cached self-check"
+
+
+def rope(x, pos0):
+    """Rotary position embedding of x (R, heads, T, hd) for positions pos0 .. pos0 + T - 1."""
+    T, hd = x.size(2), x.size(3)
+    inv = 1.0 / 10000 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    ang = torch.arange(pos0, pos0 + T, dtype=torch.float32)[:, None] * inv  # (T, hd/2)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], dim=-1).flatten(-2)
+
+
+def rope_forward(self, x, cache=None):
+    """CausalSelfAttention.forward with RoPE on queries and keys, as a student would add it."""
+    R, T, C = x.size()
+    kv = self.n_kv_head * self.head_dim
+    q, k, v = self.c_attn(x).split([C, kv, kv], dim=2)
+    pos0 = cache.pos if cache is not None else 0
+    q = rope(q.view(R, T, self.n_head, self.head_dim).transpose(1, 2), pos0)
+    k = rope(k.view(R, T, self.n_kv_head, self.head_dim).transpose(1, 2), pos0)
+    k, v = self.keys_values(k, v.view(R, T, self.n_kv_head, self.head_dim).transpose(1, 2), cache)
+    S = k.size(2)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T) if S > T > 1 else None
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(S == T > 1))
+    return self.c_proj(y.transpose(1, 2).reshape(R, T, C))
+
+
+def relu_mlp_forward(self, x):
+    return self.c_proj(F.relu(self.c_fc(x)))
+
+
+class OneLinearAggregator(torch.nn.Module):
+    """An aggregator a student might write: one Linear(P*C, P) instead of Linear -> SiLU -> Linear."""
+
+    def __init__(self, P, C):
+        super().__init__()
+        self.P, self.proj = P, torch.nn.Linear(P * C, P)
+        torch.nn.init.normal_(self.proj.weight, std=0.3)
+
+    def forward(self, x):
+        R, T, C = x.shape
+        h = x.view(self.P, R // self.P, T, C)  # (P, B, T, C)
+        w = self.proj(h.permute(1, 2, 0, 3).reshape(R // self.P, T, self.P * C)).float().softmax(-1)  # (B, T, P)
+        return torch.einsum("btp,pbtc->btc", w.to(x.dtype), h)
+
+
+@pytest.mark.parametrize("change,reason", [
+    ("rope", "disagrees with model.py by"),            # class method patched: the self-check catches it
+    ("relu_forward", "disagrees with model.py by"),    # MLP activation changed in MLP.forward
+    ("relu_module", "is a ReLU"),                      # MLP activation swapped on the instance
+    ("swiglu", "do not know"),                         # a parameter the kernels have never heard of
+])
+def test_modified_models_are_refused_with_the_reason(emulated, monkeypatch, change, reason):
+    import model as model_module
+    m = make_model(n_embd=64, n_head=2, n_streams=2, n_prefix=3, block_size=32)
+    if change == "rope":
+        monkeypatch.setattr(model_module.CausalSelfAttention, "forward", rope_forward)
+    elif change == "relu_forward":
+        monkeypatch.setattr(model_module.MLP, "forward", relu_mlp_forward)
+    elif change == "relu_module":
+        m.transformer.h[1].mlp.gelu = torch.nn.ReLU()
+    else:
+        m.transformer.h[0].mlp.c_gate = torch.nn.Linear(64, 256)
+    dec, why = fused.fused_decoder_for(m, 1, torch.float32, 20, cuda_graph=False)
+    assert dec is None and reason in why, why
+    with pytest.raises(model_module.UserError, match=reason):
+        FusedDecoder(m, 1, dtype=torch.float32, cuda_graph=False)
+
+
+def test_without_the_self_check_a_rope_model_decodes_wrong(emulated, monkeypatch):
+    """What the refusal protects against: with the check removed, the kernels silently ignore RoPE."""
+    import model as model_module
+    monkeypatch.setattr(model_module.CausalSelfAttention, "forward", rope_forward)
+    monkeypatch.setattr(fused, "self_check", lambda *a, **k: (True, "check removed"))
+    m = make_model(n_embd=64, n_head=2, n_streams=2, n_prefix=3, block_size=32)
+    dec, _ = fused.fused_decoder_for(m, 1, torch.float32, 20, cuda_graph=False)
+    idx = torch.randint(0, m.config.vocab_size, (1, 5))
+    cache = KVCache(m, 1)
+    with torch.no_grad():
+        m(idx, cache=cache)
+        dec.prefill(idx)
+        tok = idx[:, -1:]
+        assert (dec.decode_step(tok) - m(tok, cache=cache)[0][:, -1]).abs().max() > 1e-2
+
+
+def test_a_one_linear_aggregator_is_followed(emulated):
+    """The aggregator is the model's own module, called by the fused path: a changed one is used as is."""
+    m = make_model(n_embd=64, n_head=2, n_streams=4, n_prefix=3, block_size=32)
+    m.aggregator = OneLinearAggregator(4, 64)
+    dec, why = fused.fused_decoder_for(m, 2, torch.float32, 20, cuda_graph=False)
+    assert dec is not None, why
+    idx = torch.randint(0, m.config.vocab_size, (2, 5))
+    cache = KVCache(m, 2)
+    with torch.no_grad():
+        assert_close(dec.prefill(idx), m(idx, cache=cache)[0][:, -1], atol=1e-4, what="prefill")
+        for step in range(3):
+            tok = torch.randint(0, m.config.vocab_size, (2, 1))
+            assert_close(dec.decode_step(tok), m(tok, cache=cache)[0][:, -1], atol=1e-4, what=f"step {step}")
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. GPU: every kernel against torch, random inputs, NaN-poisoned outputs
 
@@ -445,27 +589,6 @@ def test_kernel_attention(dtype, hd, P, B, H, Hkv, n_pre, pos, nsplit):
         out.fill_(float("nan"))
     kv = qkv.view(R, H + 2 * Hkv, hd)
     assert torch.equal(ck[:, :, pos], kv[:, H:H + Hkv]) and torch.equal(cv[:, :, pos], kv[:, H + Hkv:])
-
-
-@gpu
-@pytest.mark.parametrize("dtype", DT)
-@pytest.mark.parametrize("P,B", [(2, 1), (4, 3), (8, 5)])
-def test_kernel_agg_mix_against_aggregator(dtype, P, B):
-    k = fused.build(dtype, 64)
-    torch.manual_seed(P * 10 + B)
-    C = 300
-    cfg = tiny_config(n_embd=C, n_head=3, n_streams=P, agg_smoothing=0.07)
-    agg = Aggregator(cfg).cuda()
-    with torch.no_grad():
-        agg.proj_out.weight.normal_(0, 1.0)
-        hid = torch.randn(P * B, 1, C, device="cuda")
-        expected = agg(hid)[:, 0]  # (B, C) float32 reference
-        per_pos = hid[:, 0].view(P, B, C).transpose(0, 1).reshape(B, P * C)
-        z = agg.proj_out(F.silu(agg.proj_in(per_pos))).to(dtype)
-    out = torch.full((B, C), float("nan"), device="cuda", dtype=dtype)
-    k.agg_mix((fused._cdiv(C, 256), B), 256, z, hid[:, 0].to(dtype).contiguous(), out, B, P, C, 1 - 0.07, 0.07 / P)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    assert_close(out.float(), expected, **tol, what="agg_mix vs Aggregator")
 
 
 # ------------------------------------------------------------------------------------------------
