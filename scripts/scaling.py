@@ -2,6 +2,7 @@
 The parallel scaling law at toy scale: fit it, sweep P x width, two-stage training, dynamic P.
 
     python scripts/scaling.py fit --paper                      # the paper's Stack-V2-Python grid -> k 0.3935
+    python scripts/scaling.py fit --paper --per_size           # ... and k at each model size, extrapolated to toy sizes
     python scripts/scaling.py fit --runs=out/scaling/cpu/sweep # fit your own runs (or a sweep.csv)
     python scripts/scaling.py sweep --preset=tiny              # ~30 s: P in {1,2,4,8} x 3 widths, fitted
     python scripts/scaling.py sweep --preset=cpu               # ~2 h on a 2-core CPU (add --threads=1 on a shared CPU)
@@ -130,6 +131,81 @@ def fit_line(fit):
     mult = " / ".join(f"{1 + fit['k'] * math.log(P):.2f}" for P in (2, 4, 8))
     return (f"k {fit['k']:.4f}  E {fit['E']:.4f}  A {fit['A']:.4g}  alpha {fit['alpha']:.4f}  R^2 {fit['r2']:.4f}"
             f"  (P = 2/4/8 worth {mult} x parameters)")
+
+
+# -----------------------------------------------------------------------------
+# k at each model size: the paper's grid implies k grows with N
+
+def anchored_law(N1, L1, E, alpha):
+    """
+    The law through one size's measured P = 1 point: A_N = N1 (L1 - E)^(1/alpha), so that
+    E + (A_N / N1)^alpha = L1 exactly, and L_P = E + (A_N / (N_P (k ln P + 1)))^alpha.
+    Returns (A_N, f) with f(N_P, P, k) the predicted loss.
+    """
+    A = N1 * (L1 - E) ** (1 / alpha)
+    return A, lambda N, P, k: law(N, P, E, A, alpha, k)
+
+
+def implied_k(N1, L1, N, P, L, E, alpha):
+    """The k at which the anchored law passes exactly through (N, P, L): solve
+    k ln P + 1 = (N1 / N) ((L1 - E) / (L - E))^(1/alpha) for k (P > 1, L > E)."""
+    return ((N1 / N) * ((L1 - E) / (L - E)) ** (1 / alpha) - 1) / math.log(P)
+
+
+def fit_k_anchored(N1, L1, N, P, L, E, alpha):
+    """One k for one size: least squares on the loss over that size's P > 1 points (N, P, L: lists),
+    the law anchored on (N1, L1) and E, alpha held fixed. Starts from the mean of the implied k's."""
+    _, f = anchored_law(N1, L1, E, alpha)
+    n, p, y = (torch.tensor(v, dtype=torch.float64) for v in (N, P, L))
+    start = sum(implied_k(N1, L1, *pt, E, alpha) for pt in zip(N, P, L)) / len(L)
+    k = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([k], lr=1, max_iter=100, tolerance_grad=1e-14, tolerance_change=1e-16,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        o = ((f(n, p, k) - y) ** 2).sum()
+        o.backward()
+        return o
+    opt.step(closure)
+    return k.item()
+
+
+def k_per_size(N_rows, L_rows, streams, E, alpha):
+    """
+    k fitted at each model size of a grid (rows: one per P in streams, streams[0] = 1; columns: sizes),
+    anchored on that size's P = 1 loss, E and alpha from a global fit. Per size: k (least squares on
+    the loss over P > 1), k_each (the k each P implies alone) and k_mean (their mean).
+    """
+    if streams[0] != 1:
+        raise ValueError("k_per_size needs the P = 1 row first")
+    out = []
+    for j in range(len(N_rows[0])):
+        N1, L1 = N_rows[0][j], L_rows[0][j]
+        pts = [(N_rows[i][j], P, L_rows[i][j]) for i, P in enumerate(streams) if P > 1]
+        each = {P: implied_k(N1, L1, n, P, l, E, alpha) for n, P, l in pts}
+        out.append(dict(N=N1, L1=L1, A=anchored_law(N1, L1, E, alpha)[0],
+                        k=fit_k_anchored(N1, L1, *zip(*pts), E, alpha),
+                        k_each=each, k_mean=sum(each.values()) / len(each)))
+    return out
+
+
+def line_fit(x, y):
+    """Least-squares slope and intercept of y against x."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+    return slope, my - slope * mx
+
+
+def extrapolate_k(N, k, at):
+    """k at the sizes `at` under two forms fitted to (N, k): k linear in ln N, and a power law c N^b
+    (a line in ln k against ln N). Beyond the fitted range both are guesses, and they disagree."""
+    b_lin, a_lin = line_fit([math.log(n) for n in N], k)
+    b_pow, a_pow = line_fit([math.log(n) for n in N], [math.log(v) for v in k])
+    return dict(linear=dict(form="k = a + b ln N", a=a_lin, b=b_lin,
+                            at={n: a_lin + b_lin * math.log(n) for n in at}),
+                power=dict(form="k = c N^b", c=math.exp(a_pow), b=b_pow,
+                           at={n: math.exp(a_pow) * n ** b_pow for n in at}))
 
 
 # -----------------------------------------------------------------------------
@@ -292,7 +368,44 @@ def cmd_fit(args):
     print(f"{source}: {len(L)} points\n{fit_line(fit)}")
     if args.paper:
         print("paper:  " + fit_line(PAPER_FIT))
-    return dict(source=source, points=len(L), **fit)
+    result = dict(source=source, points=len(L), **fit)
+    if args.per_size:
+        result["per_size"], result["extrapolation"] = print_k_per_size(fit)
+    return result
+
+
+TOY_SIZES = [10**5, 10**6, 10**7]  # non-embedding parameters of this repository's toy models
+
+
+def print_k_per_size(fit):
+    """fit --paper --per_size: k at each size of the paper's grid, then k extrapolated to toy sizes."""
+    E, alpha = fit["E"], fit["alpha"]
+    rows = k_per_size(PAPER_N, PAPER_LOSS, PAPER_STREAMS, E, alpha)
+    print(f"\nk at each size, E {E:.4f} and alpha {alpha:.4f} held from the fit above. Anchor: A_N = N_1 (L_1 - E)^(1/alpha),\n"
+          "so the law passes through that size's P = 1 loss exactly; L_P = E + (A_N / (N_P (k ln P + 1)))^alpha with\n"
+          "N_P that P's own row of N. k: least squares on L_P over P = 2, 4, 8. k_P: the k that P alone implies;\n"
+          "mean: their mean (least squares on k rather than on L).")
+    cols = ["N (P=1)", "L (P=1)", "A_N", "k_2", "k_4", "k_8", "mean", "k"]
+    table_rows = [{"N (P=1)": f"{r['N']:,}", "L (P=1)": f"{r['L1']:.4f}", "A_N": f"{r['A']:.4g}",
+                   **{f"k_{P}": f"{v:.3f}" for P, v in r["k_each"].items()},
+                   "mean": f"{r['k_mean']:.3f}", "k": f"{r['k']:.3f}"} for r in rows]
+    print(table(table_rows, cols))
+    one_row = k_per_size([PAPER_N[0]] * len(PAPER_STREAMS), PAPER_LOSS, PAPER_STREAMS, E, alpha)
+    print("k with the P = 1 row of N for every P (ParScale's own parameters left out): "
+          + ", ".join(f"{r['k']:.3f}" for r in one_row))
+    ext = extrapolate_k([r["N"] for r in rows], [r["k"] for r in rows], TOY_SIZES)
+    lin, pw = ext["linear"], ext["power"]
+    print(f"\nEXTRAPOLATION, far outside the fitted range (0.54B-4.4B), of k above to toy sizes (non-embedding N);\n"
+          f"two forms fitted to the six k's, and they disagree:\n"
+          f"  linear in ln N: k = {lin['a']:.3f} + {lin['b']:.4f} ln N\n"
+          f"  power law:      k = {pw['c']:.4f} N^{pw['b']:.4f}")
+    print(table([{"N": f"{n:.0e}", "linear in ln N": f"{lin['at'][n]:.3f}", "power law": f"{pw['at'][n]:.3f}"}
+                 for n in TOY_SIZES], ["N", "linear in ln N", "power law"]))
+    from_mean = extrapolate_k([r["N"] for r in rows], [r["k_mean"] for r in rows], TOY_SIZES)
+    print("from the mean column instead: linear " + " / ".join(f"{v:.3f}" for v in from_mean["linear"]["at"].values())
+          + ", power law " + " / ".join(f"{v:.3f}" for v in from_mean["power"]["at"].values()))
+    print("(a negative k is outside the law: it says P streams are worth less than one)")
+    return rows, ext
 
 
 def points_from(path):
@@ -427,6 +540,8 @@ def get_args(argv=None):
     f.add_argument("--paper", action="store_true", help="the paper's Stack-V2-Python grid")
     f.add_argument("--runs", default="", help="a folder of finished runs (searched recursively) or a sweep.csv")
     f.add_argument("--starts", type=int, default=27, help="starting points of the fit (<= 27)")
+    f.add_argument("--per_size", action="store_true", help="with --paper: also k at each model size, anchored on its "
+                   "P = 1 loss, and k extrapolated to toy sizes")
     for name in ("sweep", "two_stage", "dynamic"):
         s = sub.add_parser(name)
         s.add_argument("--preset", default="cpu", choices=sorted(PRESETS))

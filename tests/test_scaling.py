@@ -42,6 +42,36 @@ def test_fit_reproduces_the_paper():
     assert abs(fit["A"] / paper["A"] - 1) < 0.05, fit
 
 
+def test_k_per_size_on_the_paper_grid():
+    fit = scaling.fit_law(*scaling.paper_points(), n_starts=1)
+    rows = scaling.k_per_size(scaling.PAPER_N, scaling.PAPER_LOSS, scaling.PAPER_STREAMS, fit["E"], fit["alpha"])
+    least_squares = [0.362, 0.400, 0.372, 0.411, 0.477, 0.490]  # least squares on the loss (scripts/results/k_per_size.txt)
+    mean_of_each = [0.369, 0.412, 0.377, 0.418, 0.490, 0.495]  # the mean of the k each P implies alone
+    for r, k, m in zip(rows, least_squares, mean_of_each):
+        assert abs(r["k"] - k) < 0.002 and abs(r["k_mean"] - m) < 0.002, r
+        # the anchor: the law passes through this size's P = 1 point exactly
+        assert abs(scaling.law(r["N"], 1, fit["E"], r["A"], fit["alpha"], r["k"]).item() - r["L1"]) < 1e-12
+    assert rows[-1]["k"] > rows[0]["k"] + 0.1  # k grows with size on this grid
+
+
+def test_k_per_size_recovers_planted_k_and_the_extrapolation_its_forms():
+    E, alpha, A = 1.3, 0.35, 4e5
+    sizes, planted, streams = [1e6, 1e7, 1e8], [0.1, 0.3, 0.6], [1, 2, 4, 8]
+    N = [[n * (1 + 0.01 * (P - 1)) for n in sizes] for P in streams]  # N grows with P, as ParScale's does
+    L = [[scaling.law(n, P, E, A, alpha, k).item() for n, k in zip(row, planted)] for P, row in zip(streams, N)]
+    for r, k in zip(scaling.k_per_size(N, L, streams, E, alpha), planted):
+        assert abs(r["k"] - k) < 1e-6 and abs(r["k_mean"] - k) < 1e-6, r
+        assert all(abs(v - k) < 1e-9 for v in r["k_each"].values()), r
+        assert abs(r["A"] / A - 1) < 1e-9, r
+    at = [1e3, 1e12]
+    linear = [0.05 * math.log(n) - 0.4 for n in sizes]
+    power = [0.02 * n ** 0.15 for n in sizes]
+    got = scaling.extrapolate_k(sizes, linear, at)["linear"]["at"]
+    assert all(abs(got[n] - (0.05 * math.log(n) - 0.4)) < 1e-9 for n in at), got
+    got = scaling.extrapolate_k(sizes, power, at)["power"]["at"]
+    assert all(abs(got[n] / (0.02 * n ** 0.15) - 1) < 1e-9 for n in at), got
+
+
 def test_sweep_runs_end_to_end_and_resumes_without_training(tmp_path, monkeypatch):
     data = write_corpus(tmp_path / "data")
     argv = ["sweep", "--preset=tiny", "--widths=8,16", "--n_streams=1,4", f"--out={tmp_path / 'out'}",
