@@ -4,9 +4,9 @@ The parallel scaling law at toy scale: fit it, sweep P x width, two-stage traini
     python scripts/scaling.py fit --paper                      # the paper's Stack-V2-Python grid -> k 0.3935
     python scripts/scaling.py fit --paper --per_size           # ... and k at each model size, extrapolated to toy sizes
     python scripts/scaling.py fit --runs=out/scaling/cpu/sweep # fit your own runs (or a sweep.csv)
-    python scripts/scaling.py sweep --preset=tiny              # ~30 s: P in {1,2,4,8} x 3 widths, fitted
-    python scripts/scaling.py sweep --preset=cpu               # ~2 h on a 2-core CPU (add --threads=1 on a shared CPU)
-    python scripts/scaling.py sweep --preset=gpu               # ~4 min on one H200 (run prepare_data.py first)
+    python scripts/scaling.py sweep --preset=tiny              # 3 steps per run: P in {1,2,4,8} x 3 widths, fitted
+    python scripts/scaling.py sweep --preset=cpu               # hours on a 2-core CPU (add --threads=1 on a shared CPU)
+    python scripts/scaling.py sweep --preset=gpu               # one H200 (run prepare_data.py first); prints its estimated cost
     python scripts/scaling.py two_stage --preset=cpu           # P=1 base, then P=1 / P=4 / P=4 frozen / P=4 kv-init prefixes
     python scripts/scaling.py dynamic --preset=cpu             # one frozen backbone, streams files for P = 2, 4, 8
 
@@ -23,8 +23,8 @@ one JSON object.
 
 Prefix init "kv" (two_stage's p4_full_kv_init branch, and dynamic by default) is train.py's
 --prefix_init=kv: instead of N(0, 0.02) draws, each stream's prefix is the base model's own keys and
-values on a random n_prefix-token training snippet, one snippet per stream (PARSCALE.md section 6: it
-removes the loss spike at conversion).
+values on a random n_prefix-token training snippet, one snippet per stream (this repository's idea, not the
+paper's: it removes the loss spike at conversion, scripts/results/RESULTS.md section 3).
 """
 import argparse
 import csv
@@ -39,10 +39,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
+from model import GPT, GPTConfig, load_checkpoint, peak_flops  # noqa: E402
 
 # -----------------------------------------------------------------------------
-# the paper's grid (PARSCALE.md section 3): Stack-V2-Python, 42B tokens, depth 36, final training loss
+# the paper's grid (arXiv 2505.10475, the Stack-V2-Python loss grid): 42B tokens, depth 36, final training loss
 
 PAPER_STREAMS = [1, 2, 4, 8]
 PAPER_N = [  # one row per P; N counts ParScale's prefixes and aggregator
@@ -216,14 +216,13 @@ PRESETS = {
     "tiny": dict(device="cpu", n_layer=1, n_head=2, widths=[8, 16, 24], streams=[1, 2, 4, 8], block_size=16,
                  n_prefix=1, batch_size=4, max_iters=3, learning_rate=3e-3, warmup_iters=1, eval_interval=3,
                  eval_iters=1, base_iters=3, extra_iters=2, two_stage_width=16, fit_starts=3),
-    # ~2 h on a 2-core CPU with --threads=1 (measured, batch 32 x block 128: width 64 takes 55 ms per step
-    # at P=1 and 490 ms at P=8, ~1.7 s per step for all 12 runs, x 4000 steps). 2 prefix slots = 1.6% of the block.
+    # hours on a 2-core CPU: 12 runs x 4000 steps of batch 32 x block 128 (scripts/results/RESULTS.md ran it with
+    # fewer steps). 2 prefix slots = 1.6% of the block.
     "cpu": dict(device="cpu", n_layer=2, n_head=4, widths=[32, 48, 64], streams=[1, 2, 4, 8], block_size=128,
                 n_prefix=2, batch_size=32, max_iters=4000, learning_rate=3e-3, warmup_iters=50, eval_interval=500,
                 eval_iters=20, base_iters=1500, extra_iters=500, two_stage_width=48),
-    # ~4 min on one H200, bf16: 12 runs x 9.8M tokens (~1 epoch of the stdlib bytes), 3.3 PFLOP in all: ~80 s at
-    # 5% MFU (tiny widths get little of the ~790 TFLOP/s) plus ~15 ms of launch overhead per step (~110 s), plus
-    # evaluation and start-up. 4 prefix slots = 1.6% of the block.
+    # sized for a few minutes on one H200, bf16 (not run yet: `plan` prints the estimate): 12 runs x 9.8M tokens
+    # (~1 epoch of the stdlib bytes). 4 prefix slots = 1.6% of the block.
     "gpu": dict(device="cuda", n_layer=4, n_head=4, widths=[64, 128, 192], streams=[1, 2, 4, 8], block_size=256,
                 n_prefix=4, batch_size=64, max_iters=600, learning_rate=3e-3, warmup_iters=50, eval_interval=150,
                 eval_iters=20, base_iters=1200, extra_iters=400, two_stage_width=128),
@@ -314,9 +313,14 @@ def non_embedding(out_dir):
     return GPT(cfg).param_report()["non_embedding"]
 
 
+ASSUMED_MFU, ASSUMED_STEP_OVERHEAD = 0.08, 0.015  # for plan's GPU time estimate: assumptions, not measurements
+
+
 def plan(pre, data_dir):
     """What a sweep will cost: tokens and FLOPs per run (model.flops_per_token), and for a GPU an estimate of
-    the time at an assumed 10% of the H200's ~790 TFLOP/s achieved bf16 plus ~15 ms per step of launch overhead."""
+    the time from two assumptions: ASSUMED_MFU of the H200's datasheet bf16 peak (model.peak_flops; the one
+    measurement, scripts/results/h200_train.txt, got 18.8% at 11M parameters, and smaller models get less) and
+    ASSUMED_STEP_OVERHEAD seconds per step (kernel launches, optimizer, logging)."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise SystemExit(f"{path} not found: run prepare_data.py first (python prepare_data.py)")
@@ -329,10 +333,11 @@ def plan(pre, data_dir):
                         vocab_size=vocab, n_streams=P, n_prefix=pre["n_prefix"])
         flops = GPT(cfg).flops_per_token(pre["block_size"]) * tokens
         total += flops
-        est += flops / (0.10 * 790e12) + pre["max_iters"] * 0.015
+        est += flops / (ASSUMED_MFU * peak_flops("H200")) + pre["max_iters"] * ASSUMED_STEP_OVERHEAD
     line = f"plan: {len(pre['widths']) * len(pre['streams'])} runs x {tokens:,} tokens, {total / 1e15:.2f} PFLOP"
     if pre["device"] == "cuda":
-        line += f", estimated ~{est / 60:.1f} min on one H200 (10% MFU + 15 ms/step) plus evaluation"
+        line += (f", estimated ~{est / 60:.1f} min on one H200 (assumed {ASSUMED_MFU:.0%} MFU + "
+                 f"{ASSUMED_STEP_OVERHEAD * 1e3:.0f} ms/step) plus evaluation")
     return line
 
 
@@ -356,7 +361,7 @@ def write_csv(path, rows):
 def cmd_fit(args):
     if args.paper:
         N, P, L = paper_points()
-        source = "paper grid (Stack-V2-Python, PARSCALE.md section 3)"
+        source = "paper grid (arXiv 2505.10475, the Stack-V2-Python loss grid)"
     elif args.runs:
         N, P, L = points_from(args.runs)
         source = args.runs
@@ -558,7 +563,7 @@ def get_args(argv=None):
         s.add_argument("--n_streams", default="", help="comma-separated P, e.g. 1,2,4,8; '' = the preset's "
                        "(dynamic trains those > 1)")
         s.add_argument("--threads", type=int, default=-1, help="train.py's torch CPU threads; -1 = torch's default. On a "
-                       "CPU shared with other jobs 1 thread can be ~10x faster (measured: 55 vs 700 ms per step)")
+                       "CPU shared with other jobs 1 thread can be much faster")
         if name == "dynamic":
             s.add_argument("--prefix_init", default="kv", choices=["kv", "random"], help="prefix init of the streams")
     args = p.parse_args(argv)
