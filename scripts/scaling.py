@@ -19,7 +19,8 @@ Every run is train.py in a process of its own, with its own out_dir; its output 
 Runs are resumable: a run whose log.jsonl holds its final evaluation is skipped, one with a ckpt.pt
 resumes (--init_from=resume), so re-running an interrupted command (Ctrl-C: the run saves first) finishes
 the work. Results land in --out (default out/scaling/<preset>) as CSV and JSON; the last line printed is
-one JSON object.
+one JSON object. A mistake the user can fix (a bad flag, a missing or damaged file, a run that train.py
+refused) ends as one `error: ...` line on stderr and exit status 1; a traceback means a bug.
 
 Prefix init "kv" (two_stage's p4_full_kv_init branch, and dynamic by default) is train.py's
 --prefix_init=kv: instead of N(0, 0.02) draws, each stream's prefix is the base model's own keys and
@@ -39,7 +40,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import GPT, GPTConfig, load_checkpoint, peak_flops  # noqa: E402
+from model import GPT, GPTConfig, UserError, load_checkpoint, peak_flops  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the paper's grid (arXiv 2505.10475, the Stack-V2-Python loss grid): 42B tokens, depth 36, final training loss
@@ -248,8 +249,12 @@ def evals(out_dir):
         return []
     by_step = {}
     with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
+        for i, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {i} is not JSON ({e.msg}): a damaged run log; delete {out_dir} "
+                                "to train that run again") from e
             if rec.get("kind") == "eval":
                 by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
@@ -258,16 +263,21 @@ def evals(out_dir):
 def finished(out_dir, max_iters):
     ev = evals(out_dir)
     if ev and ev[-1]["step"] > max_iters:
-        raise SystemExit(f"{out_dir} holds a run of {ev[-1]['step']} steps, not {max_iters}: use another --out")
+        raise UserError(f"{out_dir} holds a run of {ev[-1]['step']} steps, not {max_iters}: use another --out")
     return bool(ev) and ev[-1]["step"] == max_iters and os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
 
 
 def call_train(argv, out_dir):
     """
     train.py in a process of its own (scripts do not import scripts), stdout and stderr appended to
-    out_dir/train.out. Returns what this call wrote there; a failed run raises with the tail of it.
+    out_dir/train.out. Returns what this call wrote there. A run that train.py refused (its own one-line
+    `error: ...`: a bad flag, missing data) raises UserError with that line; any other failure is a bug
+    and raises RuntimeError with the tail of train.out.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out_dir} ({e.strerror}): choose another --out") from e
     path = os.path.join(out_dir, "train.out")
     with open(path, "a") as log:
         log.write(f"$ python train.py {' '.join(argv)}\n")
@@ -283,8 +293,12 @@ def call_train(argv, out_dir):
         f.seek(start)
         out = f.read()
     if rc != 0:
+        said = [line.split("error: ", 1)[1] for line in out.splitlines()
+                if line.startswith("error: ") or line.startswith("train.py: error: ")]
+        if said:  # train.py's own message, or argparse's
+            raise UserError(f"train.py in {out_dir}: {said[-1]} (its output: {path})")
         tail = "\n".join(out.splitlines()[-15:])
-        raise SystemExit(f"train.py failed (exit {rc}) in {out_dir}; the end of {path}:\n{tail}")
+        raise RuntimeError(f"train.py failed (exit {rc}) in {out_dir}; the end of {path}:\n{tail}")
     return out
 
 
@@ -295,7 +309,7 @@ def run(argv, out_dir, max_iters, init_from="scratch", extra=()):
     resume = os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
     call_train(argv + [f"--init_from={'resume' if resume else init_from}", *extra], out_dir)
     if not finished(out_dir, max_iters):
-        raise SystemExit(f"run {out_dir} stopped before step {max_iters}; run the same command again to resume")
+        raise UserError(f"run {out_dir} stopped before step {max_iters}; run the same command again to resume")
     return "resumed" if resume else "trained"
 
 
@@ -316,16 +330,28 @@ def non_embedding(out_dir):
 ASSUMED_MFU, ASSUMED_STEP_OVERHEAD = 0.08, 0.015  # for plan's GPU time estimate: assumptions, not measurements
 
 
+def read_meta(data_dir):
+    """data_dir/meta.json (written by prepare_data.py), or a UserError that says what to do."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise UserError(f"--data_dir: {path} not found: run prepare_data.py first (python prepare_data.py), "
+                        "or point --data_dir at its --out_dir")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        int(meta["vocab_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"--data_dir: {path} is not prepare_data.py's meta.json ({type(e).__name__}): "
+                        "run prepare_data.py again") from e
+    return meta
+
+
 def plan(pre, data_dir):
     """What a sweep will cost: tokens and FLOPs per run (model.flops_per_token), and for a GPU an estimate of
     the time from two assumptions: ASSUMED_MFU of the H200's datasheet bf16 peak (model.peak_flops; the one
     measurement, scripts/results/h200_train.txt, got 18.8% at 11M parameters, and smaller models get less) and
     ASSUMED_STEP_OVERHEAD seconds per step (kernel launches, optimizer, logging)."""
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path} not found: run prepare_data.py first (python prepare_data.py)")
-    with open(path) as f:
-        vocab = math.ceil(json.load(f)["vocab_size"] / 64) * 64  # as train.py pads it
+    vocab = math.ceil(read_meta(data_dir)["vocab_size"] / 64) * 64  # as train.py pads it
     tokens = pre["max_iters"] * pre["batch_size"] * pre["block_size"]
     total, est = 0.0, 0.0
     for width, P in itertools.product(pre["widths"], pre["streams"]):
@@ -362,13 +388,11 @@ def cmd_fit(args):
     if args.paper:
         N, P, L = paper_points()
         source = "paper grid (arXiv 2505.10475, the Stack-V2-Python loss grid)"
-    elif args.runs:
+    else:
         N, P, L = points_from(args.runs)
         source = args.runs
-    else:
-        raise SystemExit("fit needs --paper or --runs=DIR|FILE.csv")
     if len(L) < 5:
-        raise SystemExit(f"{source}: found {len(L)} finished runs; a 4-parameter fit needs at least 5")
+        raise UserError(f"--runs={source}: found {len(L)} finished runs; a 4-parameter fit needs at least 5")
     fit = fit_law(N, P, L, n_starts=args.starts)
     print(f"{source}: {len(L)} points\n{fit_line(fit)}")
     if args.paper:
@@ -417,9 +441,13 @@ def points_from(path):
     """(N, P, L) from a sweep.csv (columns N, P, val) or from every finished run under a folder
     (N from its checkpoint's model_args, L = its last evaluation's val loss)."""
     if path.endswith(".csv"):
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
-        return [float(r["N"]) for r in rows], [int(r["P"]) for r in rows], [float(r["val"]) for r in rows]
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            return [float(r["N"]) for r in rows], [int(r["P"]) for r in rows], [float(r["val"]) for r in rows]
+        except (csv.Error, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"--runs={path}: not a sweep.csv (it needs numeric columns N, P, val; "
+                            f"{type(e).__name__}: {e})") from e
     N, P, L = [], [], []
     for dirpath, _, files in sorted(os.walk(path)):
         if "ckpt.pt" in files and evals(dirpath):
@@ -524,52 +552,107 @@ def pick(ev):
 
 
 def preset(args):
+    """The preset's settings, with what the command line overrides (flags checked in get_args)."""
     pre = dict(PRESETS[args.preset])
     for key in ("max_iters", "base_iters", "extra_iters", "eval_iters", "batch_size"):
         if getattr(args, key, -1) > 0:
             pre[key] = getattr(args, key)
-    if args.widths:
-        pre["widths"] = [int(w) for w in args.widths.split(",")]
-    if args.n_streams:
-        pre["streams"] = [int(P) for P in args.n_streams.split(",")]
+    if getattr(args, "widths", None):
+        pre["widths"] = args.widths
+    if getattr(args, "n_streams", None):
+        pre["streams"] = args.n_streams
     if args.device:
         pre["device"] = args.device
     pre["threads"] = args.threads
     return pre
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose complaints are UserErrors: one `error:` line and exit 1, like every other user mistake."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
+def int_list(flag, text, multiple_of=1):
+    """A comma-separated flag of positive integers (multiples of `multiple_of`), or a UserError naming it."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 or v % multiple_of for v in values):
+        what = f"positive multiples of {multiple_of} (the preset's n_head)" if multiple_of > 1 else "positive integers"
+        raise UserError(f"{flag}={text}: expected comma-separated {what}")
+    return values
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="scaling.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fit", help="fit the law to the paper's grid or to your runs")
     f.add_argument("--paper", action="store_true", help="the paper's Stack-V2-Python grid")
     f.add_argument("--runs", default="", help="a folder of finished runs (searched recursively) or a sweep.csv")
-    f.add_argument("--starts", type=int, default=27, help="starting points of the fit (<= 27)")
+    f.add_argument("--starts", type=int, default=27, help="starting points of the fit, 1..27")
     f.add_argument("--per_size", action="store_true", help="with --paper: also k at each model size, anchored on its "
                    "P = 1 loss, and k extrapolated to toy sizes")
     for name in ("sweep", "two_stage", "dynamic"):
         s = sub.add_parser(name)
         s.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
         s.add_argument("--out", default="", help="results and run folders; '' = out/scaling/<preset>")
-        s.add_argument("--data_dir", default=os.path.join(ROOT, "data", "stdlib_bytes"))
+        s.add_argument("--data_dir", default=os.path.join(ROOT, "data", "stdlib_bytes"), help="prepare_data.py's output")
         s.add_argument("--device", default="", help="'' = the preset's")
-        # reduced runs: override the preset
-        s.add_argument("--max_iters", type=int, default=-1, help="sweep steps per run; -1 = the preset's")
-        s.add_argument("--base_iters", type=int, default=-1, help="steps of the P=1 base; -1 = the preset's")
-        s.add_argument("--extra_iters", type=int, default=-1, help="steps after conversion; -1 = the preset's")
+        # reduced runs: override the preset (each subcommand takes only the flags it uses)
+        if name == "sweep":
+            s.add_argument("--max_iters", type=int, default=-1, help="steps per run; -1 = the preset's")
+            s.add_argument("--widths", default="", help="comma-separated, e.g. 32,48,64; '' = the preset's")
+        else:
+            s.add_argument("--base_iters", type=int, default=-1, help="steps of the P=1 base; -1 = the preset's")
+            s.add_argument("--extra_iters", type=int, default=-1, help="steps after conversion; -1 = the preset's")
+        if name != "two_stage":  # two_stage's branches are fixed: P=1 continued and three P=4 variants
+            s.add_argument("--n_streams", default="", help="comma-separated P, e.g. 1,2,4,8; '' = the preset's"
+                           + (" (trains those > 1)" if name == "dynamic" else ""))
         s.add_argument("--eval_iters", type=int, default=-1, help="batches per evaluation; -1 = the preset's")
         s.add_argument("--batch_size", type=int, default=-1, help="-1 = the preset's")
-        s.add_argument("--widths", default="", help="comma-separated, e.g. 32,48,64; '' = the preset's")
-        s.add_argument("--n_streams", default="", help="comma-separated P, e.g. 1,2,4,8; '' = the preset's "
-                       "(dynamic trains those > 1)")
         s.add_argument("--threads", type=int, default=-1, help="train.py's torch CPU threads; -1 = torch's default. On a "
                        "CPU shared with other jobs 1 thread can be much faster")
         if name == "dynamic":
             s.add_argument("--prefix_init", default="kv", choices=["kv", "random"], help="prefix init of the streams")
-    args = p.parse_args(argv)
-    if args.cmd != "fit":  # absolute: train.py runs in the repository root
-        args.out = os.path.abspath(args.out or os.path.join("out", "scaling", args.preset))
-        args.data_dir = os.path.abspath(args.data_dir)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # said here, where the subcommand is known (argparse would name only scaling.py)
+        raise UserError(f"scaling.py {args.cmd}: unrecognized arguments: {' '.join(unknown)}; "
+                        f"see scaling.py {args.cmd} --help")
+    if args.cmd == "fit":
+        if args.paper == bool(args.runs):
+            raise UserError("fit needs one of --paper (the paper's grid) and --runs=DIR|FILE.csv (your runs)")
+        if args.per_size and not args.paper:
+            raise UserError("--per_size works on the paper's grid only: add --paper")
+        if not 1 <= args.starts <= 27:
+            raise UserError(f"--starts={args.starts}: must be 1..27")
+        if args.runs and not (os.path.isdir(args.runs) or (os.path.isfile(args.runs) and args.runs.endswith(".csv"))):
+            raise UserError(f"--runs={args.runs}: neither a folder nor a .csv file; give a sweep's run folder or its sweep.csv")
+        return args
+    for key in ("max_iters", "base_iters", "extra_iters", "eval_iters", "batch_size", "threads"):
+        v = getattr(args, key, -1)
+        if v == 0 or v < -1:
+            raise UserError(f"--{key}={v}: must be a positive integer, or -1 for the "
+                            + ("torch default" if key == "threads" else "preset's"))
+    if getattr(args, "widths", ""):
+        args.widths = int_list("--widths", args.widths, PRESETS[args.preset]["n_head"])
+    if getattr(args, "n_streams", ""):
+        args.n_streams = int_list("--n_streams", args.n_streams)
+        if args.cmd == "dynamic" and max(args.n_streams) < 2:
+            raise UserError(f"--n_streams={','.join(map(str, args.n_streams))}: dynamic trains streams for each P > 1; "
+                            "give at least one")
+    device = args.device or PRESETS[args.preset]["device"]
+    flag = f"--device={args.device}" if args.device else f"--preset={args.preset} (device {device})"
+    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{flag}: expected cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{flag}: no CUDA device here (torch {torch.__version__}); use --device=cpu or --preset=cpu")
+    # absolute: train.py runs in the repository root
+    args.out = os.path.abspath(args.out or os.path.join("out", "scaling", args.preset))
+    args.data_dir = os.path.abspath(args.data_dir)
+    read_meta(args.data_dir)  # now, not after the first run
     return args
 
 
@@ -581,4 +664,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a mistake the user can fix: one line, no traceback; anything else is a bug
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
