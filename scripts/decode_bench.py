@@ -3,7 +3,7 @@ Decode latency of one token step: eager reference (model.GPT + KVCache) vs the f
 without CUDA-graph replay, on a GPT-2-small shape with random bf16 weights. Prints a table with the
 achieved bandwidth next to the measured HBM peak, then one JSON line.
 
-    python scripts/decode_bench.py                    # full table, ~1-3 min on an H200
+    python scripts/decode_bench.py                    # full table: P x batch x context
     python scripts/decode_bench.py --streams=1,8 --batches=1 --contexts=128 --steps=50   # quick look
 """
 import argparse

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one command, for one lent GPU (~8 minutes on an H200, each stage under a timeout):
+# Every GPU check in one command, for one lent GPU (each stage under a timeout, 13 minutes at most in all):
 #   1. the GPU tests (fused kernels vs the reference model, graph vs no graph, bench on CUDA)
 #   2. the decode-latency table (scripts/decode_bench.py)
 #   3. train.py + sample.py on CUDA: a short bf16 run at the README's GPU preset shape, then fused sampling

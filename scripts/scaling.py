@@ -2,10 +2,11 @@
 The parallel scaling law at toy scale: fit it, sweep P x width, two-stage training, dynamic P.
 
     python scripts/scaling.py fit --paper                      # the paper's Stack-V2-Python grid -> k 0.3935
+    python scripts/scaling.py fit --paper --per_size           # ... and k at each model size, extrapolated to toy sizes
     python scripts/scaling.py fit --runs=out/scaling/cpu/sweep # fit your own runs (or a sweep.csv)
-    python scripts/scaling.py sweep --preset=tiny              # ~30 s: P in {1,2,4,8} x 3 widths, fitted
-    python scripts/scaling.py sweep --preset=cpu               # ~2 h on a 2-core CPU (add --threads=1 on a shared CPU)
-    python scripts/scaling.py sweep --preset=gpu               # ~4 min on one H200 (run prepare_data.py first)
+    python scripts/scaling.py sweep --preset=tiny              # 3 steps per run: P in {1,2,4,8} x 3 widths, fitted
+    python scripts/scaling.py sweep --preset=cpu               # hours on a 2-core CPU (add --threads=1 on a shared CPU)
+    python scripts/scaling.py sweep --preset=gpu               # one H200 (run prepare_data.py first); prints its estimated cost
     python scripts/scaling.py two_stage --preset=cpu           # P=1 base, then P=1 / P=4 / P=4 frozen / P=4 kv-init prefixes
     python scripts/scaling.py dynamic --preset=cpu             # one frozen backbone, streams files for P = 2, 4, 8
 
@@ -18,12 +19,13 @@ Every run is train.py in a process of its own, with its own out_dir; its output 
 Runs are resumable: a run whose log.jsonl holds its final evaluation is skipped, one with a ckpt.pt
 resumes (--init_from=resume), so re-running an interrupted command (Ctrl-C: the run saves first) finishes
 the work. Results land in --out (default out/scaling/<preset>) as CSV and JSON; the last line printed is
-one JSON object.
+one JSON object. A mistake the user can fix (a bad flag, a missing or damaged file, a run that train.py
+refused) ends as one `error: ...` line on stderr and exit status 1; a traceback means a bug.
 
 Prefix init "kv" (two_stage's p4_full_kv_init branch, and dynamic by default) is train.py's
 --prefix_init=kv: instead of N(0, 0.02) draws, each stream's prefix is the base model's own keys and
-values on a random n_prefix-token training snippet, one snippet per stream (PARSCALE.md section 6: it
-removes the loss spike at conversion).
+values on a random n_prefix-token training snippet, one snippet per stream (this repository's idea, not the
+paper's: it removes the loss spike at conversion, scripts/results/RESULTS.md section 3).
 """
 import argparse
 import csv
@@ -38,10 +40,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
+from model import GPT, GPTConfig, UserError, load_checkpoint, peak_flops  # noqa: E402
 
 # -----------------------------------------------------------------------------
-# the paper's grid (PARSCALE.md section 3): Stack-V2-Python, 42B tokens, depth 36, final training loss
+# the paper's grid (arXiv 2505.10475, the Stack-V2-Python loss grid): 42B tokens, depth 36, final training loss
 
 PAPER_STREAMS = [1, 2, 4, 8]
 PAPER_N = [  # one row per P; N counts ParScale's prefixes and aggregator
@@ -133,6 +135,81 @@ def fit_line(fit):
 
 
 # -----------------------------------------------------------------------------
+# k at each model size: the paper's grid implies k grows with N
+
+def anchored_law(N1, L1, E, alpha):
+    """
+    The law through one size's measured P = 1 point: A_N = N1 (L1 - E)^(1/alpha), so that
+    E + (A_N / N1)^alpha = L1 exactly, and L_P = E + (A_N / (N_P (k ln P + 1)))^alpha.
+    Returns (A_N, f) with f(N_P, P, k) the predicted loss.
+    """
+    A = N1 * (L1 - E) ** (1 / alpha)
+    return A, lambda N, P, k: law(N, P, E, A, alpha, k)
+
+
+def implied_k(N1, L1, N, P, L, E, alpha):
+    """The k at which the anchored law passes exactly through (N, P, L): solve
+    k ln P + 1 = (N1 / N) ((L1 - E) / (L - E))^(1/alpha) for k (P > 1, L > E)."""
+    return ((N1 / N) * ((L1 - E) / (L - E)) ** (1 / alpha) - 1) / math.log(P)
+
+
+def fit_k_anchored(N1, L1, N, P, L, E, alpha):
+    """One k for one size: least squares on the loss over that size's P > 1 points (N, P, L: lists),
+    the law anchored on (N1, L1) and E, alpha held fixed. Starts from the mean of the implied k's."""
+    _, f = anchored_law(N1, L1, E, alpha)
+    n, p, y = (torch.tensor(v, dtype=torch.float64) for v in (N, P, L))
+    start = sum(implied_k(N1, L1, *pt, E, alpha) for pt in zip(N, P, L)) / len(L)
+    k = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([k], lr=1, max_iter=100, tolerance_grad=1e-14, tolerance_change=1e-16,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        o = ((f(n, p, k) - y) ** 2).sum()
+        o.backward()
+        return o
+    opt.step(closure)
+    return k.item()
+
+
+def k_per_size(N_rows, L_rows, streams, E, alpha):
+    """
+    k fitted at each model size of a grid (rows: one per P in streams, streams[0] = 1; columns: sizes),
+    anchored on that size's P = 1 loss, E and alpha from a global fit. Per size: k (least squares on
+    the loss over P > 1), k_each (the k each P implies alone) and k_mean (their mean).
+    """
+    if streams[0] != 1:
+        raise ValueError("k_per_size needs the P = 1 row first")
+    out = []
+    for j in range(len(N_rows[0])):
+        N1, L1 = N_rows[0][j], L_rows[0][j]
+        pts = [(N_rows[i][j], P, L_rows[i][j]) for i, P in enumerate(streams) if P > 1]
+        each = {P: implied_k(N1, L1, n, P, l, E, alpha) for n, P, l in pts}
+        out.append(dict(N=N1, L1=L1, A=anchored_law(N1, L1, E, alpha)[0],
+                        k=fit_k_anchored(N1, L1, *zip(*pts), E, alpha),
+                        k_each=each, k_mean=sum(each.values()) / len(each)))
+    return out
+
+
+def line_fit(x, y):
+    """Least-squares slope and intercept of y against x."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+    return slope, my - slope * mx
+
+
+def extrapolate_k(N, k, at):
+    """k at the sizes `at` under two forms fitted to (N, k): k linear in ln N, and a power law c N^b
+    (a line in ln k against ln N). Beyond the fitted range both are guesses, and they disagree."""
+    b_lin, a_lin = line_fit([math.log(n) for n in N], k)
+    b_pow, a_pow = line_fit([math.log(n) for n in N], [math.log(v) for v in k])
+    return dict(linear=dict(form="k = a + b ln N", a=a_lin, b=b_lin,
+                            at={n: a_lin + b_lin * math.log(n) for n in at}),
+                power=dict(form="k = c N^b", c=math.exp(a_pow), b=b_pow,
+                           at={n: math.exp(a_pow) * n ** b_pow for n in at}))
+
+
+# -----------------------------------------------------------------------------
 # presets: fixed depth and token budget per run, widths x streams
 
 PRESETS = {
@@ -140,14 +217,13 @@ PRESETS = {
     "tiny": dict(device="cpu", n_layer=1, n_head=2, widths=[8, 16, 24], streams=[1, 2, 4, 8], block_size=16,
                  n_prefix=1, batch_size=4, max_iters=3, learning_rate=3e-3, warmup_iters=1, eval_interval=3,
                  eval_iters=1, base_iters=3, extra_iters=2, two_stage_width=16, fit_starts=3),
-    # ~2 h on a 2-core CPU with --threads=1 (measured, batch 32 x block 128: width 64 takes 55 ms per step
-    # at P=1 and 490 ms at P=8, ~1.7 s per step for all 12 runs, x 4000 steps). 2 prefix slots = 1.6% of the block.
+    # hours on a 2-core CPU: 12 runs x 4000 steps of batch 32 x block 128 (scripts/results/RESULTS.md ran it with
+    # fewer steps). 2 prefix slots = 1.6% of the block.
     "cpu": dict(device="cpu", n_layer=2, n_head=4, widths=[32, 48, 64], streams=[1, 2, 4, 8], block_size=128,
                 n_prefix=2, batch_size=32, max_iters=4000, learning_rate=3e-3, warmup_iters=50, eval_interval=500,
                 eval_iters=20, base_iters=1500, extra_iters=500, two_stage_width=48),
-    # ~4 min on one H200, bf16: 12 runs x 9.8M tokens (~1 epoch of the stdlib bytes), 3.3 PFLOP in all: ~80 s at
-    # 5% MFU (tiny widths get little of the ~790 TFLOP/s) plus ~15 ms of launch overhead per step (~110 s), plus
-    # evaluation and start-up. 4 prefix slots = 1.6% of the block.
+    # sized for a few minutes on one H200, bf16 (not run yet: `plan` prints the estimate): 12 runs x 9.8M tokens
+    # (~1 epoch of the stdlib bytes). 4 prefix slots = 1.6% of the block.
     "gpu": dict(device="cuda", n_layer=4, n_head=4, widths=[64, 128, 192], streams=[1, 2, 4, 8], block_size=256,
                 n_prefix=4, batch_size=64, max_iters=600, learning_rate=3e-3, warmup_iters=50, eval_interval=150,
                 eval_iters=20, base_iters=1200, extra_iters=400, two_stage_width=128),
@@ -173,8 +249,12 @@ def evals(out_dir):
         return []
     by_step = {}
     with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
+        for i, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {i} is not JSON ({e.msg}): a damaged run log; delete {out_dir} "
+                                "to train that run again") from e
             if rec.get("kind") == "eval":
                 by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
@@ -183,16 +263,21 @@ def evals(out_dir):
 def finished(out_dir, max_iters):
     ev = evals(out_dir)
     if ev and ev[-1]["step"] > max_iters:
-        raise SystemExit(f"{out_dir} holds a run of {ev[-1]['step']} steps, not {max_iters}: use another --out")
+        raise UserError(f"{out_dir} holds a run of {ev[-1]['step']} steps, not {max_iters}: use another --out")
     return bool(ev) and ev[-1]["step"] == max_iters and os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
 
 
 def call_train(argv, out_dir):
     """
     train.py in a process of its own (scripts do not import scripts), stdout and stderr appended to
-    out_dir/train.out. Returns what this call wrote there; a failed run raises with the tail of it.
+    out_dir/train.out. Returns what this call wrote there. A run that train.py refused (its own one-line
+    `error: ...`: a bad flag, missing data) raises UserError with that line; any other failure is a bug
+    and raises RuntimeError with the tail of train.out.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out_dir} ({e.strerror}): choose another --out") from e
     path = os.path.join(out_dir, "train.out")
     with open(path, "a") as log:
         log.write(f"$ python train.py {' '.join(argv)}\n")
@@ -208,8 +293,12 @@ def call_train(argv, out_dir):
         f.seek(start)
         out = f.read()
     if rc != 0:
+        said = [line.split("error: ", 1)[1] for line in out.splitlines()
+                if line.startswith("error: ") or line.startswith("train.py: error: ")]
+        if said:  # train.py's own message, or argparse's
+            raise UserError(f"train.py in {out_dir}: {said[-1]} (its output: {path})")
         tail = "\n".join(out.splitlines()[-15:])
-        raise SystemExit(f"train.py failed (exit {rc}) in {out_dir}; the end of {path}:\n{tail}")
+        raise RuntimeError(f"train.py failed (exit {rc}) in {out_dir}; the end of {path}:\n{tail}")
     return out
 
 
@@ -220,7 +309,7 @@ def run(argv, out_dir, max_iters, init_from="scratch", extra=()):
     resume = os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
     call_train(argv + [f"--init_from={'resume' if resume else init_from}", *extra], out_dir)
     if not finished(out_dir, max_iters):
-        raise SystemExit(f"run {out_dir} stopped before step {max_iters}; run the same command again to resume")
+        raise UserError(f"run {out_dir} stopped before step {max_iters}; run the same command again to resume")
     return "resumed" if resume else "trained"
 
 
@@ -238,14 +327,31 @@ def non_embedding(out_dir):
     return GPT(cfg).param_report()["non_embedding"]
 
 
-def plan(pre, data_dir):
-    """What a sweep will cost: tokens and FLOPs per run (model.flops_per_token), and for a GPU an estimate of
-    the time at an assumed 10% of the H200's ~790 TFLOP/s achieved bf16 plus ~15 ms per step of launch overhead."""
+ASSUMED_MFU, ASSUMED_STEP_OVERHEAD = 0.08, 0.015  # for plan's GPU time estimate: assumptions, not measurements
+
+
+def read_meta(data_dir):
+    """data_dir/meta.json (written by prepare_data.py), or a UserError that says what to do."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
-        raise SystemExit(f"{path} not found: run prepare_data.py first (python prepare_data.py)")
-    with open(path) as f:
-        vocab = math.ceil(json.load(f)["vocab_size"] / 64) * 64  # as train.py pads it
+        raise UserError(f"--data_dir: {path} not found: run prepare_data.py first (python prepare_data.py), "
+                        "or point --data_dir at its --out_dir")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        int(meta["vocab_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"--data_dir: {path} is not prepare_data.py's meta.json ({type(e).__name__}): "
+                        "run prepare_data.py again") from e
+    return meta
+
+
+def plan(pre, data_dir):
+    """What a sweep will cost: tokens and FLOPs per run (model.flops_per_token), and for a GPU an estimate of
+    the time from two assumptions: ASSUMED_MFU of the H200's datasheet bf16 peak (model.peak_flops; the one
+    measurement, scripts/results/h200_train.txt, got 18.8% at 11M parameters, and smaller models get less) and
+    ASSUMED_STEP_OVERHEAD seconds per step (kernel launches, optimizer, logging)."""
+    vocab = math.ceil(read_meta(data_dir)["vocab_size"] / 64) * 64  # as train.py pads it
     tokens = pre["max_iters"] * pre["batch_size"] * pre["block_size"]
     total, est = 0.0, 0.0
     for width, P in itertools.product(pre["widths"], pre["streams"]):
@@ -253,10 +359,11 @@ def plan(pre, data_dir):
                         vocab_size=vocab, n_streams=P, n_prefix=pre["n_prefix"])
         flops = GPT(cfg).flops_per_token(pre["block_size"]) * tokens
         total += flops
-        est += flops / (0.10 * 790e12) + pre["max_iters"] * 0.015
+        est += flops / (ASSUMED_MFU * peak_flops("H200")) + pre["max_iters"] * ASSUMED_STEP_OVERHEAD
     line = f"plan: {len(pre['widths']) * len(pre['streams'])} runs x {tokens:,} tokens, {total / 1e15:.2f} PFLOP"
     if pre["device"] == "cuda":
-        line += f", estimated ~{est / 60:.1f} min on one H200 (10% MFU + 15 ms/step) plus evaluation"
+        line += (f", estimated ~{est / 60:.1f} min on one H200 (assumed {ASSUMED_MFU:.0%} MFU + "
+                 f"{ASSUMED_STEP_OVERHEAD * 1e3:.0f} ms/step) plus evaluation")
     return line
 
 
@@ -280,28 +387,67 @@ def write_csv(path, rows):
 def cmd_fit(args):
     if args.paper:
         N, P, L = paper_points()
-        source = "paper grid (Stack-V2-Python, PARSCALE.md section 3)"
-    elif args.runs:
+        source = "paper grid (arXiv 2505.10475, the Stack-V2-Python loss grid)"
+    else:
         N, P, L = points_from(args.runs)
         source = args.runs
-    else:
-        raise SystemExit("fit needs --paper or --runs=DIR|FILE.csv")
     if len(L) < 5:
-        raise SystemExit(f"{source}: found {len(L)} finished runs; a 4-parameter fit needs at least 5")
+        raise UserError(f"--runs={source}: found {len(L)} finished runs; a 4-parameter fit needs at least 5")
     fit = fit_law(N, P, L, n_starts=args.starts)
     print(f"{source}: {len(L)} points\n{fit_line(fit)}")
     if args.paper:
         print("paper:  " + fit_line(PAPER_FIT))
-    return dict(source=source, points=len(L), **fit)
+    result = dict(source=source, points=len(L), **fit)
+    if args.per_size:
+        result["per_size"], result["extrapolation"] = print_k_per_size(fit)
+    return result
+
+
+TOY_SIZES = [10**5, 10**6, 10**7]  # non-embedding parameters of this repository's toy models
+
+
+def print_k_per_size(fit):
+    """fit --paper --per_size: k at each size of the paper's grid, then k extrapolated to toy sizes."""
+    E, alpha = fit["E"], fit["alpha"]
+    rows = k_per_size(PAPER_N, PAPER_LOSS, PAPER_STREAMS, E, alpha)
+    print(f"\nk at each size, E {E:.4f} and alpha {alpha:.4f} held from the fit above. Anchor: A_N = N_1 (L_1 - E)^(1/alpha),\n"
+          "so the law passes through that size's P = 1 loss exactly; L_P = E + (A_N / (N_P (k ln P + 1)))^alpha with\n"
+          "N_P that P's own row of N. k: least squares on L_P over P = 2, 4, 8. k_P: the k that P alone implies;\n"
+          "mean: their mean (least squares on k rather than on L).")
+    cols = ["N (P=1)", "L (P=1)", "A_N", "k_2", "k_4", "k_8", "mean", "k"]
+    table_rows = [{"N (P=1)": f"{r['N']:,}", "L (P=1)": f"{r['L1']:.4f}", "A_N": f"{r['A']:.4g}",
+                   **{f"k_{P}": f"{v:.3f}" for P, v in r["k_each"].items()},
+                   "mean": f"{r['k_mean']:.3f}", "k": f"{r['k']:.3f}"} for r in rows]
+    print(table(table_rows, cols))
+    one_row = k_per_size([PAPER_N[0]] * len(PAPER_STREAMS), PAPER_LOSS, PAPER_STREAMS, E, alpha)
+    print("k with the P = 1 row of N for every P (ParScale's own parameters left out): "
+          + ", ".join(f"{r['k']:.3f}" for r in one_row))
+    ext = extrapolate_k([r["N"] for r in rows], [r["k"] for r in rows], TOY_SIZES)
+    lin, pw = ext["linear"], ext["power"]
+    print(f"\nEXTRAPOLATION, far outside the fitted range (0.54B-4.4B), of k above to toy sizes (non-embedding N);\n"
+          f"two forms fitted to the six k's, and they disagree:\n"
+          f"  linear in ln N: k = {lin['a']:.3f} + {lin['b']:.4f} ln N\n"
+          f"  power law:      k = {pw['c']:.4f} N^{pw['b']:.4f}")
+    print(table([{"N": f"{n:.0e}", "linear in ln N": f"{lin['at'][n]:.3f}", "power law": f"{pw['at'][n]:.3f}"}
+                 for n in TOY_SIZES], ["N", "linear in ln N", "power law"]))
+    from_mean = extrapolate_k([r["N"] for r in rows], [r["k_mean"] for r in rows], TOY_SIZES)
+    print("from the mean column instead: linear " + " / ".join(f"{v:.3f}" for v in from_mean["linear"]["at"].values())
+          + ", power law " + " / ".join(f"{v:.3f}" for v in from_mean["power"]["at"].values()))
+    print("(a negative k is outside the law: it says P streams are worth less than one)")
+    return rows, ext
 
 
 def points_from(path):
     """(N, P, L) from a sweep.csv (columns N, P, val) or from every finished run under a folder
     (N from its checkpoint's model_args, L = its last evaluation's val loss)."""
     if path.endswith(".csv"):
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
-        return [float(r["N"]) for r in rows], [int(r["P"]) for r in rows], [float(r["val"]) for r in rows]
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            return [float(r["N"]) for r in rows], [int(r["P"]) for r in rows], [float(r["val"]) for r in rows]
+        except (csv.Error, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"--runs={path}: not a sweep.csv (it needs numeric columns N, P, val; "
+                            f"{type(e).__name__}: {e})") from e
     N, P, L = [], [], []
     for dirpath, _, files in sorted(os.walk(path)):
         if "ckpt.pt" in files and evals(dirpath):
@@ -406,50 +552,107 @@ def pick(ev):
 
 
 def preset(args):
+    """The preset's settings, with what the command line overrides (flags checked in get_args)."""
     pre = dict(PRESETS[args.preset])
     for key in ("max_iters", "base_iters", "extra_iters", "eval_iters", "batch_size"):
         if getattr(args, key, -1) > 0:
             pre[key] = getattr(args, key)
-    if args.widths:
-        pre["widths"] = [int(w) for w in args.widths.split(",")]
-    if args.n_streams:
-        pre["streams"] = [int(P) for P in args.n_streams.split(",")]
+    if getattr(args, "widths", None):
+        pre["widths"] = args.widths
+    if getattr(args, "n_streams", None):
+        pre["streams"] = args.n_streams
     if args.device:
         pre["device"] = args.device
     pre["threads"] = args.threads
     return pre
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose complaints are UserErrors: one `error:` line and exit 1, like every other user mistake."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
+def int_list(flag, text, multiple_of=1):
+    """A comma-separated flag of positive integers (multiples of `multiple_of`), or a UserError naming it."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 or v % multiple_of for v in values):
+        what = f"positive multiples of {multiple_of} (the preset's n_head)" if multiple_of > 1 else "positive integers"
+        raise UserError(f"{flag}={text}: expected comma-separated {what}")
+    return values
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="scaling.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fit", help="fit the law to the paper's grid or to your runs")
     f.add_argument("--paper", action="store_true", help="the paper's Stack-V2-Python grid")
     f.add_argument("--runs", default="", help="a folder of finished runs (searched recursively) or a sweep.csv")
-    f.add_argument("--starts", type=int, default=27, help="starting points of the fit (<= 27)")
+    f.add_argument("--starts", type=int, default=27, help="starting points of the fit, 1..27")
+    f.add_argument("--per_size", action="store_true", help="with --paper: also k at each model size, anchored on its "
+                   "P = 1 loss, and k extrapolated to toy sizes")
     for name in ("sweep", "two_stage", "dynamic"):
         s = sub.add_parser(name)
         s.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
         s.add_argument("--out", default="", help="results and run folders; '' = out/scaling/<preset>")
-        s.add_argument("--data_dir", default=os.path.join(ROOT, "data", "stdlib_bytes"))
+        s.add_argument("--data_dir", default=os.path.join(ROOT, "data", "stdlib_bytes"), help="prepare_data.py's output")
         s.add_argument("--device", default="", help="'' = the preset's")
-        # reduced runs: override the preset
-        s.add_argument("--max_iters", type=int, default=-1, help="sweep steps per run; -1 = the preset's")
-        s.add_argument("--base_iters", type=int, default=-1, help="steps of the P=1 base; -1 = the preset's")
-        s.add_argument("--extra_iters", type=int, default=-1, help="steps after conversion; -1 = the preset's")
+        # reduced runs: override the preset (each subcommand takes only the flags it uses)
+        if name == "sweep":
+            s.add_argument("--max_iters", type=int, default=-1, help="steps per run; -1 = the preset's")
+            s.add_argument("--widths", default="", help="comma-separated, e.g. 32,48,64; '' = the preset's")
+        else:
+            s.add_argument("--base_iters", type=int, default=-1, help="steps of the P=1 base; -1 = the preset's")
+            s.add_argument("--extra_iters", type=int, default=-1, help="steps after conversion; -1 = the preset's")
+        if name != "two_stage":  # two_stage's branches are fixed: P=1 continued and three P=4 variants
+            s.add_argument("--n_streams", default="", help="comma-separated P, e.g. 1,2,4,8; '' = the preset's"
+                           + (" (trains those > 1)" if name == "dynamic" else ""))
         s.add_argument("--eval_iters", type=int, default=-1, help="batches per evaluation; -1 = the preset's")
         s.add_argument("--batch_size", type=int, default=-1, help="-1 = the preset's")
-        s.add_argument("--widths", default="", help="comma-separated, e.g. 32,48,64; '' = the preset's")
-        s.add_argument("--n_streams", default="", help="comma-separated P, e.g. 1,2,4,8; '' = the preset's "
-                       "(dynamic trains those > 1)")
         s.add_argument("--threads", type=int, default=-1, help="train.py's torch CPU threads; -1 = torch's default. On a "
-                       "CPU shared with other jobs 1 thread can be ~10x faster (measured: 55 vs 700 ms per step)")
+                       "CPU shared with other jobs 1 thread can be much faster")
         if name == "dynamic":
             s.add_argument("--prefix_init", default="kv", choices=["kv", "random"], help="prefix init of the streams")
-    args = p.parse_args(argv)
-    if args.cmd != "fit":  # absolute: train.py runs in the repository root
-        args.out = os.path.abspath(args.out or os.path.join("out", "scaling", args.preset))
-        args.data_dir = os.path.abspath(args.data_dir)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # said here, where the subcommand is known (argparse would name only scaling.py)
+        raise UserError(f"scaling.py {args.cmd}: unrecognized arguments: {' '.join(unknown)}; "
+                        f"see scaling.py {args.cmd} --help")
+    if args.cmd == "fit":
+        if args.paper == bool(args.runs):
+            raise UserError("fit needs one of --paper (the paper's grid) and --runs=DIR|FILE.csv (your runs)")
+        if args.per_size and not args.paper:
+            raise UserError("--per_size works on the paper's grid only: add --paper")
+        if not 1 <= args.starts <= 27:
+            raise UserError(f"--starts={args.starts}: must be 1..27")
+        if args.runs and not (os.path.isdir(args.runs) or (os.path.isfile(args.runs) and args.runs.endswith(".csv"))):
+            raise UserError(f"--runs={args.runs}: neither a folder nor a .csv file; give a sweep's run folder or its sweep.csv")
+        return args
+    for key in ("max_iters", "base_iters", "extra_iters", "eval_iters", "batch_size", "threads"):
+        v = getattr(args, key, -1)
+        if v == 0 or v < -1:
+            raise UserError(f"--{key}={v}: must be a positive integer, or -1 for the "
+                            + ("torch default" if key == "threads" else "preset's"))
+    if getattr(args, "widths", ""):
+        args.widths = int_list("--widths", args.widths, PRESETS[args.preset]["n_head"])
+    if getattr(args, "n_streams", ""):
+        args.n_streams = int_list("--n_streams", args.n_streams)
+        if args.cmd == "dynamic" and max(args.n_streams) < 2:
+            raise UserError(f"--n_streams={','.join(map(str, args.n_streams))}: dynamic trains streams for each P > 1; "
+                            "give at least one")
+    device = args.device or PRESETS[args.preset]["device"]
+    flag = f"--device={args.device}" if args.device else f"--preset={args.preset} (device {device})"
+    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{flag}: expected cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{flag}: no CUDA device here (torch {torch.__version__}); use --device=cpu or --preset=cpu")
+    # absolute: train.py runs in the repository root
+    args.out = os.path.abspath(args.out or os.path.join("out", "scaling", args.preset))
+    args.data_dir = os.path.abspath(args.data_dir)
+    read_meta(args.data_dir)  # now, not after the first run
     return args
 
 
@@ -461,4 +664,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a mistake the user can fix: one line, no traceback; anything else is a bug
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

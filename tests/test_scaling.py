@@ -3,6 +3,8 @@
 import csv
 import math
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -13,7 +15,7 @@ from util import ROOT
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import scaling  # noqa: E402
 
-from model import attach_streams, load_checkpoint, model_from_checkpoint  # noqa: E402
+from model import UserError, attach_streams, load_checkpoint, model_from_checkpoint  # noqa: E402
 
 ONE_THREAD = "--threads=1"  # tiny models on a shared CPU run ~10x faster on one thread
 
@@ -42,6 +44,36 @@ def test_fit_reproduces_the_paper():
     assert abs(fit["A"] / paper["A"] - 1) < 0.05, fit
 
 
+def test_k_per_size_on_the_paper_grid():
+    fit = scaling.fit_law(*scaling.paper_points(), n_starts=1)
+    rows = scaling.k_per_size(scaling.PAPER_N, scaling.PAPER_LOSS, scaling.PAPER_STREAMS, fit["E"], fit["alpha"])
+    least_squares = [0.362, 0.400, 0.372, 0.411, 0.477, 0.490]  # least squares on the loss (scripts/results/k_per_size.txt)
+    mean_of_each = [0.369, 0.412, 0.377, 0.418, 0.490, 0.495]  # the mean of the k each P implies alone
+    for r, k, m in zip(rows, least_squares, mean_of_each):
+        assert abs(r["k"] - k) < 0.002 and abs(r["k_mean"] - m) < 0.002, r
+        # the anchor: the law passes through this size's P = 1 point exactly
+        assert abs(scaling.law(r["N"], 1, fit["E"], r["A"], fit["alpha"], r["k"]).item() - r["L1"]) < 1e-12
+    assert rows[-1]["k"] > rows[0]["k"] + 0.1  # k grows with size on this grid
+
+
+def test_k_per_size_recovers_planted_k_and_the_extrapolation_its_forms():
+    E, alpha, A = 1.3, 0.35, 4e5
+    sizes, planted, streams = [1e6, 1e7, 1e8], [0.1, 0.3, 0.6], [1, 2, 4, 8]
+    N = [[n * (1 + 0.01 * (P - 1)) for n in sizes] for P in streams]  # N grows with P, as ParScale's does
+    L = [[scaling.law(n, P, E, A, alpha, k).item() for n, k in zip(row, planted)] for P, row in zip(streams, N)]
+    for r, k in zip(scaling.k_per_size(N, L, streams, E, alpha), planted):
+        assert abs(r["k"] - k) < 1e-6 and abs(r["k_mean"] - k) < 1e-6, r
+        assert all(abs(v - k) < 1e-9 for v in r["k_each"].values()), r
+        assert abs(r["A"] / A - 1) < 1e-9, r
+    at = [1e3, 1e12]
+    linear = [0.05 * math.log(n) - 0.4 for n in sizes]
+    power = [0.02 * n ** 0.15 for n in sizes]
+    got = scaling.extrapolate_k(sizes, linear, at)["linear"]["at"]
+    assert all(abs(got[n] - (0.05 * math.log(n) - 0.4)) < 1e-9 for n in at), got
+    got = scaling.extrapolate_k(sizes, power, at)["power"]["at"]
+    assert all(abs(got[n] / (0.02 * n ** 0.15) - 1) < 1e-9 for n in at), got
+
+
 def test_sweep_runs_end_to_end_and_resumes_without_training(tmp_path, monkeypatch):
     data = write_corpus(tmp_path / "data")
     argv = ["sweep", "--preset=tiny", "--widths=8,16", "--n_streams=1,4", f"--out={tmp_path / 'out'}",
@@ -68,8 +100,65 @@ def test_sweep_runs_end_to_end_and_resumes_without_training(tmp_path, monkeypatc
 
 
 def test_a_failed_run_says_why(tmp_path):
-    with pytest.raises(SystemExit, match="prepare_data.py"):  # the tail of train.out
+    with pytest.raises(UserError, match="prepare_data.py"):  # train.py's own error line
         scaling.call_train([f"--data_dir={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'out'}"], str(tmp_path / "out"))
+
+
+def bad_inputs(tmp_path):
+    """Places a user can get wrong: a data folder, one with meta.json only, a CSV that is not a sweep's."""
+    data = write_corpus(tmp_path / "data")
+    (tmp_path / "meta_only").mkdir()
+    shutil.copy(os.path.join(data, "meta.json"), tmp_path / "meta_only")
+    (tmp_path / "bad.csv").write_text("width,P\n8,1\n")
+    return dict(data=data, meta_only=tmp_path / "meta_only", bad_csv=tmp_path / "bad.csv", missing=tmp_path / "missing",
+                out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], ["cmd"]),
+    (["fit"], ["--paper", "--runs"]),
+    (["fit", "--paper", "--runs=x"], ["--paper", "--runs"]),
+    (["fit", "--paper", "--starts=0"], ["--starts"]),
+    (["fit", "--runs", "--per_size"], ["--runs", "expected one argument"]),  # argparse's complaint
+    (["fit", "--runs={missing}"], ["--runs", "missing"]),
+    (["fit", "--runs={data}", "--per_size"], ["--per_size", "--paper"]),
+    (["sweep", "--bogus=1", "--data_dir={data}"], ["--bogus", "sweep --help"]),
+    (["two_stage", "--widths=8", "--data_dir={data}"], ["--widths", "two_stage"]),
+    (["sweep", "--preset=tiny", "--widths=8,x", "--data_dir={data}"], ["--widths=8,x"]),
+    (["sweep", "--preset=tiny", "--widths=7", "--data_dir={data}"], ["--widths=7", "n_head"]),
+    (["sweep", "--max_iters=0", "--data_dir={data}"], ["--max_iters=0"]),
+    (["sweep", "--preset=tiny", "--threads=-2", "--data_dir={data}"], ["--threads=-2"]),
+    (["dynamic", "--n_streams=1", "--data_dir={data}"], ["--n_streams=1", "P > 1"]),
+    (["sweep", "--device=bogus", "--data_dir={data}"], ["--device=bogus"]),
+    (["sweep", "--data_dir={missing}"], ["--data_dir", "prepare_data.py"]),
+])
+def test_bad_flags_are_user_errors_naming_the_flag(tmp_path, argv, words):
+    where = bad_inputs(tmp_path)
+    with pytest.raises(UserError) as e:
+        scaling.get_args([a.format(**where) for a in argv])
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def cli(*argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "scaling.py"), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["sweep", "--preset=tiny", "--bogus"], ["--bogus"]),  # argparse's complaint
+    (["fit", "--runs={bad_csv}"], ["--runs", "N, P, val"]),  # a file that is not a sweep's CSV
+    (["sweep", "--preset=tiny", "--widths=8", "--n_streams=1", "--data_dir={meta_only}", "--out={out}", ONE_THREAD],
+     ["train.py", "train.bin not found", "train.out"]),  # train.py refused the run: its own line, passed on
+])
+def test_a_user_error_is_one_line_exit_1_no_traceback(tmp_path, argv, words):
+    where = bad_inputs(tmp_path)
+    proc = cli(*[a.format(**where) for a in argv])
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert all(w in lines[0] for w in words), lines[0]
 
 
 def test_dynamic_p_switches_kv_initialised_streams_on_an_untouched_backbone(tmp_path):
