@@ -341,7 +341,7 @@ def main(argv=None):
         docs, source = read_stdlib_corpus(args.max_files)
     where = f"--input={args.input}" if args.input else f"the Python {source['python']} stdlib at {source['path']}"
     if not any(text for _, text in docs):
-        raise UserError(f"{where} has no text ({len(docs)} files, all empty); "
+        raise UserError(f"{where} has no text ({len(docs)} file(s), all empty); "
                         f"{'give it' if args.input else 'pass --input= with'} a file or folder that holds some")
     skipped = f", {source['skipped_not_utf8']} skipped (not UTF-8)" if "skipped_not_utf8" in source else ""
     print(f"corpus: {args.input or where}, {len(docs)} files{skipped}; tokenizer: {tok.name} (vocab {tok.vocab_size})")

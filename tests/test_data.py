@@ -170,7 +170,7 @@ def test_default_out_dir(tmp_path):
     ("missing", r"--input=.*in does not exist"),
     ("empty_folder", r"--input=.* is a folder with no files"),
     ("hidden_only", r"--input=.* is a folder with no files .*hidden"),
-    ("empty_files", r"--input=.* has no text \(2 files, all empty\)"),
+    ("empty_files", r"--input=.* has no text \(2 file\(s\), all empty\)"),
     ("empty_file", r"--input=.*a\.txt has no text"),
     ("undecodable", r"--input: .*bad\.txt is not valid UTF-8 at byte offset 6"),
     ("too_little", r"too little data for one block: the val split .* --block_size=128"),
