@@ -26,7 +26,7 @@ fused CUDA path (kernels/fused.py, with CUDA graphs) when it is available and on
 "Context" is the prompt length: the prompt is `context` tokens long, all of them are prefilled into the
 KV cache, then L_out tokens are decoded one at a time (greedy). The paper's L_in = 64 is context 64
 (`--contexts=64,...`); the defaults 128, 512, 1024 bracket the contexts where ParScale's memory advantage
-ends at GPT-2-small's shape (README, bench.py section: P = 8 near 260 for MHA, 660 for GQA), because
+ends at GPT-2-small's shape (README, bench.py section: P = 8, batch 1, near 260 for MHA, 660 for GQA), as
 every stream keeps its own KV cache. Every model is built with block_size = context + L_out, so its KV
 cache is sized to the run.
 
@@ -588,10 +588,10 @@ def check_args(args):
         raise UserError(f"--time_limit must be a number of seconds > 0, or -1 for never; got {args.time_limit}")
     if args.threads == 0 or args.threads < -1:
         raise UserError(f"--threads must be >= 1, or -1 for the default; got {args.threads}")
-    for flag in ("peak_flops", "peak_bw"):
-        value = getattr(args, flag)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise UserError(f"--{flag} must be a positive number, got {value}")
+    if not (math.isfinite(args.peak_flops) and args.peak_flops > 0 or args.peak_flops == -1):
+        raise UserError(f"--peak_flops must be a positive number of FLOP/s, or -1 to look up the GPU; got {args.peak_flops}")
+    if not (math.isfinite(args.peak_bw) and args.peak_bw > 0):
+        raise UserError(f"--peak_bw must be a positive number of bytes/s, got {args.peak_bw}")
     if args.plot:
         if Figure is None:
             raise UserError(f"--plot={args.plot} needs matplotlib, which is not importable here; pip install matplotlib, or drop --plot")
@@ -633,8 +633,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=-1, help="torch CPU threads; -1 = 1 on CPU (toy shapes gain nothing from more, "
                    "and on shared cores OpenMP threads stall each other), torch's default on CUDA")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="decode dtype; auto = bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--peak_flops", type=float, default=None,
-                   help="peak FLOP/s for MFU; None = model.peak_flops: the GPU's datasheet bf16 peak (H100/H200: 989e12), n/a on CPU")
+    p.add_argument("--peak_flops", type=float, default=-1,
+                   help="peak FLOP/s for MFU; -1 = the GPU's datasheet bf16 peak (model.peak_flops: H100/H200 989e12), none on CPU")
     p.add_argument("--peak_bw", type=float, default=H200_HBM_BYTES, help="stated memory bandwidth for the decode floor, bytes/s (H200: 4.8e12)")
     args = p.parse_args(argv)
 
@@ -653,8 +653,8 @@ def parse_args(argv):
     args.dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if cuda else torch.float32
     args.device_name = torch.cuda.get_device_name(args.device) if cuda else "CPU"
     # MFU's denominator: the flag, else model.py's datasheet table (None on CPU or an unlisted GPU)
-    args.peak_flops_source = "--peak_flops" if args.peak_flops else f"datasheet bf16 peak of {args.device_name}"
-    args.peak_flops = args.peak_flops or peak_flops(args.device_name)
+    args.peak_flops_source = "--peak_flops" if args.peak_flops > 0 else f"datasheet bf16 peak of {args.device_name}"
+    args.peak_flops = args.peak_flops if args.peak_flops > 0 else peak_flops(args.device_name)
     if 1 not in args.streams:
         args.streams = [1] + args.streams  # the P=1 base is what every increase is measured from
 
