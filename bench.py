@@ -8,11 +8,15 @@ Measured inference cost of ParScale's P streams against width scaling, and the t
     (no multi-GPU run: every measurement is one model on one device)
 The single-GPU run is estimated at ~3 minutes on an H200; --time_limit skips what is left after that
 many seconds of decode sweep, loudly. The last line of the output is one JSON object with everything.
+A mistake the user can fix (a bad flag value, a GPU or matplotlib that is not there) ends as one
+`error: ...` line naming the flag, exit status 1, before anything is measured.
 
-What is compared (PARSCALE.md sections 3-4). For one base shape (default GPT-2-small) and every P:
+What is compared (the paper, arXiv 2505.10475, sections 3-4; README, bench.py section). For one base
+shape (default GPT-2-small) and every P:
   - the ParScale model with P streams, and
   - a "width-matched" P=1 model of the same depth whose non-embedding parameter count is closest to
-    N_base * (1 + k ln P), the parameters P streams are worth by the scaling law (k = 0.39 on code).
+    N_base * (1 + k ln P), the parameters P streams are worth by the scaling law (k = 0.39 on code,
+    the paper's section 3).
     Width moves in whole heads of the base's head_dim (match_width below).
 For each model, batch size and context length it measures the peak GPU memory (weights + KV cache +
 activations, from the CUDA allocator) and the end-to-end latency of a prefill followed by L_out decode
@@ -21,17 +25,22 @@ fused CUDA path (kernels/fused.py, with CUDA graphs) when it is available and on
 
 "Context" is the prompt length: the prompt is `context` tokens long, all of them are prefilled into the
 KV cache, then L_out tokens are decoded one at a time (greedy). The paper's L_in = 64 is context 64
-(`--contexts=64,...`); the defaults 128, 512, 1024 bracket the break-even PARSCALE.md section 4 estimates
-for MHA. Every model is built with block_size = context + L_out, so its KV cache is sized to the run.
+(`--contexts=64,...`); the defaults 128, 512, 1024 bracket the contexts where ParScale's memory advantage
+ends at GPT-2-small's shape (README, bench.py section: P = 8, batch 1, near 260 for MHA, 660 for GQA), as
+every stream keeps its own KV cache. Every model is built with block_size = context + L_out, so its KV
+cache is sized to the run.
 
 Headline: cost increase = cost(model) - cost(P=1 base) at the same path, batch and context, and the
 ratio (width scaling's increase) / (ParScale's increase): > 1 means ParScale is cheaper. The paper's
-22x memory / 6x latency (1.6B, GQA, P=8, batch 1) is analytic for an A100; here it is measured.
+22x memory / 6x latency (section 4, its cost analysis: 1.6B, GQA, P=8, batch 1) is analytic for an A100;
+here it is measured.
 
 Width matching keeps head_dim: with GQA the wider model keeps its 2 key/value heads, so its KV cache
 does not grow (the paper's family kept 16 heads and grew head_dim). Steps are whole heads, so the
 achieved count can miss the target by several percent; both are printed.
 On CPU the allocator keeps no peak: memory there is weights + KV cache (activations not counted).
+MFU (--mode=train) is model.GPT.estimate_mfu against model.peak_flops, the datasheet bf16 peak of the
+GPU by name; n/a on CPU or an unlisted GPU unless --peak_flops gives one.
 """
 
 import argparse
@@ -39,6 +48,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -47,7 +57,7 @@ from contextlib import nullcontext
 import torch
 
 from kernels.fused import fused_decoder_for, fused_status  # the hand-written CUDA path; which one runs is printed
-from model import GPT, GPTConfig, KVCache, UserError
+from model import GPT, GPTConfig, KVCache, UserError, peak_flops
 
 try:  # only for --plot; the object-oriented API needs no backend choice (no import-time side effects)
     from matplotlib.figure import Figure
@@ -55,7 +65,7 @@ except ImportError:
     Figure = None
 
 PRESETS = {
-    # GPT-2-small (PARSCALE.md section 5): the default on CUDA
+    # GPT-2-small (124M; README, bench.py section): the default on CUDA
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_prefix=48,
                  batches=[1, 2, 4, 8], contexts=[128, 512, 1024], l_out=64, repeats=3,
                  train_batch=4, train_seq=1024, train_steps=10),
@@ -64,7 +74,6 @@ PRESETS = {
                  batches=[1, 2, 4, 8], contexts=[32, 128], l_out=16, repeats=3,
                  train_batch=4, train_seq=64, train_steps=3),
 }
-H200_BF16_FLOPS = 989e12  # H100/H200 SXM bf16 dense peak (spec)
 H200_HBM_BYTES = 4.8e12  # H200 HBM3e bandwidth (spec); ~4.3e12 is what a copy achieves
 
 
@@ -78,7 +87,8 @@ def param_counts(cfg):
 
 
 def equivalent_params(n_base, n_streams, k):
-    """The scaling law's worth of P streams in parameters: N_base * (1 + k ln P) (PARSCALE.md section 3)."""
+    """The scaling law's worth of P streams in parameters: N_base * (1 + k ln P), from the paper's
+    L = E + (A / (N (k ln P + 1)))^alpha (arXiv 2505.10475, section 3)."""
     return n_base * (1 + k * math.log(n_streams))
 
 
@@ -182,7 +192,7 @@ def generate_once(dec, prompt, n_steps, device):
 
 def decode_floor_seconds(cfg, n_non_embedding, batch_size, context, args):
     """Bandwidth floor of one decode step: every weight read once (for all P*B rows) plus the KV
-    cache at the run's mean length (PARSCALE.md section 5)."""
+    cache at the run's mean length (README, fused GPU decode path section: the "floor" column)."""
     weights = n_non_embedding + cfg.vocab_size * cfg.n_embd  # the body and the LM head
     kv_len = cfg.n_prefix_slots + context + args.l_out / 2
     kv = 2 * cfg.n_layer * cfg.n_streams * batch_size * cfg.n_kv_head * kv_len * cfg.head_dim
@@ -441,9 +451,6 @@ def paper_comparison(headline, args):
 
 def plot(rows, families, args):
     """The paper's cost figure, measured: cost increase over P=1 against P, ParScale vs width, per batch size."""
-    if Figure is None:
-        print("--plot: matplotlib is not importable, no figure written (pip install matplotlib)")
-        return
     path, ctx = args.paths[0], args.contexts[0]
     fig = Figure(figsize=(3.2 * len(args.batches), 6), layout="constrained")
     axes = fig.subplots(2, len(args.batches), squeeze=False)
@@ -474,11 +481,12 @@ def plot(rows, families, args):
 def bench_train(args, base_cfgs):
     """Tokens/s and MFU of one training step (forward + backward + AdamW) for every P at a fixed shape."""
     cuda = args.device.type == "cuda"
-    peak = args.peak_flops if cuda else None
+    peak = args.peak_flops
     B, T = args.train_batch, args.train_seq
     print(f"\ntrain: batch {B} x {T} tokens, forward + backward + AdamW, {'bf16 autocast' if cuda else 'float32'}, "
-          f"eager (no torch.compile); median of {args.train_steps} steps after 2 warm-up steps; "
-          f"MFU against {'%.0f TFLOP/s (stated peak)' % (peak / 1e12) if peak else 'n/a (CPU)'}")
+          f"eager (no torch.compile); median of {args.train_steps} steps after 2 warm-up steps; MFU "
+          + (f"against {peak / 1e12:.0f} TFLOP/s ({args.peak_flops_source})" if peak else
+             f"n/a (no datasheet peak for {args.device_name}; --peak_flops gives one)"))
     print(f"{'attn':5} {'P':>2} | {'tok/s':>10} {'vs P=1':>6} | {'step ms':>8} | {'TFLOP/s':>8} {'MFU':>6} | {'peak GB':>7}")
     out = []
     for base_cfg in base_cfgs:
@@ -515,7 +523,7 @@ def bench_train(args, base_cfgs):
             tok_s = B * T / step
             flops = model.flops_per_token(T) * tok_s
             r = dict(attn=attn_label(base_cfg), P=P, tokens_per_s=tok_s, step_ms=step * 1e3, flops_per_s=flops,
-                     mfu=flops / peak if peak else None,
+                     mfu=model.estimate_mfu(tok_s, T, peak),
                      peak_gb=torch.cuda.max_memory_allocated(args.device) / 2**30 if cuda else None)
             first = next((o for o in out if o["attn"] == r["attn"] and "error" not in o), r)  # normally P=1
             mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
@@ -541,7 +549,64 @@ def rounded(obj):
 
 
 def int_list(s):
-    return [int(v) for v in s.split(",") if v.strip()]
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {s!r}") from None
+
+
+def bench_device(name):
+    """--device as a torch.device, checked against this machine: the sweep runs on cpu or cuda."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device={name}: bench.py measures on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name}, but torch.cuda.is_available() is False (no GPU, or a CPU-only torch build); "
+                        "use --device=cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} GPU(s), cuda:0 and up")
+    return dev
+
+
+def check_args(args):
+    """Values argparse cannot check, after the preset filled the gaps: one `error:` line each, naming the flag."""
+    for flag, low in [("n_layer", 1), ("n_embd", 1), ("n_head", 1), ("vocab_size", 1), ("n_prefix", 0), ("l_out", 1),
+                      ("repeats", 1), ("train_batch", 1), ("train_seq", 1), ("train_steps", 1)]:
+        if getattr(args, flag) < low:
+            raise UserError(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
+    if args.n_embd % args.n_head:
+        raise UserError(f"--n_embd={args.n_embd} must be a multiple of --n_head={args.n_head} (head_dim = n_embd / n_head)")
+    for flag, low in [("batches", 1), ("contexts", 1), ("streams", 1), ("kv_heads", 0)]:
+        values = getattr(args, flag)
+        if not values or min(values) < low:
+            raise UserError(f"--{flag} must list integers >= {low}, comma-separated; got {values}")
+    for kv in args.kv_heads:
+        if kv and args.n_head % kv:
+            raise UserError(f"--kv_heads={kv} must divide --n_head={args.n_head} (0 = n_head, multi-head attention)")
+    if max(args.streams) > 1 and args.n_prefix < 1:
+        raise UserError(f"--n_prefix must be >= 1 when --streams has a P > 1 (without a prefix every stream is the same), got {args.n_prefix}")
+    if not (math.isfinite(args.k) and args.k >= 0):
+        raise UserError(f"--k must be a finite number >= 0 (the paper fits 0.39 on code, 0.33 on the Pile), got {args.k}")
+    if not (args.time_limit > 0 or args.time_limit == -1):
+        raise UserError(f"--time_limit must be a number of seconds > 0, or -1 for never; got {args.time_limit}")
+    if args.threads == 0 or args.threads < -1:
+        raise UserError(f"--threads must be >= 1, or -1 for the default; got {args.threads}")
+    if not (math.isfinite(args.peak_flops) and args.peak_flops > 0 or args.peak_flops == -1):
+        raise UserError(f"--peak_flops must be a positive number of FLOP/s, or -1 to look up the GPU; got {args.peak_flops}")
+    if not (math.isfinite(args.peak_bw) and args.peak_bw > 0):
+        raise UserError(f"--peak_bw must be a positive number of bytes/s, got {args.peak_bw}")
+    if args.plot:
+        if Figure is None:
+            raise UserError(f"--plot={args.plot} needs matplotlib, which is not importable here; pip install matplotlib, or drop --plot")
+        if args.mode == "train":
+            raise UserError("--plot draws the decode sweep's cost figure; use it with --mode=decode or --mode=all")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+            raise UserError(f"--plot={args.plot}: its folder does not exist; create it or choose another path")
 
 
 def parse_args(argv):
@@ -576,24 +641,35 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=-1, help="torch CPU threads; -1 = 1 on CPU (toy shapes gain nothing from more, "
                    "and on shared cores OpenMP threads stall each other), torch's default on CUDA")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="decode dtype; auto = bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--peak_flops", type=float, default=H200_BF16_FLOPS, help="stated peak for MFU (H100/H200 bf16 dense: 989e12)")
+    p.add_argument("--peak_flops", type=float, default=-1,
+                   help="peak FLOP/s for MFU; -1 = the GPU's datasheet bf16 peak (model.peak_flops: H100/H200 989e12), none on CPU")
     p.add_argument("--peak_bw", type=float, default=H200_HBM_BYTES, help="stated memory bandwidth for the decode floor, bytes/s (H200: 4.8e12)")
     args = p.parse_args(argv)
 
-    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
-    preset = PRESETS[args.preset if args.preset != "auto" else "gpt2" if args.device.type == "cuda" else "tiny"]
+    args.device = bench_device(args.device)
+    cuda = args.device.type == "cuda"
+    preset = PRESETS[args.preset if args.preset != "auto" else "gpt2" if cuda else "tiny"]
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if args.device.type == "cuda" else torch.float32
-    args.device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
+    check_args(args)
+    if args.dtype == "float16" and not cuda:
+        raise UserError("--dtype=float16 is for GPUs: on CPU torch runs it slowly and with float16's narrow range; "
+                        "use --dtype=float32 (the default there) or bfloat16")
+    if args.dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--dtype=bfloat16, but {torch.cuda.get_device_name(args.device)} has no bfloat16; use float16 or float32")
+    args.dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if cuda else torch.float32
+    args.device_name = torch.cuda.get_device_name(args.device) if cuda else "CPU"
+    # MFU's denominator: the flag, else model.py's datasheet table (None on CPU or an unlisted GPU)
+    args.peak_flops_source = "--peak_flops" if args.peak_flops > 0 else f"datasheet bf16 peak of {args.device_name}"
+    args.peak_flops = args.peak_flops if args.peak_flops > 0 else peak_flops(args.device_name)
     if 1 not in args.streams:
         args.streams = [1] + args.streams  # the P=1 base is what every increase is measured from
 
     # which decode paths run, and why: said once, never silently changed
     fused_ok, why = fused_status(args.device)
     if args.paths == "fused" and not fused_ok:
-        p.error(f"--paths=fused, but the fused path is unavailable: {why}")
+        raise UserError(f"--paths=fused, but the fused path is unavailable: {why}; use --paths=auto or --paths=eager")
     args.paths = ["fused", "eager"] if args.paths == "auto" and fused_ok else ["eager"] if args.paths != "fused" else ["fused"]
     args.fused_reason = why
     return args
@@ -641,7 +717,7 @@ def run(args):
         for note in notes:
             print(f"!!! {note}")
     if args.mode in ("train", "all"):
-        result["train"] = bench_train(args, cfgs)
+        result.update(train=bench_train(args, cfgs), peak_flops=args.peak_flops)
     result["elapsed_s"] = time.time() - t0
     print(f"\nelapsed {result['elapsed_s']:.1f} s")
     print(json.dumps(rounded(result)), flush=True)
@@ -649,4 +725,7 @@ def run(args):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except UserError as e:  # a mistake the user can fix: one line, no traceback; anything else is a bug
+        sys.exit("error: " + " ".join(str(e).split("\n")))

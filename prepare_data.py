@@ -31,11 +31,16 @@ Tokenizers:
          instead it is built here from a local copy of the same file, looked up in this order:
          --gpt2_vocab, $PARSCALE_GPT2_VOCAB, data/gpt2.tiktoken next to this script
          (bash scripts/get_gpt2_vocab.sh puts it there).
+sample.py imports load_tokenizer from here, so data and prompts share one implementation: data is
+encoded with .encode (a literal "<|endoftext|>" stays text), a prompt with .encode_prompt (it becomes
+the end-of-text token), and .decode drops ids outside the vocabulary (see the comment above ByteTokenizer).
 
 meta.json holds all a decoder needs: {"tokenizer", "vocab_size", "eot_token", "dtype",
 "gpt2_encoding" and "gpt2_vocab_sha256" (gpt2 only), "source" (provenance), "train_tokens",
 "val_tokens", "train_files", "val_files"}. Outputs are written atomically (temp file + os.replace),
 meta.json last. The corpus is held in memory: this is meant for corpora up to a few hundred MB.
+A mistake the user can fix (a bad flag value, a missing, empty or non-UTF-8 input, no GPT-2 vocabulary)
+ends as one `error: ...` line naming the flag, exit status 1, and nothing written.
 """
 
 import argparse
@@ -43,6 +48,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import sysconfig
 import time
 
@@ -51,6 +57,8 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 from tqdm import tqdm
+
+from model import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
@@ -63,10 +71,16 @@ VAL_FRACTION = 10  # 1 in VAL_FRACTION files (or the last 1/VAL_FRACTION of a si
 
 
 # -----------------------------------------------------------------------------
-# tokenizers: .encode(str) -> list[int], .decode(list[int]) -> str
+# tokenizers, shared with sample.py. Two encoders on purpose, as nanoGPT: data goes through
+# .encode(str) -> list[int], which never produces a special token (a literal "<|endoftext|>" in a
+# file is plain text); a prompt goes through .encode_prompt(str), where "<|endoftext|>" is the
+# end-of-text token, so a prompt can start a fresh document. .decode(ids) -> str drops ids outside
+# [0, vocab_size): they carry no text, and sampling can produce them, because train.py pads the
+# model's vocabulary to a multiple of 64 (GPT-2's 50257 -> 50304). sample.py says how many it dropped.
 
 class ByteTokenizer:
-    """Every UTF-8 byte is a token. Decoding replaces a broken multi-byte sequence with U+FFFD."""
+    """Every UTF-8 byte is a token. decode drops ids outside [0, 256) and replaces a broken multi-byte
+    sequence with U+FFFD; it never raises."""
 
     name = "bytes"
     vocab_size = 256
@@ -75,12 +89,16 @@ class ByteTokenizer:
     def encode(self, text):
         return list(text.encode("utf-8"))
 
+    def encode_prompt(self, text):
+        return self.encode(text)  # no special tokens to recognise
+
     def decode(self, ids):
-        return bytes(ids).decode("utf-8", errors="replace")
+        return bytes(i for i in ids if 0 <= i < self.vocab_size).decode("utf-8", errors="replace")
 
 
 class GPT2Tokenizer:
-    """GPT-2's BPE, identical to tiktoken.get_encoding("r50k_base"), built from a local file."""
+    """GPT-2's BPE, identical to tiktoken.get_encoding("r50k_base"), built from a local file. decode drops
+    ids outside [0, 50257) (the model's padding rows) and never raises."""
 
     name = "gpt2"
     vocab_size = 50257
@@ -89,18 +107,20 @@ class GPT2Tokenizer:
     def __init__(self, vocab_path):
         got = file_sha256(vocab_path)
         if got != GPT2_VOCAB_SHA256:
-            raise ValueError(f"{vocab_path}: sha256 {got} is not GPT-2's vocabulary ({GPT2_VOCAB_SHA256}); "
-                             "run `bash scripts/get_gpt2_vocab.sh` for a fresh copy")
+            raise UserError(f"{vocab_path} is not GPT-2's vocabulary (sha256 {got}, expected {GPT2_VOCAB_SHA256}); "
+                            "run `bash scripts/get_gpt2_vocab.sh` for a fresh copy, or fix --gpt2_vocab")
         ranks = tiktoken.load.load_tiktoken_bpe(vocab_path, expected_hash=GPT2_VOCAB_SHA256)
         self.enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                                      special_tokens={ENDOFTEXT: self.eot_token}, explicit_n_vocab=self.vocab_size)
 
     def encode(self, text):
-        # ordinary: a literal "<|endoftext|>" in the text is plain text, not the special token
         return self.enc.encode_ordinary(text)
 
+    def encode_prompt(self, text):
+        return self.enc.encode(text, allowed_special={ENDOFTEXT})
+
     def decode(self, ids):
-        return self.enc.decode(ids, errors="replace")
+        return self.enc.decode([i for i in ids if 0 <= i < self.vocab_size], errors="replace")
 
 
 def find_gpt2_vocab(path=None):
@@ -108,26 +128,27 @@ def find_gpt2_vocab(path=None):
     for given, where in [(path, "--gpt2_vocab"), (os.environ.get(GPT2_VOCAB_ENV), f"${GPT2_VOCAB_ENV}")]:
         if given:
             if not os.path.isfile(given):  # named explicitly: never fall back past it
-                raise FileNotFoundError(f"GPT-2 vocabulary file from {where} does not exist: {given}")
+                raise UserError(f"GPT-2 vocabulary file from {where} does not exist or is not a file: {given}; "
+                                "run `bash scripts/get_gpt2_vocab.sh` to fetch it, or fix the path")
             return given
     default = os.path.join(DATA_DIR, "gpt2.tiktoken")
     if not os.path.isfile(default):
-        raise FileNotFoundError(f"GPT-2 vocabulary file not found (looked at --gpt2_vocab, ${GPT2_VOCAB_ENV}, "
-                                f"{default}); run `bash scripts/get_gpt2_vocab.sh` to fetch it")
+        raise UserError(f"GPT-2 vocabulary file not found (looked at --gpt2_vocab, ${GPT2_VOCAB_ENV}, {default}); "
+                        "run `bash scripts/get_gpt2_vocab.sh` to fetch it, or pass --gpt2_vocab=PATH")
     return default
 
 
 def load_tokenizer(meta, gpt2_vocab=None):
     """The tokenizer a meta.json describes (only its "tokenizer" key is needed); see find_gpt2_vocab."""
-    kind = meta["tokenizer"]
+    kind = meta.get("tokenizer")
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "gpt2":
         if meta.get("gpt2_vocab_sha256", GPT2_VOCAB_SHA256) != GPT2_VOCAB_SHA256:
-            raise ValueError(f"meta.json wants GPT-2 vocabulary sha256 {meta['gpt2_vocab_sha256']}, "
-                             f"this code knows only {GPT2_VOCAB_SHA256}")
+            raise UserError(f"meta.json wants GPT-2 vocabulary sha256 {meta['gpt2_vocab_sha256']}, "
+                            f"this code knows only {GPT2_VOCAB_SHA256}")
         return GPT2Tokenizer(find_gpt2_vocab(gpt2_vocab))
-    raise ValueError(f"unknown tokenizer {kind!r}; expected 'bytes' or 'gpt2'")
+    raise UserError(f"unknown tokenizer {kind!r} in meta.json; expected 'bytes' or 'gpt2' (rerun prepare_data.py)")
 
 
 # -----------------------------------------------------------------------------
@@ -163,12 +184,20 @@ def list_folder_files(root):
     return sorted(r.replace(os.sep, "/") for r in rels)
 
 
+def read_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"--input: cannot read {path} ({e.strerror}); fix its permissions or leave it out") from None
+
+
 def decode_utf8(data, path):
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"undecodable input: {path} is not valid UTF-8 at byte offset {e.start} "
-                         f"({e.reason}: {data[e.start:e.start + 4]!r}); convert it to UTF-8 or remove it") from None
+        raise UserError(f"--input: {path} is not valid UTF-8 at byte offset {e.start} ({e.reason}: "
+                        f"{data[e.start:e.start + 4]!r}); convert it to UTF-8 (iconv -t UTF-8) or remove it") from None
 
 
 def read_stdlib_corpus(max_files=-1):
@@ -194,20 +223,27 @@ def read_stdlib_corpus(max_files=-1):
 
 
 def read_input_corpus(path, max_files=-1):
-    """A UTF-8 text file, or every regular file in a folder. Raises on a missing path or undecodable bytes."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"input path does not exist: {path}")
+    """A UTF-8 text file, or every regular file in a folder. A missing path, a folder without files, an
+    unreadable or undecodable file raise UserError naming it, before anything is tokenized."""
     if os.path.isdir(path):
         root, rels, kind = path, list_folder_files(path), "folder"
+        if not rels:
+            raise UserError(f"--input={path} is a folder with no files in it (hidden ones, named '.*', are skipped); "
+                            "point it at a text file or a folder of them")
         if max_files >= 0:
             rels = rels[:max_files]
-    else:
+    elif os.path.isfile(path):
+        if max_files != -1:
+            raise UserError(f"--max_files={max_files} picks files from a folder, but --input={path} is a single file; drop --max_files")
         root, rels, kind = os.path.dirname(path), [os.path.basename(path)], "file"
+    elif os.path.exists(path):
+        raise UserError(f"--input={path} is neither a regular file nor a folder; give a UTF-8 text file or a folder of them")
+    else:
+        raise UserError(f"--input={path} does not exist; give a UTF-8 text file or a folder of them")
     docs, h = [], hashlib.sha256()
     for rel in rels:
         full = os.path.join(root, rel)
-        with open(full, "rb") as f:
-            data = f.read()
+        data = read_bytes(full)
         docs.append((rel, decode_utf8(data, full)))  # fail here, before any tokenizing
         update_corpus_hash(h, rel, data)
     source = {"kind": kind, "path": os.path.abspath(path), "max_files": max_files,
@@ -248,6 +284,8 @@ def write_atomic(path, payload):
         with open(tmp, "wb") as f:
             f.write(payload)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder: the user's to fix
+        raise UserError(f"--out_dir: cannot write {path} ({e.strerror}); free some space or choose another --out_dir") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -268,18 +306,29 @@ def get_args(argv=None):
     parser.add_argument("--input", type=str, default="",
                         help="UTF-8 text file or folder; '' = this Python's stdlib source")
     parser.add_argument("--max_files", type=int, default=-1,
-                        help="use only the first N files in sorted order; -1 = all")
+                        help="use only the first N files in sorted order (a folder or the stdlib); -1 = all")
     parser.add_argument("--out_dir", type=str, default="",
                         help="'' = data/stdlib_<tokenizer> or data/<input name>_<tokenizer>, next to this script")
     # tokenizer
     parser.add_argument("--tokenizer", type=str, default="bytes", choices=["bytes", "gpt2"],
                         help="bytes (vocab 256, needs nothing) or gpt2 (BPE, vocab 50257)")
     parser.add_argument("--gpt2_vocab", type=str, default="",
-                        help=f"gpt2.tiktoken file; '' = ${GPT2_VOCAB_ENV}, else data/gpt2.tiktoken")
+                        help=f"gpt2.tiktoken file, for --tokenizer=gpt2; '' = ${GPT2_VOCAB_ENV}, else data/gpt2.tiktoken")
     # checks
     parser.add_argument("--block_size", type=int, default=128,
                         help="each split must hold one block: at least block_size + 1 tokens")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # values argparse cannot check: one `error:` line each, naming the flag
+    if args.max_files == 0 or args.max_files < -1:
+        raise UserError(f"--max_files must be a number of files >= 1, or -1 for all; got {args.max_files}")
+    if args.block_size < 1:
+        raise UserError(f"--block_size must be >= 1 (use train.py's --block_size), got {args.block_size}")
+    if args.gpt2_vocab and args.tokenizer != "gpt2":
+        raise UserError(f"--gpt2_vocab is only read with --tokenizer=gpt2 (this run: --tokenizer={args.tokenizer}); "
+                        "add --tokenizer=gpt2 or drop --gpt2_vocab")
+    if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out_dir={args.out_dir} exists and is not a folder; choose another --out_dir")
+    return args
 
 
 def main(argv=None):
@@ -290,21 +339,24 @@ def main(argv=None):
         docs, source = read_input_corpus(args.input, args.max_files)
     else:
         docs, source = read_stdlib_corpus(args.max_files)
-    where = source["path"] if args.input else f"Python {source['python']} stdlib at {source['path']}"
+    where = f"--input={args.input}" if args.input else f"the Python {source['python']} stdlib at {source['path']}"
     if not any(text for _, text in docs):
-        raise ValueError(f"empty input: {where} has no text ({len(docs)} files)")
+        raise UserError(f"{where} has no text ({len(docs)} file(s), all empty); "
+                        f"{'give it' if args.input else 'pass --input= with'} a file or folder that holds some")
     skipped = f", {source['skipped_not_utf8']} skipped (not UTF-8)" if "skipped_not_utf8" in source else ""
-    print(f"corpus: {where}, {len(docs)} files{skipped}; tokenizer: {tok.name} (vocab {tok.vocab_size})")
+    print(f"corpus: {args.input or where}, {len(docs)} files{skipped}; tokenizer: {tok.name} (vocab {tok.vocab_size})")
 
     train_docs, val_docs = split_docs(docs)
-    arrays = [encode_doc(tok, text) for _, text in tqdm(train_docs + val_docs, desc="tokenize", unit="file")]
+    # disable=None: a bar on a terminal only, so a redirected log stays plain lines
+    docs_bar = tqdm(train_docs + val_docs, desc="tokenize", unit="file", disable=None)
+    arrays = [encode_doc(tok, text) for _, text in docs_bar]
     train = np.concatenate(arrays[: len(train_docs)])
     val = np.concatenate(arrays[len(train_docs):])
     for split, ids in [("train", train), ("val", val)]:
         if len(ids) < args.block_size + 1:
-            raise ValueError(f"too little data for one block: the {split} split of {where} has {len(ids)} tokens, "
-                             f"fewer than --block_size={args.block_size} + 1 (a block plus its next-token target); "
-                             f"give more text or a smaller --block_size")
+            raise UserError(f"too little data for one block: the {split} split of {where} has {len(ids)} tokens, "
+                            f"fewer than --block_size={args.block_size} + 1 (a block plus its next-token target); "
+                            f"give more text or a smaller --block_size")
 
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_token": tok.eot_token, "dtype": "uint16"}
     if tok.name == "gpt2":
@@ -312,7 +364,10 @@ def main(argv=None):
     meta.update(source=source, train_tokens=len(train), val_tokens=len(val),
                 train_files=len(train_docs), val_files=len(val_docs))
     out_dir = args.out_dir or default_out_dir(args.input, args.tokenizer)
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out_dir: cannot create {out_dir} ({e.strerror}); choose another --out_dir") from None
     write_atomic(os.path.join(out_dir, "train.bin"), train)
     write_atomic(os.path.join(out_dir, "val.bin"), val)
     # meta.json last, after the bins it describes
@@ -326,4 +381,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a mistake the user can fix: one line, no traceback; anything else is a bug
+        sys.exit(f"error: {e}")

@@ -8,21 +8,50 @@ A prompt from the command line or from a file, greedy:
     python sample.py --start=FILE:prompt.txt --num_samples=3 --max_new_tokens=200
 On a GPU the fused CUDA decoder (kernels/) with CUDA-graph replay is used when it builds:
     python sample.py --device=cuda
+(no multi-GPU run: one model on one device)
+
+The tokenizer is prepare_data.py's, so a prompt is encoded as the training data was, except that in a
+prompt "<|endoftext|>" is GPT-2's end-of-text token (start a fresh document with it). Sampled ids
+outside the tokenizer's vocabulary (the model's vocabulary is padded to a multiple of 64) have no text:
+decoding drops them, and the count is printed. A prompt longer than the model's block_size is printed
+whole, but the model sees only its last block_size tokens; past block_size tokens in all, every step
+recomputes the last block_size tokens without the KV cache, as nanoGPT does. Both are said on stderr.
+A mistake the user can fix (a bad flag value, a missing or wrong file) ends as one `error: ...` line
+naming the flag, exit status 1.
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
-import tiktoken
 import torch
-from tiktoken.load import load_tiktoken_bpe
-from tiktoken_ext.openai_public import r50k_pat_str
 
 from kernels.fused import fused_decoder_for
-from model import attach_streams, load_checkpoint, model_from_checkpoint
+from model import UserError, attach_streams, load_checkpoint, model_from_checkpoint
+from prepare_data import load_tokenizer
+
+
+def resolve_device(name):
+    """--device as a torch device string, checked against this machine."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name}, but torch.cuda.is_available() is False (no GPU, or a CPU-only torch build); "
+                        "use --device=cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} GPU(s), cuda:0 and up")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={name}, but MPS is not available here; use --device=cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={name}: sample.py runs on cpu, cuda or mps")
+    return str(dev)
 
 
 def get_args(argv=None):
@@ -34,79 +63,127 @@ def get_args(argv=None):
     p.add_argument("--data_dir", default="", help="folder with meta.json, for checkpoints that carry none (nanoGPT's)")
     p.add_argument("--gpt2_vocab", default="", help="GPT-2 BPE file; '' = $PARSCALE_GPT2_VOCAB or data/gpt2.tiktoken")
     # sampling
-    p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
-    p.add_argument("--num_samples", type=int, default=2)
+    p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a UTF-8 file")
+    p.add_argument("--num_samples", type=int, default=2, help="samples, decoded as one batch")
     p.add_argument("--max_new_tokens", type=int, default=300)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=200, help="keep the k most likely tokens; -1 = all")
     p.add_argument("--seed", type=int, default=1337)
     # system
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16")
-    p.add_argument("--fused", type=int, default=1, help="1 = use the fused CUDA decoder on CUDA when it builds")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda[:N] | mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = bfloat16 on a CUDA GPU that has it, else float32; float16 needs a GPU")
+    p.add_argument("--fused", type=int, default=1, choices=[0, 1], help="1 = use the fused CUDA decoder on CUDA when it builds")
     args = p.parse_args(argv)
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        p.error("--num_samples and --max_new_tokens must be >= 1")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    # values argparse cannot check: one `error:` line each, naming the flag
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k == 0 or args.top_k < -1:
+        raise UserError(f"--top_k must be >= 1, or -1 for all tokens; got {args.top_k}")
+    args.device = resolve_device(args.device)
+    cuda = args.device.startswith("cuda")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+    if args.dtype == "float16" and args.device == "cpu":
+        raise UserError("--dtype=float16 is for GPUs: on CPU torch runs it slowly and with float16's narrow range; "
+                        "use --dtype=float32 (the default there) or bfloat16")
+    if args.dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--dtype=bfloat16, but {torch.cuda.get_device_name(args.device)} has no bfloat16; use float16 or float32")
+    args.prompt = read_prompt(args.start)
     return args
 
 
-def load_tokenizer(meta, gpt2_vocab=""):
-    """(encode, decode) for the tokenizer prepare_data.py recorded in meta.json."""
-    if meta["tokenizer"] == "bytes":
-        return (lambda s: list(s.encode("utf-8"))), (lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", errors="replace"))
-    if meta["tokenizer"] == "gpt2":
-        here = os.path.dirname(os.path.abspath(__file__))
-        path = gpt2_vocab or os.environ.get("PARSCALE_GPT2_VOCAB") or os.path.join(here, "data", "gpt2.tiktoken")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"GPT-2 vocabulary not found at {path}: run `bash scripts/get_gpt2_vocab.sh`")
-        enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, explicit_n_vocab=50257,
-                                mergeable_ranks=load_tiktoken_bpe(path, expected_hash=meta["gpt2_vocab_sha256"]),
-                                special_tokens={"<|endoftext|>": 50256})
-        return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
-    raise ValueError(f"unknown tokenizer {meta['tokenizer']!r} in meta")
+def read_prompt(start):
+    """--start's text: itself, or the contents of the file after FILE:."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:"):]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"--start=FILE:{path}: cannot read it ({e.strerror}); check the path") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--start=FILE:{path} is not valid UTF-8 (byte offset {e.start}); convert it to UTF-8") from None
+
+
+def load_for(flag, path):
+    """load_checkpoint, its error prefixed with the flag that named the file."""
+    try:
+        return load_checkpoint(path)
+    except UserError as e:
+        raise UserError(f"{flag}: {e}") from None
+
+
+def load_meta(data_dir):
+    """The meta.json prepare_data.py wrote into data_dir."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise UserError(f"--data_dir={data_dir} has no meta.json; pass the folder prepare_data.py wrote (e.g. data/stdlib_bytes)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--data_dir: {path} is not readable JSON ({e}); rerun prepare_data.py") from None
+    if not isinstance(meta, dict) or not {"tokenizer", "vocab_size"} <= meta.keys():
+        raise UserError(f"--data_dir: {path} lacks 'tokenizer' or 'vocab_size'; rerun prepare_data.py")
+    return meta
+
+
+def load_model(args):
+    """The model to sample from (with --streams attached) and the data meta that names its tokenizer."""
+    flag, path = ("--ckpt", args.ckpt) if args.ckpt else ("--out_dir", os.path.join(args.out_dir, "ckpt.pt"))
+    ckpt = load_for(flag, path)
+    if ckpt.get("kind") == "streams":
+        raise UserError(f"{flag}: {path} is a streams file (train.py --freeze_backbone); "
+                        "pass it as --streams, with the P=1 checkpoint it was trained on as --ckpt")
+    meta = ckpt.get("meta")
+    if args.data_dir:
+        data_meta = load_meta(args.data_dir)
+        if meta and (meta.get("tokenizer"), meta.get("vocab_size")) != (data_meta["tokenizer"], data_meta["vocab_size"]):
+            raise UserError(f"--data_dir: vocabulary mismatch: the checkpoint was trained on {meta.get('tokenizer')} "
+                            f"({meta.get('vocab_size')}), {args.data_dir} holds {data_meta['tokenizer']} ({data_meta['vocab_size']})")
+        meta = data_meta
+    if not meta:
+        raise UserError(f"{flag}: the checkpoint records no tokenizer; pass --data_dir=<the folder prepare_data.py wrote>")
+    model = model_from_checkpoint(ckpt, dropout=0.0)
+    if args.streams:
+        if model.config.n_streams != 1:
+            raise UserError(f"--streams attaches streams to a P=1 backbone, but {path} is already P={model.config.n_streams}; "
+                            "pass the P=1 checkpoint as --ckpt, or drop --streams")
+        try:
+            model = attach_streams(model, load_for("--streams", args.streams))
+        except UserError as e:
+            raise UserError(f"--streams={args.streams} on {path}: {e}") from None
+    if model.config.vocab_size < meta["vocab_size"]:
+        raise UserError(f"vocabulary mismatch: the model has {model.config.vocab_size} tokens, "
+                        f"its tokenizer ({meta['tokenizer']}) {meta['vocab_size']}; check --data_dir")
+    return model, meta
 
 
 def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-    ckpt = load_checkpoint(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"))
-    meta = ckpt.get("meta")
-    if args.data_dir:
-        with open(os.path.join(args.data_dir, "meta.json")) as f:
-            data_meta = json.load(f)
-        if meta and (meta["tokenizer"], meta["vocab_size"]) != (data_meta["tokenizer"], data_meta["vocab_size"]):
-            raise ValueError(f"vocabulary mismatch: the checkpoint was trained on {meta['tokenizer']} ({meta['vocab_size']}), "
-                             f"{args.data_dir} holds {data_meta['tokenizer']} ({data_meta['vocab_size']})")
-        meta = data_meta
-    if meta is None:
-        raise ValueError("the checkpoint records no tokenizer: pass --data_dir=<the folder prepare_data.py wrote>")
-    model = model_from_checkpoint(ckpt, dropout=0.0)
-    if args.streams:
-        if model.config.n_streams != 1:
-            raise ValueError(f"--streams needs a P=1 backbone checkpoint, this one has P={model.config.n_streams}")
-        model = attach_streams(model, load_checkpoint(args.streams))
-    if model.config.vocab_size < meta["vocab_size"]:
-        raise ValueError(f"vocabulary mismatch: model has {model.config.vocab_size} tokens, tokenizer {meta['vocab_size']}")
+    device, ptdtype = args.device, getattr(torch, args.dtype)
+    model, meta = load_model(args)
     model.eval().to(device=device, dtype=ptdtype)
-    encode, decode = load_tokenizer(meta, args.gpt2_vocab)
+    tok = load_tokenizer(meta, args.gpt2_vocab or None)
 
-    start = args.start
-    if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
-    ids = encode(start)
+    ids = tok.encode_prompt(args.prompt)
     if not ids:
-        raise ValueError("the prompt is empty after tokenisation")
+        raise UserError("--start is empty: give the prompt at least one character (the default is a newline)")
+    block_size = model.config.block_size
+    if len(ids) > block_size:
+        print(f"note: the prompt is {len(ids)} tokens, more than block_size {block_size}: the model sees only "
+              f"its last {block_size} (the whole prompt is printed)", file=sys.stderr)
+    elif len(ids) + args.max_new_tokens > block_size:
+        print(f"note: prompt + --max_new_tokens = {len(ids) + args.max_new_tokens} tokens > block_size {block_size}: "
+              f"past that the model sees the last {block_size}, recomputed every step without the KV cache",
+              file=sys.stderr)
     x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(args.num_samples, 1)
 
     decoder, why = None, "not on CUDA"
@@ -115,7 +192,7 @@ def main(argv=None):
     elif device.startswith("cuda"):
         why = "--fused=0"
     path = "fused CUDA kernels + CUDA graph" if decoder else f"reference PyTorch with KV cache ({why})"
-    print(f"device {device}, dtype {dtype}, P={model.config.n_streams}, decoding: {path}", file=sys.stderr)
+    print(f"device {device}, dtype {args.dtype}, P={model.config.n_streams}, decoding: {path}", file=sys.stderr)
 
     top_k = None if args.top_k == -1 else args.top_k
     t0 = time.time()
@@ -125,16 +202,20 @@ def main(argv=None):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.time() - t0
-    for row in y.tolist():
-        print(decode(row))
+    rows = y.tolist()
+    for row in rows:
+        print(tok.decode(row))
         print("---------------")
     n = args.num_samples * args.max_new_tokens
     print(f"{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s (batch {args.num_samples})", file=sys.stderr)
+    dropped = sum(1 for row in rows for i in row if i >= tok.vocab_size)
+    if dropped:
+        print(f"note: {dropped} sampled ids were past the tokenizer's vocabulary ({tok.vocab_size}, the model's "
+              f"{model.config.vocab_size}): they have no text and were left out", file=sys.stderr)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except UserError as e:  # a mistake the user can fix: one line, no traceback; anything else is a bug
+        sys.exit("error: " + " ".join(str(e).split("\n")))

@@ -7,7 +7,7 @@ import torch
 from util import HAS_CUDA, tiny_config
 
 import bench
-from model import GPT
+from model import GPT, UserError
 
 # one layer, a handful of tokens: the whole sweep runs in about a second on CPU
 TOY = ["--n_layer=1", "--n_embd=32", "--n_head=4", "--vocab_size=64", "--n_prefix=2", "--streams=1,2",
@@ -67,11 +67,12 @@ def test_crossover():
 
 def test_decode_sweep_end_to_end(capsys, tmp_path):
     png = tmp_path / "cost.png"
-    result = bench.main(["--device=cpu", *TOY, f"--plot={png}"])
+    plot = [f"--plot={png}"] if bench.Figure is not None else []  # without matplotlib --plot is refused up front
+    result = bench.main(["--device=cpu", *TOY, *plot])
     out = capsys.readouterr().out
     assert last_json_line(out)["headline"] == json.loads(json.dumps(bench.rounded(result)))["headline"]
     assert "decode paths: eager" in out and result["paths"] == ["eager"]  # CPU: said, not silent
-    assert png.exists() if bench.Figure is not None else "matplotlib is not importable" in out
+    assert png.exists() == bool(plot)
     for key in ("models", "results", "headline", "crossovers", "paper_cell", "notes", "elapsed_s"):
         assert key in result, key
     assert not result["notes"]
@@ -115,16 +116,73 @@ def test_time_limit_skips_loudly(capsys):
 
 
 def test_fused_path_is_refused_when_unavailable():
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--paths=fused"):
         bench.parse_args(["--device=cpu", "--paths=fused"])
 
 
 def test_train_mode(capsys):
-    result = bench.main(["--mode=train", "--device=cpu", *TOY, "--kv_heads=0", "--train_batch=2", "--train_seq=8", "--train_steps=1"])
-    assert last_json_line(capsys.readouterr().out)["mode"] == "train"
-    assert [t["P"] for t in result["train"]] == [1, 2]
+    # a stated peak: MFU is model.GPT.estimate_mfu's (without one it is n/a on CPU, see below)
+    result = bench.main(["--mode=train", "--device=cpu", *TOY, "--kv_heads=0", "--train_batch=2", "--train_seq=8",
+                         "--train_steps=1", "--peak_flops=1e12"])
+    out = capsys.readouterr().out
+    assert last_json_line(out)["mode"] == "train" and "1 TFLOP/s (--peak_flops)" in out
+    assert [t["P"] for t in result["train"]] == [1, 2] and result["peak_flops"] == 1e12
     for t in result["train"]:
-        assert t["tokens_per_s"] > 0 and t["step_ms"] > 0 and t["flops_per_s"] > 0 and t["mfu"] is None
+        assert t["tokens_per_s"] > 0 and t["step_ms"] > 0 and t["flops_per_s"] > 0
+        assert t["mfu"] == pytest.approx(t["flops_per_s"] / 1e12)
+
+
+def test_peak_flops_comes_from_model_py():
+    assert bench.parse_args(["--device=cpu"]).peak_flops is None  # no datasheet peak for a CPU: MFU n/a
+    assert bench.parse_args(["--device=cpu", "--peak_flops=5e12"]).peak_flops == 5e12
+    assert not hasattr(bench, "H200_BF16_FLOPS")  # one table, model.PEAK_FLOPS
+
+
+# -----------------------------------------------------------------------------
+# bad flag values: one named UserError each, before anything is built
+# (tests/test_cli.py checks that the command line turns these into `error: ...` and exit 1)
+
+@pytest.mark.parametrize("flags, match", [
+    (["--batches=1,0"], r"--batches must list integers >= 1"),
+    (["--contexts="], r"--contexts must list integers >= 1"),
+    (["--streams=-2"], r"--streams must list integers >= 1"),
+    (["--kv_heads=-1"], r"--kv_heads must list integers >= 0"),
+    (["--kv_heads=5"], r"--kv_heads=5 must divide --n_head=12"),
+    (["--n_embd=100"], r"--n_embd=100 must be a multiple of --n_head=12"),
+    (["--n_layer=0"], r"--n_layer must be >= 1"),
+    (["--l_out=0"], r"--l_out must be >= 1"),
+    (["--repeats=0"], r"--repeats must be >= 1"),
+    (["--train_steps=0"], r"--train_steps must be >= 1"),
+    (["--n_prefix=0"], r"--n_prefix must be >= 1 when --streams has a P > 1"),
+    (["--k=-0.1"], r"--k must be a finite number >= 0"),
+    (["--time_limit=0"], r"--time_limit must be .* > 0, or -1"),
+    (["--threads=0"], r"--threads must be >= 1, or -1"),
+    (["--peak_flops=0"], r"--peak_flops must be a positive number of FLOP/s, or -1"),
+    (["--peak_bw=0"], r"--peak_bw must be a positive number of bytes/s"),
+    (["--dtype=float16"], r"--dtype=float16 is for GPUs"),
+    (["--device=tpu"], r"--device=tpu is not a device"),
+    (["--device=meta"], r"--device=meta: bench.py measures on cpu or cuda"),
+    (["--mode=train", "--plot=x.png"], r"--plot draws the decode sweep"),
+    (["--plot=/no/such/folder/x.png"], r"--plot=.*: its folder does not exist"),
+])
+def test_bad_flag_values(flags, match, monkeypatch):
+    monkeypatch.setattr(bench, "Figure", object)  # as if matplotlib were there: the other --plot checks still apply
+    device = [] if any(f.startswith("--device") for f in flags) else ["--device=cpu"]
+    with pytest.raises(UserError, match=match) as e:
+        bench.parse_args(device + flags)
+    assert "\n" not in str(e.value)
+
+
+def test_plot_without_matplotlib_is_refused_up_front(monkeypatch):
+    monkeypatch.setattr(bench, "Figure", None)
+    with pytest.raises(UserError, match="--plot=cost.png needs matplotlib"):
+        bench.parse_args(["--device=cpu", "--plot=cost.png"])
+
+
+def test_list_flags_that_are_not_integers_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device=cpu", "--batches=1,two"])
+    assert "expected comma-separated integers such as 1,2,4, got '1,two'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")

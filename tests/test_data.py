@@ -11,6 +11,7 @@ import tiktoken_ext.openai_public
 from util import ROOT  # noqa: F401  (puts the repo root on sys.path)
 
 import prepare_data as prep  # noqa: E402
+from model import UserError  # noqa: E402
 
 TEXT = "Hello world! naïve café, Ünïcödé, 日本語, emoji 🙂, a\ttab and\r\nCRLF.\n"
 
@@ -19,7 +20,7 @@ TEXT = "Hello world! naïve café, Ünïcödé, 日本語, emoji 🙂, a\ttab an
 def gpt2():
     try:
         return prep.load_tokenizer({"tokenizer": "gpt2"})
-    except FileNotFoundError:
+    except UserError:
         pytest.skip("GPT-2 vocabulary file not found; run `bash scripts/get_gpt2_vocab.sh` (tests never use the network)")
 
 
@@ -59,6 +60,17 @@ def test_bytes_round_trip():
     assert tok.decode(ids) == TEXT
     emoji = "🙂".encode("utf-8")
     assert tok.decode(list(emoji[:2])) == "\ufffd"  # a cut multi-byte sequence decodes to U+FFFD, no exception
+    assert tok.encode_prompt("<|endoftext|>") == tok.encode("<|endoftext|>")  # no special tokens in bytes
+
+
+@pytest.mark.parametrize("kind", ["bytes", "gpt2"])
+def test_decode_drops_ids_outside_the_vocabulary(kind, request):
+    # the model's vocabulary is padded to a multiple of 64, so sampling can produce ids with no text:
+    # both tokenizers drop them (and any negative id) instead of raising
+    tok = request.getfixturevalue("gpt2") if kind == "gpt2" else prep.load_tokenizer({"tokenizer": "bytes"})
+    ids = tok.encode("Hi there")
+    padded = [-1, *ids[:2], tok.vocab_size, *ids[2:], tok.vocab_size + 47, 2**16 - 1]
+    assert tok.decode(padded) == "Hi there"
 
 
 def test_gpt2_round_trip_and_known_ids(gpt2):
@@ -69,7 +81,9 @@ def test_gpt2_round_trip_and_known_ids(gpt2):
     assert gpt2.encode(" the") == [262]
     assert gpt2.encode("\n") == [198]
     assert gpt2.decode([50256]) == "<|endoftext|>" and gpt2.eot_token == 50256
-    assert gpt2.encode("<|endoftext|>") != [50256]  # in the text it is ordinary text, not the separator
+    assert gpt2.encode("<|endoftext|>") != [50256]  # in the data it is ordinary text, not the separator
+    assert gpt2.encode_prompt("<|endoftext|>") == [50256]  # in a prompt it starts a fresh document
+    assert gpt2.encode_prompt("Hello world") == gpt2.encode("Hello world")
     assert gpt2.enc.n_vocab == gpt2.vocab_size == 50257
 
 
@@ -81,18 +95,20 @@ def test_gpt2_vocab_hash_is_tiktokens():
 def test_gpt2_vocab_lookup_errors(tmp_path, monkeypatch):
     monkeypatch.delenv(prep.GPT2_VOCAB_ENV, raising=False)
     monkeypatch.setattr(prep, "DATA_DIR", str(tmp_path))  # no data/gpt2.tiktoken here
-    with pytest.raises(FileNotFoundError, match="scripts/get_gpt2_vocab.sh"):
+    with pytest.raises(UserError, match="scripts/get_gpt2_vocab.sh"):
         prep.load_tokenizer({"tokenizer": "gpt2"})
-    with pytest.raises(FileNotFoundError, match="--gpt2_vocab does not exist"):
+    with pytest.raises(UserError, match="--gpt2_vocab does not exist"):
         prep.load_tokenizer({"tokenizer": "gpt2"}, gpt2_vocab=str(tmp_path / "nope.tiktoken"))
+    with pytest.raises(UserError, match="--gpt2_vocab does not exist or is not a file"):
+        prep.load_tokenizer({"tokenizer": "gpt2"}, gpt2_vocab=str(tmp_path))
     monkeypatch.setenv(prep.GPT2_VOCAB_ENV, str(tmp_path / "nope.tiktoken"))
-    with pytest.raises(FileNotFoundError, match=prep.GPT2_VOCAB_ENV):
+    with pytest.raises(UserError, match=prep.GPT2_VOCAB_ENV):
         prep.load_tokenizer({"tokenizer": "gpt2"})
     junk = tmp_path / "junk.tiktoken"
     junk.write_bytes(b"not a vocabulary\n")
-    with pytest.raises(ValueError, match="sha256"):
+    with pytest.raises(UserError, match="not GPT-2's vocabulary"):
         prep.load_tokenizer({"tokenizer": "gpt2"}, gpt2_vocab=str(junk))
-    with pytest.raises(ValueError, match="unknown tokenizer"):
+    with pytest.raises(UserError, match="unknown tokenizer"):
         prep.load_tokenizer({"tokenizer": "words"})
 
 
@@ -147,26 +163,33 @@ def test_default_out_dir(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# bad inputs: each names its problem, and nothing is written
+# bad inputs: each names its flag and problem in one line, and nothing is written
+# (tests/test_cli.py checks that the command line turns these into `error: ...` and exit 1)
 
-@pytest.mark.parametrize("case, error, match", [
-    ("missing", FileNotFoundError, "input path does not exist"),
-    ("empty_folder", ValueError, "empty input"),
-    ("empty_files", ValueError, "empty input"),
-    ("empty_file", ValueError, "empty input"),
-    ("undecodable", ValueError, r"bad\.txt is not valid UTF-8 at byte offset 6"),
-    ("too_little", ValueError, r"too little data for one block: the val split .* --block_size=128"),
+@pytest.mark.parametrize("case, match", [
+    ("missing", r"--input=.*in does not exist"),
+    ("empty_folder", r"--input=.* is a folder with no files"),
+    ("hidden_only", r"--input=.* is a folder with no files .*hidden"),
+    ("empty_files", r"--input=.* has no text \(2 file\(s\), all empty\)"),
+    ("empty_file", r"--input=.*a\.txt has no text"),
+    ("undecodable", r"--input: .*bad\.txt is not valid UTF-8 at byte offset 6"),
+    ("too_little", r"too little data for one block: the val split .* --block_size=128"),
+    ("max_files_on_a_file", r"--max_files=3 picks files from a folder"),
 ])
-def test_bad_input(case, error, match, tmp_path):
+def test_bad_input(case, match, tmp_path):
     src = tmp_path / "in"
+    extra = []
     if case != "missing":
         src.mkdir()
+    if case == "hidden_only":
+        (src / ".notes").write_text("text")
     if case == "empty_files":
         (src / "a.txt").write_text("")
         (src / "b.txt").write_text("")
-    if case == "empty_file":
+    if case in ("empty_file", "max_files_on_a_file"):
         src = src / "a.txt"
-        src.write_text("")
+        src.write_text("" if case == "empty_file" else "text")
+        extra = ["--max_files=3"] if case == "max_files_on_a_file" else []
     if case == "undecodable":
         (src / "a.txt").write_text("fine text\n")
         (src / "bad.txt").write_bytes("héllo".encode("utf-8") + b"\xff more")  # é is 2 bytes: 0xff at offset 6
@@ -174,9 +197,24 @@ def test_bad_input(case, error, match, tmp_path):
         for i in range(12):
             (src / f"{i:02d}.txt").write_text("x" * 100)  # val = one file = 100 tokens < 129
     out = tmp_path / "out"
-    with pytest.raises(error, match=match):
-        prep.main([f"--input={src}", f"--out_dir={out}"])
+    with pytest.raises(UserError, match=match) as e:
+        prep.main([f"--input={src}", f"--out_dir={out}", *extra])
+    assert "\n" not in str(e.value)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--max_files=0"], "--max_files must be .* >= 1, or -1"),
+    (["--max_files=-2"], "--max_files must be .* >= 1, or -1"),
+    (["--block_size=0"], "--block_size must be >= 1"),
+    (["--gpt2_vocab=x.tiktoken"], "--gpt2_vocab is only read with --tokenizer=gpt2"),
+    (["--out_dir=FILE"], "--out_dir=.* exists and is not a folder"),
+])
+def test_bad_flag_values(flags, match, tmp_path):
+    (tmp_path / "FILE").write_text("")
+    flags = [f.replace("FILE", str(tmp_path / "FILE")) for f in flags]
+    with pytest.raises(UserError, match=match):
+        prep.get_args(flags)
 
 
 # -----------------------------------------------------------------------------
