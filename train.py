@@ -13,6 +13,11 @@ Two-stage (train P=1, then continue as P=4 with fresh prefixes and aggregator):
     python train.py --n_streams=1 --out_dir=out/p1
     python train.py --init_from=out/p1/ckpt.pt --n_streams=4 --out_dir=out/p1to4 --max_iters=500
 Frozen backbone (train only prefixes and aggregator): add --freeze_backbone.
+
+The file in reading order: the flags (get_args, each value checked as it is parsed) -> setup (DDP, device,
+dtype, seeds) -> the data (load_meta, get_batch) -> the model for each --init_from -> evaluate, save ->
+run, then train: the loop. A mistake the user can fix raises model.UserError, which `python train.py`
+prints as one `error: ...` line; everything that can refuse a run does so before out_dir is written.
 """
 
 import argparse
@@ -21,9 +26,11 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,18 +38,26 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (GPT, GPTConfig, attach_streams, convert_to_streams, freeze_backbone, load_checkpoint, model_from_checkpoint,
-                   prefixes_from_kv, save_checkpoint, streams_state)
+from model import (GPT, GPTConfig, UserError, attach_streams, convert_to_streams, freeze_backbone, load_checkpoint,
+                   model_from_checkpoint, peak_flops, prefixes_from_kv, save_checkpoint, streams_state)
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, vendor datasheets
+# The GPTConfig fields a checkpoint fixes. Converting a P=1 checkpoint keeps its backbone's and takes the
+# stream fields from the command line; a resume, or a checkpoint of the same P, fixes both.
+BACKBONE_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "bias")
+STREAM_FIELDS = ("n_streams", "n_prefix", "agg_smoothing", "prefix_init_std")
 
+
+# -----------------------------------------------------------------------------
+# the command line
 
 def get_args(argv=None):
+    """The command line -> (args, the names of the flags it gave). Every value is checked here."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # I/O
     p.add_argument("--out_dir", default="out", help="where ckpt.pt and log.jsonl go")
     p.add_argument("--data_dir", default="data/stdlib_bytes", help="folder with train.bin, val.bin, meta.json (prepare_data.py)")
     p.add_argument("--init_from", default="scratch", help="scratch | resume (out_dir/ckpt.pt) | PATH to a checkpoint of P=1 or of the same P")
+    # eval
     p.add_argument("--eval_interval", type=int, default=100, help="steps between evaluations and checkpoints")
     p.add_argument("--eval_iters", type=int, default=20, help="batches per split in an evaluation")
     p.add_argument("--log_interval", type=int, default=10, help="steps between log lines")
@@ -54,7 +69,7 @@ def get_args(argv=None):
     p.add_argument("--n_embd", type=int, default=128)
     p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--bias", type=int, default=1, help="1 = biases in Linears and LayerNorms")
+    p.add_argument("--bias", type=int, default=1, help="1 = biases in Linears and LayerNorms, 0 = none")
     # ParScale
     p.add_argument("--n_streams", type=int, default=2, help="P, parallel streams; 1 = plain GPT")
     p.add_argument("--n_prefix", type=int, default=4, help="prefix slots per layer per stream (paper: 48 at block 2048; keep ~2-3%% of block_size)")
@@ -78,257 +93,471 @@ def get_args(argv=None):
     p.add_argument("--grad_clip", type=float, default=1.0, help="0 = no clipping")
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on capable CUDA, else float32) | float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = bfloat16 on capable CUDA, else float32; float16 only off the CPU")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=-1, help="CPU threads for torch; -1 = torch's default")
-    p.add_argument("--peak_flops", type=float, default=-1, help="for MFU; -1 = look up the GPU (H100/H200/A100), else none")
-    p.add_argument("--progress", type=int, default=1, help="1 = tqdm progress bar")
+    p.add_argument("--peak_flops", type=float, default=-1, help="peak FLOP/s for MFU; -1 = the GPU's datasheet bf16 peak if known")
     args = p.parse_args(argv)
+    p.set_defaults(**{name: None for name in vars(args)})  # parse again without defaults: what is left was typed
+    given = {name for name, value in vars(p.parse_args(argv)).items() if value is not None}
+    check_args(args)
     if args.lr_decay_iters == -1:
         args.lr_decay_iters = args.max_iters
-    for name in ["eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps"]:
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_iters < 0 or args.warmup_iters < 0:
-        p.error("--max_iters and --warmup_iters must be >= 0")
-    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        p.error(f"--dtype must be auto, float32, bfloat16 or float16, got {args.dtype}")
-    return args
+    return args, given
 
 
-def load_meta(data_dir):
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: run prepare_data.py first (python prepare_data.py)")
-    with open(path) as f:
-        return json.load(f)
+def check(ok, message):
+    """Refuse a run the user can fix: `python train.py` prints one `error: message` line and exits 1."""
+    if not ok:
+        raise UserError(message)
 
 
-def main(argv=None):
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        run_training(get_args(argv))
-    finally:  # callers in the same process (the tests) get their own handlers back
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def check_args(args):
+    """Refuse flag values that cannot work, naming the flag, before anything is built or written."""
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+                 "n_layer", "n_head", "n_embd", "block_size", "n_streams"):
+        check(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_iters", "warmup_iters", "n_prefix", "min_lr", "weight_decay", "grad_clip", "prefix_init_std", "seed"):
+        check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("lr_decay_iters", "threads", "peak_flops"):  # -1 = not set
+        check(getattr(args, name) == -1 or getattr(args, name) > 0, f"--{name} must be -1 or > 0, got {getattr(args, name)}")
+    check(args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}")
+    check(args.min_lr <= args.learning_rate, f"--min_lr ({args.min_lr}) must not exceed --learning_rate ({args.learning_rate})")
+    check(0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, f"--beta1 and --beta2 must be in [0, 1), got {args.beta1} and {args.beta2}")
+    check(0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}")
+    check(0 <= args.agg_smoothing <= 1, f"--agg_smoothing must be in [0, 1], got {args.agg_smoothing}")
+    check(args.bias in (0, 1), f"--bias must be 1 (biases) or 0 (none), got {args.bias}")
+    check(args.n_embd % args.n_head == 0, f"--n_embd ({args.n_embd}) must be a multiple of --n_head ({args.n_head})")
+    check(args.n_kv_head == -1 or (args.n_kv_head >= 1 and args.n_head % args.n_kv_head == 0),
+          f"--n_kv_head ({args.n_kv_head}) must divide --n_head ({args.n_head}); -1 = as many as --n_head")
+    check(args.n_streams == 1 or args.n_prefix >= 1,
+          f"--n_prefix must be >= 1 when --n_streams > 1 (got {args.n_prefix}): without a prefix every stream computes the same")
+    check(not args.streams or args.init_from not in ("scratch", "resume"),
+          "--streams attaches streams to a P=1 backbone: give that backbone's checkpoint as --init_from=PATH")
+    check(args.prefix_init == "random" or args.init_from != "scratch",
+          "--prefix_init=kv takes the prefixes from a trained P=1 model: give its checkpoint as --init_from=PATH")
+    check(not os.path.exists(args.out_dir) or os.path.isdir(args.out_dir), f"--out_dir={args.out_dir} is a file, not a folder")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check(args.gradient_accumulation_steps % world == 0,
+          f"--gradient_accumulation_steps ({args.gradient_accumulation_steps}) must be a multiple of the {world} DDP ranks")
 
 
-def run_training(args):
+# -----------------------------------------------------------------------------
+# setup: DDP, device, dtype, seeds
 
-    # system: DDP, device, dtype, seeds -------------------------------------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = 0, 0, 1
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+@dataclass
+class System:
+    """Where this process trains, decided once by setup()."""
+    device: str  # "cpu", "cuda:0", "mps"
+    device_type: str  # "cpu" | "cuda" | "mps": for autocast and pinned memory
+    dtype: str  # "float32" | "bfloat16" | "float16"; all but float32 run under autocast
+    peak: Optional[float]  # peak FLOP/s for MFU; None = unknown
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self):  # rank 0 evaluates, logs and saves
+        return self.rank == 0
+
+    def autocast(self):
+        return nullcontext() if self.dtype == "float32" else torch.autocast(self.device_type, dtype=getattr(torch, self.dtype))
+
+
+def pick_device(name):
+    """--device -> a torch device; refuses one this machine does not have."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    check(kind in ("cpu", "cuda", "mps") and (not index or (kind == "cuda" and index.isdigit())),
+          f"--device={name} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        check(torch.cuda.is_available(), f"--device={name}, but this torch ({torch.__version__}) sees no CUDA GPU: "
+                                         "use --device=cpu, or install a CUDA build of torch")
+        check(not index or int(index) < torch.cuda.device_count(), f"--device={name}, but there are {torch.cuda.device_count()} GPUs")
+    check(kind != "mps" or torch.backends.mps.is_available(),
+          f"--device={name}, but MPS is not available (it needs Apple silicon and macOS): use --device=cpu")
+    return name
+
+
+def pick_dtype(name, device_type):
+    """--dtype -> the dtype autocast computes in; auto = bfloat16 where the GPU supports it, else float32."""
+    if name == "auto":
+        return "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    check(name != "float16" or device_type != "cpu",
+          "--dtype=float16 on the CPU runs, but far slower than float32 (CPUs have no fast float16 matmuls): use float32 or bfloat16")
+    check(name != "bfloat16" or device_type != "cuda" or torch.cuda.is_bf16_supported(),
+          "--dtype=bfloat16, but this GPU does not support it: use --dtype=float16 or float32")
+    return name
+
+
+def setup(args):
+    """DDP, device, dtype and seeds. Writes no file."""
+    ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    device = pick_device(args.device)
+    if ddp and device.startswith("cuda"):
+        check(local_rank < torch.cuda.device_count(), f"torchrun started more processes per node than the "
+                                                      f"{torch.cuda.device_count()} GPUs: lower --nproc_per_node")
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    device_type = device.split(":")[0]
+    dtype = pick_dtype(args.dtype, device_type)
+    peak = args.peak_flops if args.peak_flops > 0 else peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
     if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        if args.gradient_accumulation_steps % world != 0:
-            raise ValueError(f"--gradient_accumulation_steps ({args.gradient_accumulation_steps}) must be a multiple of the {world} ranks")
-    master = rank == 0
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    accum = args.gradient_accumulation_steps // world
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     torch.manual_seed(args.seed + rank)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    return System(device, device_type, dtype, peak, ddp, rank, local_rank, world)
 
-    # data -------------------------------------------------------------------------------------
-    meta = load_meta(args.data_dir)
-    split_tokens = {}
+
+# -----------------------------------------------------------------------------
+# the data: train.bin and val.bin are uint16 token ids, meta.json says which tokenizer
+
+def load_meta(data_dir):
+    """meta.json of a folder prepare_data.py wrote; refuses a folder without train.bin, val.bin, meta.json."""
+    todo = "run python prepare_data.py first (it writes train.bin, val.bin and meta.json), or point --data_dir at its output"
+    check(os.path.isdir(data_dir), f"--data_dir={data_dir} does not exist: {todo}")
+    for name in ("meta.json", "train.bin", "val.bin"):
+        check(os.path.isfile(os.path.join(data_dir, name)), f"--data_dir={data_dir} has no {name}: {todo}")
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not JSON ({e}): {todo}") from e
+    check(isinstance(meta, dict) and isinstance(meta.get("vocab_size"), int) and meta["vocab_size"] > 0,
+          f"{path} has no positive integer vocab_size: {todo}")
+    return meta
+
+
+def count_tokens(args):
+    """Tokens per split; refuses a split shorter than one block plus its last target."""
+    tokens = {}
     for split in ("train", "val"):
         path = os.path.join(args.data_dir, f"{split}.bin")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: run prepare_data.py first")
-        split_tokens[split] = os.path.getsize(path) // 2
-        if split_tokens[split] < args.block_size + 1:
-            raise ValueError(f"{path} has {split_tokens[split]} tokens, fewer than block_size + 1 = {args.block_size + 1}")
+        tokens[split] = os.path.getsize(path) // 2  # uint16
+        check(tokens[split] >= args.block_size + 1, f"{path} has {tokens[split]} tokens, fewer than --block_size + 1 = "
+                                                    f"{args.block_size + 1}: lower --block_size or prepare more data")
+    return tokens
 
-    def get_batch(split, *key):
-        """A batch that is a pure function of (seed, split, key): the data position is the step
-        number, so a resumed run reads exactly the batches the uninterrupted run would have."""
-        data = np.memmap(os.path.join(args.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")  # reopened: memmaps leak
-        rng = np.random.default_rng([args.seed, split == "val", *key])
-        ix = rng.integers(0, len(data) - args.block_size, size=args.batch_size)
-        x = torch.from_numpy(np.stack([data[i:i + args.block_size] for i in ix]).astype(np.int64))
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + args.block_size] for i in ix]).astype(np.int64))
-        if device_type == "cuda":
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
 
-    # model ------------------------------------------------------------------------------------
-    vocab_size = math.ceil(meta["vocab_size"] / 64) * 64  # pad to a multiple of 64 for fast matmuls
-    parscale = dict(n_prefix=args.n_prefix, agg_smoothing=args.agg_smoothing, prefix_init_std=args.prefix_init_std)
-    iter_num, best_val_loss, ckpt = 0, float("inf"), None
+def get_batch(args, system, split, *key):
+    """A batch that is a pure function of (seed, split, key): the data position is the step number,
+    so a resumed run reads exactly the batches the uninterrupted run would have."""
+    data = np.memmap(os.path.join(args.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")  # reopened: memmaps leak
+    rng = np.random.default_rng([args.seed, split == "val", *key])
+    ix = rng.integers(0, len(data) - args.block_size, size=args.batch_size)
+    x = torch.from_numpy(np.stack([data[i:i + args.block_size] for i in ix]).astype(np.int64))  # (B, T)
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + args.block_size] for i in ix]).astype(np.int64))  # x shifted by one
+    if system.device_type == "cuda":
+        return x.pin_memory().to(system.device, non_blocking=True), y.pin_memory().to(system.device, non_blocking=True)
+    return x.to(system.device), y.to(system.device)
+
+
+# -----------------------------------------------------------------------------
+# the model, for each --init_from
+
+def model_args(args, vocab_size):
+    """The GPTConfig fields the flags describe."""
+    return dict(n_layer=args.n_layer, n_head=args.n_head, n_kv_head=None if args.n_kv_head == -1 else args.n_kv_head,
+                n_embd=args.n_embd, block_size=args.block_size, bias=bool(args.bias), vocab_size=vocab_size,
+                dropout=args.dropout, n_streams=args.n_streams, n_prefix=args.n_prefix, agg_smoothing=args.agg_smoothing,
+                prefix_init_std=args.prefix_init_std)
+
+
+def build_model(args, given, meta):
+    """The model --init_from asks for. Returns (model, the checkpoint a resume continues or None,
+    how the model began, the given flags a checkpoint overrode)."""
     if args.init_from == "scratch":
-        model_args = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
-                          bias=bool(args.bias), vocab_size=vocab_size, dropout=args.dropout, n_streams=args.n_streams,
-                          n_kv_head=None if args.n_kv_head == -1 else args.n_kv_head, **parscale)
-        model = GPT(GPTConfig(**model_args))
-        how = "from scratch"
-    else:
-        resume = args.init_from == "resume"
-        ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt") if resume else args.init_from)
-        model = model_from_checkpoint(ckpt, dropout=args.dropout)  # the architecture comes from the checkpoint
-        src = model.config
-        ckpt_tok = ckpt.get("meta", {}).get("tokenizer")
-        if src.vocab_size < meta["vocab_size"] or ckpt_tok not in (None, meta.get("tokenizer")):
-            raise ValueError(f"vocabulary mismatch: the checkpoint's model has {src.vocab_size} tokens ({ckpt_tok or 'tokenizer unknown'}), "
-                             f"the data in {args.data_dir} has {meta['vocab_size']} ({meta.get('tokenizer')})")
-        if args.block_size > src.block_size:
-            raise ValueError(f"--block_size {args.block_size} exceeds the checkpoint's block_size {src.block_size}")
-        if args.streams:  # dynamic P: a P=1 backbone plus one small prefix/aggregator set
-            if resume or src.n_streams != 1:
-                raise ValueError("--streams needs --init_from=PATH to a P=1 (backbone) checkpoint")
-            model = attach_streams(model, load_checkpoint(args.streams))
-            src = model.config
-            args.n_streams = src.n_streams
-        if not resume and src.n_streams not in (1, args.n_streams):
-            raise ValueError(f"cannot start P={args.n_streams} from a P={src.n_streams} checkpoint: use a P=1 checkpoint or the same P")
-        if resume:
-            iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-            how = f"resumed at step {iter_num}"
-        elif src.n_streams == 1 and args.n_streams > 1:
-            model = convert_to_streams(model, args.n_streams, **parscale)  # two-stage: fresh prefixes + aggregator
-            how = f"converted P=1 -> P={args.n_streams} from {args.init_from}, {args.prefix_init} prefixes"
-            if args.prefix_init == "kv":  # one training snippet per stream, fixed by the seed
-                data = np.memmap(os.path.join(args.data_dir, "train.bin"), dtype=np.uint16, mode="r")
-                ix = np.random.default_rng([args.seed, 2]).integers(0, len(data) - args.n_prefix, size=args.n_streams)
-                prefixes_from_kv(model, torch.from_numpy(np.stack([data[i:i + args.n_prefix] for i in ix]).astype(np.int64)))
-        elif args.streams:
-            how = f"backbone {args.init_from} + streams {args.streams}"
-        else:
-            how = f"initialised from {args.init_from}"
-    cfg = model.config
-    if args.freeze_backbone or (ckpt is not None and args.init_from == "resume" and ckpt["args"].get("freeze_backbone")):
-        args.freeze_backbone = True
+        vocab_size = math.ceil(meta["vocab_size"] / 64) * 64  # pad to a multiple of 64 for fast matmuls
+        return GPT(GPTConfig(**model_args(args, vocab_size))), None, "from scratch", []
+    if args.init_from == "resume":
+        return resumed_model(args, given, meta)
+    return model_from_path(args, given, meta)
+
+
+def checkpoint_model(path, args, meta):
+    """A checkpoint and the model it describes; refuses one trained on another vocabulary."""
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, dropout=args.dropout)  # the architecture comes from the checkpoint
+    vocab_size, tokenizer = model.config.vocab_size, ckpt.get("meta", {}).get("tokenizer")
+    check(vocab_size >= meta["vocab_size"] and tokenizer in (None, meta.get("tokenizer")),
+          f"vocabulary mismatch: {path} holds a model of {vocab_size} tokens ({tokenizer or 'tokenizer unknown'}), "
+          f"the data in --data_dir={args.data_dir} has {meta['vocab_size']} ({meta.get('tokenizer')}): use the data it was trained on")
+    return model, ckpt
+
+
+def adopt_shape(args, given, config, fields):
+    """A checkpoint fixes these fields: copy them into args (so the args saved with the next checkpoint
+    are true) and return "--flag=given -> used" for every flag the command line gave that it overrides,
+    as nanoGPT takes the model shape from the checkpoint on resume."""
+    asked = GPTConfig(**model_args(args, config.vocab_size))  # what the flags alone describe
+    overridden = []
+    for name in fields:
+        if name == "block_size" and name in given:  # a shorter context than the model's is fine, a longer one is not
+            check(args.block_size <= config.block_size, f"--block_size={args.block_size} exceeds the checkpoint's block_size "
+                                                        f"{config.block_size}: the model has no positions past it")
+            continue
+        used = getattr(config, name)
+        if name in given and getattr(asked, name) != used:
+            overridden.append(f"--{name}={getattr(asked, name)} -> {used}")
+        setattr(args, name, type(getattr(args, name))(used))  # keep the flag's type: --bias is 1 or 0
+    return overridden
+
+
+def resumed_model(args, given, meta):
+    """--init_from=resume: out_dir/ckpt.pt with its shape, step and optimizer state, continued as if never stopped."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    check(os.path.isfile(path), f"--init_from=resume, but there is no checkpoint at {path}: train into --out_dir first, or check --out_dir")
+    model, ckpt = checkpoint_model(path, args, meta)
+    check(all(k in ckpt for k in ("optimizer", "iter_num", "best_val_loss", "rng", "args")),
+          f"{path} is not a train.py checkpoint that can resume (no optimizer state): start from it with --init_from={path}")
+    overridden = adopt_shape(args, given, model.config, BACKBONE_FIELDS + STREAM_FIELDS)
+    args.freeze_backbone = args.freeze_backbone or ckpt["args"].get("freeze_backbone", False)
+    return model, ckpt, f"resumed at step {ckpt['iter_num']}", overridden
+
+
+def model_from_path(args, given, meta):
+    """--init_from=PATH, a fresh start at step 0 from a checkpoint: a P=1 model converted to --n_streams
+    (two-stage), a P=1 backbone with --streams attached (dynamic P), or a model of the same P."""
+    path = args.init_from
+    check(os.path.isfile(path), f"--init_from={path}: no checkpoint at that path (use scratch, resume, or the path of a ckpt.pt)")
+    model, _ = checkpoint_model(path, args, meta)
+    src = model.config
+    overridden = adopt_shape(args, given, src, BACKBONE_FIELDS)
+    check(args.prefix_init == "random" or (src.n_streams == 1 and args.n_streams > 1 and not args.streams),
+          "--prefix_init=kv sets the prefixes of a P=1 checkpoint converted to P > 1: give --n_streams > 1 and a P=1 --init_from")
+    if args.streams:
+        check(src.n_streams == 1, f"--streams attaches to a P=1 backbone, but --init_from={path} holds a P={src.n_streams} model")
+        model = attach(model, args.streams)
+        overridden += adopt_shape(args, given, model.config, STREAM_FIELDS)
+        return model, None, f"backbone {path} + streams {args.streams}", overridden
+    if src.n_streams > 1:
+        check("n_streams" not in given or args.n_streams == src.n_streams, f"cannot start P={args.n_streams} from a "
+              f"P={src.n_streams} checkpoint ({path}): convert a P=1 checkpoint, or drop --n_streams to go on at P={src.n_streams}")
+        return model, None, f"initialised from {path}", overridden + adopt_shape(args, given, src, STREAM_FIELDS)
+    if args.n_streams == 1:
+        return model, None, f"initialised from {path}", overridden
+    how = f"converted P=1 -> P={args.n_streams} from {path}, {args.prefix_init} prefixes"
+    return two_stage(model, args), None, how, overridden
+
+
+def attach(backbone, path):
+    """Dynamic P: a P=1 backbone plus a streams_p{P}.pt file (prefixes and aggregator, trained on that backbone frozen)."""
+    streams = load_checkpoint(path)
+    check(streams.get("kind") == "streams", f"--streams={path} is a full checkpoint, not a streams_p{{P}}.pt file "
+                                            "(train.py --freeze_backbone writes one); a full checkpoint goes to --init_from")
+    try:
+        return attach_streams(backbone, streams)
+    except UserError as e:  # name the flag: "trained on a different backbone" alone does not say which file
+        raise UserError(f"--streams={path}: {e}") from e
+
+
+def two_stage(base, args):
+    """P=1 -> P, the paper's two-stage recipe (README, "Walk-through"): the trained backbone's very tensors
+    with fresh prefixes and aggregator. With --prefix_init=kv each stream's prefix becomes the backbone's
+    own keys and values on a training snippet, so the loss does not jump at conversion."""
+    model = convert_to_streams(base, args.n_streams, n_prefix=args.n_prefix, agg_smoothing=args.agg_smoothing,
+                               prefix_init_std=args.prefix_init_std)
+    if args.prefix_init == "kv":  # one training snippet per stream, fixed by the seed
+        data = np.memmap(os.path.join(args.data_dir, "train.bin"), dtype=np.uint16, mode="r")
+        ix = np.random.default_rng([args.seed, 2]).integers(0, len(data) - args.n_prefix, size=args.n_streams)
+        snippets = torch.from_numpy(np.stack([data[i:i + args.n_prefix] for i in ix]).astype(np.int64))  # (P, n_prefix)
+        prefixes_from_kv(model, snippets)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# evaluation, checkpoints, log lines
+
+@torch.no_grad()
+def evaluate(model, args, system):
+    """Mean loss on the same eval_iters batches of each split every time, and how the aggregator mixes the
+    streams. Runs on the raw model on rank 0 alone, so it triggers no DDP collective."""
+    model.eval()
+    out, weights, hook = {}, [], None
+    if model.config.n_streams > 1:
+        hook = model.aggregator.register_forward_hook(lambda m, inp, _: weights.append(m.weights(inp[0]).flatten(0, 1)))
+    for split in ("train", "val"):
+        losses = torch.zeros(args.eval_iters)
+        for k in range(args.eval_iters):
+            X, Y = get_batch(args, system, split, 0, k)  # key (0, k): batches no training step draws
+            with system.autocast():
+                _, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    if hook is not None:
+        hook.remove()
+        w = torch.cat(weights)  # (positions, P)
+        out["stream_weight"] = [round(x, 4) for x in w.mean(0).tolist()]
+        out["stream_entropy"] = -(w * w.log()).sum(-1).mean().item()  # ln P = uniform mix, 0 = one stream
+    model.train()
+    return out
+
+
+def save(model, optimizer, iter_num, best_val_loss, args, meta):
+    """ckpt.pt, a plain dict that loads with weights_only=True; with a frozen backbone also streams_p{P}.pt,
+    the small file dynamic P needs."""
+    save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(model.config),
+                         iter_num=iter_num, best_val_loss=best_val_loss, args=vars(args), meta=meta,
+                         rng=dict(torch=torch.get_rng_state())), args.out_dir)
+    if args.freeze_backbone:
+        save_checkpoint(streams_state(model), args.out_dir, f"streams_p{model.config.n_streams}.pt")
+
+
+def write_log(log, **record):
+    if log:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+
+def log_eval(ev, iter_num, log):
+    agg = f", stream weights {ev['stream_weight']}, entropy {ev['stream_entropy']:.3f}" if "stream_weight" in ev else ""
+    tqdm.write(f"step {iter_num}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}{agg}")
+    write_log(log, kind="eval", step=iter_num, **ev)
+
+
+def log_step(model, lossf, lr, dt, iter_num, args, system, bar, log):
+    """The fixed-field line: step | loss | lr | ms | tok/s | mfu."""
+    check(math.isfinite(lossf), f"loss is {lossf} at step {iter_num}: lower --learning_rate? "
+                                f"The last good checkpoint in {args.out_dir} is kept")
+    tok_s = args.gradient_accumulation_steps * args.batch_size * args.block_size / dt
+    mfu = model.estimate_mfu(tok_s, args.block_size, system.peak)
+    mfu_s = f"{100 * mfu:5.1f}%" if mfu is not None else "  n/a"
+    tqdm.write(f"step {iter_num:6d} | loss {lossf:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms | {tok_s:9.0f} tok/s | mfu {mfu_s}")
+    bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
+    write_log(log, kind="train", step=iter_num, loss=lossf, lr=lr, ms=1000 * dt, tok_s=tok_s, mfu=mfu)
+
+
+def report(args, system, model, how, overridden, meta, tokens):
+    """Say once, at start-up, what runs where: device, dtype, attention path and MFU peak; the model; the data."""
+    cfg, r = model.config, model.param_report()
+    attn = "SDPA causal (flash-eligible)" if cfg.n_streams == 1 else "SDPA with prefix + shared causal mask"
+    mfu = f"MFU against {system.peak / 1e12:.0f} TFLOP/s" if system.peak else "MFU n/a (peak FLOP/s unknown: --peak_flops)"
+    print(f"device {system.device} ({system.device_type}), dtype {system.dtype}, attention: {attn}, DDP world {system.world}, {mfu}")
+    if overridden:
+        print(f"the checkpoint overrides {', '.join(overridden)}")
+    print(f"model {how}: P={cfg.n_streams}, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} kv), "
+          f"width {cfg.n_embd}, block {cfg.block_size}, prefix {cfg.n_prefix_slots}, vocab {cfg.vocab_size}")
+    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in r.items()) + (" (backbone frozen)" if args.freeze_backbone else ""))
+    print(f"data {args.data_dir}: {meta.get('tokenizer')} tokens, train {tokens['train']:,}, val {tokens['val']:,}; "
+          f"{args.gradient_accumulation_steps * args.batch_size * args.block_size:,} tokens per step")
+
+
+# -----------------------------------------------------------------------------
+# the run and its training loop
+
+def main(argv=None):
+    args, given = get_args(argv)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run(args, given)
+    finally:  # callers in the same process (the tests) get their own handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(args, given):
+    """Set up, build, check, then train (or evaluate). Nothing is written to out_dir before every check has passed."""
+    system = setup(args)
+    meta = load_meta(args.data_dir)
+    model, ckpt, how, overridden = build_model(args, given, meta)
+    tokens = count_tokens(args)  # after the model: a checkpoint may set block_size
+    check(not args.freeze_backbone or model.config.n_streams > 1,
+          "--freeze_backbone trains only the prefixes and the aggregator: it needs --n_streams > 1")
+    if args.freeze_backbone:
         freeze_backbone(model)
-    model.to(device)
-    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), device_type)
-    if ckpt is not None and args.init_from == "resume":
+    model.to(system.device)
+    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), system.device_type)
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:  # resume
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])  # dropout's RNG continues where it stopped
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     ckpt = None  # free memory
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    raw_model = model
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-
-    tokens_per_iter = args.gradient_accumulation_steps * args.batch_size * args.block_size
-    peak = args.peak_flops
-    if peak < 0 and device_type == "cuda":
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), 0)
-    flops_per_iter = raw_model.flops_per_token(args.block_size) * tokens_per_iter
-    if master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        r = raw_model.param_report()
-        attn_path = "SDPA causal (flash-eligible)" if cfg.n_streams == 1 else "SDPA with prefix + shared causal mask"
-        print(f"device {device} ({device_type}), dtype {dtype}, attention: {attn_path}, DDP world {world}")
-        print(f"model {how}: P={cfg.n_streams}, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} kv), "
-              f"width {cfg.n_embd}, block {cfg.block_size}, prefix {cfg.n_prefix_slots}, vocab {cfg.vocab_size}")
-        print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in r.items())
-              + (" (backbone frozen)" if args.freeze_backbone else ""))
-        print(f"data {args.data_dir}: {meta.get('tokenizer')} tokens, train {split_tokens['train']:,}, val {split_tokens['val']:,}; "
-              f"{tokens_per_iter:,} tokens per step")
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss on the same eval_iters batches every time, and how the aggregator mixes the streams.
-        Runs on the raw model on rank 0 alone, so it triggers no DDP collective."""
-        model.eval()
-        out, weights = {}, []
-        hook = None
-        if cfg.n_streams > 1:
-            hook = raw_model.aggregator.register_forward_hook(lambda m, inp, _: weights.append(m.weights(inp[0]).flatten(0, 1)))
-        for split in ("train", "val"):
-            losses = torch.zeros(args.eval_iters)
-            for k in range(args.eval_iters):
-                X, Y = get_batch(split, 0, k)  # key (0, k): batches no training step draws
-                with autocast:
-                    _, loss = raw_model(X, Y)
-                losses[k] = loss.item()
-            out[split] = losses.mean().item()
-        if hook is not None:
-            hook.remove()
-            w = torch.cat(weights)  # (positions, P)
-            out["stream_weight"] = [round(x, 4) for x in w.mean(0).tolist()]
-            out["stream_entropy"] = -(w * w.log()).sum(-1).mean().item()  # ln P = uniform mix, 0 = one stream
-        model.train()
-        return out
-
-    def checkpoint():
-        return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(cfg),
-                    iter_num=iter_num, best_val_loss=best_val_loss, args=vars(args), meta=meta,
-                    rng=dict(torch=torch.get_rng_state()))
-
-    def get_lr(it):
-        if it < args.warmup_iters:
-            return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
-        if it >= args.lr_decay_iters:
-            return args.min_lr
-        ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
-        return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.learning_rate - args.min_lr)
-
-    # SIGINT / SIGTERM: finish the current step, save, exit cleanly
-    stop = {"requested": False}
-
-    def request_stop(signum, frame):
-        stop["requested"] = True
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
-
-    def log_json(**rec):
-        if log:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-
+    if system.master:
+        report(args, system, model, how, overridden, meta, tokens)
     if args.eval_only:
-        if master:
-            print(json.dumps(evaluate()))
+        if system.master:
+            print(json.dumps(evaluate(model, args, system)))
         return
+    train(args, system, model, optimizer, meta, iter_num, best_val_loss)
 
-    bar = tqdm(total=args.max_iters, initial=iter_num, disable=not (master and args.progress), dynamic_ncols=True)
-    t0, mfu = time.time(), -1.0
-    # training loop ------------------------------------------------------------------------------
+
+def get_lr(args, it):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, as nanoGPT."""
+    if it < args.warmup_iters:
+        return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
+    if it >= args.lr_decay_iters:
+        return args.min_lr
+    ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.learning_rate - args.min_lr)
+
+
+def stop_on_signal():
+    """SIGINT / SIGTERM only raise a flag: the loop finishes its step, saves and exits cleanly."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    return stop
+
+
+def agreed_stop(stop, iter_num, args, system):
+    """Under DDP every rank must stop at the same step; agreeing is a sync, so only at log steps."""
+    if not system.ddp:
+        return stop.is_set()
+    if iter_num % args.log_interval != 0:
+        return False
+    flag = torch.tensor(float(stop.is_set()), device=system.device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
+def train(args, system, model, optimizer, meta, iter_num, best_val_loss):
+    """The loop: lr -> (eval, checkpoint on schedule and at the last step) -> forward/backward with gradient
+    accumulation -> clip -> step -> log."""
+    raw_model = model
+    if system.ddp:
+        model = DDP(model, device_ids=[system.local_rank] if system.device_type == "cuda" else None)
+    accum = args.gradient_accumulation_steps // system.world  # micro-batches per rank
+    scaler = torch.amp.GradScaler(system.device_type, enabled=(system.dtype == "float16"))
+    stop = stop_on_signal()
+    log = None
+    if system.master:  # the first write to out_dir
+        os.makedirs(args.out_dir, exist_ok=True)
+        log = open(os.path.join(args.out_dir, "log.jsonl"), "a")
+    # disable=None: a bar only on a terminal, so a redirected log is plain lines
+    bar = tqdm(total=args.max_iters, initial=iter_num, disable=None if system.master else True, dynamic_ncols=True)
+    t0 = time.time()
     while True:
-        lr = get_lr(iter_num)
+        lr = get_lr(args, iter_num)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        if master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
-            ev = evaluate()
-            if not all(math.isfinite(ev[s]) for s in ("train", "val")):
-                raise FloatingPointError(f"non-finite eval loss at step {iter_num} ({ev}); the last good checkpoint in {args.out_dir} is kept")
+        if system.master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
+            ev = evaluate(raw_model, args, system)
+            check(math.isfinite(ev["train"]) and math.isfinite(ev["val"]), f"non-finite eval loss at step {iter_num} ({ev}): "
+                  f"lower --learning_rate? The last good checkpoint in {args.out_dir} is kept")
             best_val_loss = min(best_val_loss, ev["val"])
-            agg = f", stream weights {ev['stream_weight']}, entropy {ev['stream_entropy']:.3f}" if "stream_weight" in ev else ""
-            tqdm.write(f"step {iter_num}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}{agg}")
-            log_json(kind="eval", step=iter_num, **ev)
+            log_eval(ev, iter_num, log)
             if iter_num > 0:
-                save_checkpoint(checkpoint(), args.out_dir)
-                if args.freeze_backbone:  # the small file that dynamic P needs
-                    save_checkpoint(streams_state(raw_model), args.out_dir, f"streams_p{cfg.n_streams}.pt")
+                save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
         if iter_num >= args.max_iters:
             break
 
         # forward / backward with gradient accumulation
         for micro in range(accum):
-            X, Y = get_batch("train", 1, iter_num, micro * world + rank)
-            if ddp:  # all-reduce gradients only on the last micro-step
+            X, Y = get_batch(args, system, "train", 1, iter_num, micro * system.world + system.rank)
+            if system.ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == accum - 1
-            with autocast:
+            with system.autocast():
                 _, loss = model(X, Y)
                 loss = loss / accum
             scaler.scale(loss).backward()
@@ -341,44 +570,24 @@ def run_training(args):
         iter_num += 1
         bar.update(1)
 
-        if iter_num % args.log_interval == 0 and master:
-            lossf = loss.item() * accum  # a sync, so only every log_interval steps
-            if not math.isfinite(lossf):
-                raise FloatingPointError(f"loss is {lossf} at step {iter_num}; lower --learning_rate? "
-                                         f"The last good checkpoint in {args.out_dir} is kept")
-            dt = (time.time() - t0) / args.log_interval
-            t0 = time.time()
-            tok_s = tokens_per_iter / dt
-            if peak > 0:
-                mfu = flops_per_iter / dt / peak
-            mfu_s = f"{100 * mfu:5.1f}%" if mfu >= 0 else "  n/a"
-            tqdm.write(f"step {iter_num:6d} | loss {lossf:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms | {tok_s:9.0f} tok/s | mfu {mfu_s}")
-            bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
-            log_json(kind="train", step=iter_num, loss=lossf, lr=lr, ms=1000 * dt, tok_s=tok_s, mfu=mfu if mfu >= 0 else None)
-
-        requested = stop["requested"]
-        if ddp:  # every rank must stop at the same step; agreeing on it is a sync, so only every log_interval
-            if iter_num % args.log_interval == 0:
-                flag = torch.tensor(float(requested), device=device)
-                dist.all_reduce(flag)
-                requested = flag.item() > 0
-            else:
-                requested = False
-        if requested:
-            if master:
-                save_checkpoint(checkpoint(), args.out_dir)
+        if iter_num % args.log_interval == 0 and system.master:
+            dt, t0 = (time.time() - t0) / args.log_interval, time.time()
+            log_step(raw_model, loss.item() * accum, lr, dt, iter_num, args, system, bar, log)  # .item(): a sync, so only here
+        if agreed_stop(stop, iter_num, args, system):
+            if system.master:
+                save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
                 tqdm.write(f"interrupted: saved step {iter_num} to {args.out_dir}/ckpt.pt; continue with --init_from=resume")
             break
     bar.close()
     if log:
         log.close()
-    if ddp:
+    if system.ddp:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # a mistake the user can fix: one line, no traceback; any other exception is a bug
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         sys.exit(1)

@@ -13,10 +13,10 @@ from util import ROOT, assert_close
 
 import sample
 import train
-from model import UserError, load_checkpoint
+from model import GPT, GPTConfig, UserError, convert_to_streams, load_checkpoint, streams_state
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--n_prefix=2",
-        "--eval_iters=2", "--log_interval=5", "--progress=0", "--device=cpu", "--warmup_iters=5",
+        "--eval_iters=2", "--log_interval=5", "--device=cpu", "--warmup_iters=5",
         "--learning_rate=3e-3"]
 
 
@@ -50,8 +50,10 @@ def evals(out_dir):
 
 @pytest.mark.parametrize("P", [1, 3])
 def test_short_run_lowers_loss_and_logs_stream_weights(data_dir, tmp_path, P):
-    run(data_dir, tmp_path, "--max_iters=40", "--eval_interval=20", f"--n_streams={P}")
+    run(data_dir, tmp_path, "--max_iters=40", "--eval_interval=20", f"--n_streams={P}", "--peak_flops=1e12")
     ev = evals(tmp_path)
+    with open(os.path.join(tmp_path, "log.jsonl")) as f:
+        assert all(r["mfu"] > 0 for r in map(json.loads, f) if r["kind"] == "train")  # model.estimate_mfu against the given peak
     assert [r["step"] for r in ev] == [0, 20, 40]
     assert ev[-1]["val"] < ev[0]["val"] - 1.0, ev
     if P > 1:
@@ -82,7 +84,7 @@ def test_sigint_saves_a_checkpoint_that_resumes(data_dir, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    assert "interrupted: saved step" in out
+    assert "interrupted: saved step" in out and "\r" not in out  # not a terminal: plain lines, no progress bar
     ckpt = load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))
     step = ckpt["iter_num"]
     assert step >= 1
@@ -104,30 +106,174 @@ def test_two_stage_and_frozen_backbone_through_train(data_dir, tmp_path, capsys)
                        f"--init_from={tmp_path / 'p1' / 'ckpt.pt'}", f"--streams={streams}"])
     out = capsys.readouterr().out
     assert "P=3" in out and json.loads(out.strip().splitlines()[-1])["val"] == evals(tmp_path / "p3")[-1]["val"]
-    with pytest.raises(ValueError, match="P=3 checkpoint"):
+    with pytest.raises(UserError, match="P=3 checkpoint"):
         run(data_dir, tmp_path / "p2", "--max_iters=1", "--n_streams=2", f"--init_from={tmp_path / 'p3' / 'ckpt.pt'}")
 
 
-def test_bad_inputs_get_named_errors(data_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="prepare_data"):
+# -----------------------------------------------------------------------------
+# mistakes a user can fix: a UserError naming the flag or file, one `error:` line, nothing written
+
+@pytest.fixture(scope="module")
+def p1_ckpt(data_dir, tmp_path_factory):
+    """A P=1 checkpoint (2 steps) for the tests that start from one."""
+    out = tmp_path_factory.mktemp("p1")
+    run(data_dir, out, "--max_iters=2", "--eval_interval=2", "--n_streams=1")
+    return str(out / "ckpt.pt")
+
+
+def save_model(path, **config):
+    """A checkpoint of an untrained model with TINY's shape, as the model API alone writes it."""
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256, n_prefix=2, **config)
+    torch.save(dict(model=GPT(cfg).state_dict(), model_args=vars(cfg)), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--batch_size=0", "--batch_size must be >= 1, got 0"),
+    ("--eval_iters=0", "--eval_iters must be >= 1"),
+    ("--gradient_accumulation_steps=0", "--gradient_accumulation_steps must be >= 1"),
+    ("--max_iters=-1", "--max_iters must be >= 0"),
+    ("--learning_rate=0", "--learning_rate must be > 0"),
+    ("--learning_rate=-1e-3", "--learning_rate must be > 0"),
+    ("--min_lr=1", r"--min_lr \(1.0\) must not exceed --learning_rate"),
+    ("--grad_clip=-1", "--grad_clip must be >= 0"),
+    ("--weight_decay=-0.1", "--weight_decay must be >= 0"),
+    ("--dropout=1", r"--dropout must be in \[0, 1\)"),
+    ("--dropout=-0.1", r"--dropout must be in \[0, 1\)"),
+    ("--beta2=1", r"--beta1 and --beta2 must be in \[0, 1\)"),
+    ("--threads=0", "--threads must be -1 or > 0"),
+    ("--peak_flops=0", "--peak_flops must be -1 or > 0"),
+    ("--seed=-1", "--seed must be >= 0"),
+    ("--bias=2", "--bias must be 1"),
+    ("--n_embd=31", r"--n_embd \(31\) must be a multiple of --n_head \(2\)"),
+    ("--n_kv_head=3", r"--n_kv_head \(3\) must divide --n_head \(2\)"),
+    ("--n_prefix=0", "--n_prefix must be >= 1 when --n_streams > 1"),
+    ("--agg_smoothing=2", r"--agg_smoothing must be in \[0, 1\]"),
+    ("--streams=s.pt", "--streams attaches streams to a P=1 backbone"),
+    ("--prefix_init=kv", "--prefix_init=kv takes the prefixes from a trained P=1 model"),
+])
+def test_bad_flag_values_are_refused_where_parsed(flag, message):
+    with pytest.raises(UserError, match=message):
+        train.get_args(TINY + [flag])
+
+
+def test_argparse_keeps_its_own_type_errors(tmp_path):
+    with pytest.raises(SystemExit):
+        train.get_args(["--batch_size=abc"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        train.get_args([f"--out_dir={tmp_path / 'file'}"])
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--device=tpu", "--device=tpu is not a device"),
+    ("--device=cuda:x", "--device=cuda:x is not a device"),
+    ("--dtype=float16", "--dtype=float16 on the CPU"),
+    pytest.param("--device=cuda", "--device=cuda, but this torch .* sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    pytest.param("--device=mps", "--device=mps, but MPS is not available",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
+])
+def test_devices_and_dtypes_this_machine_lacks_are_refused(data_dir, tmp_path, flag, message):
+    with pytest.raises(UserError, match=message):
+        run(data_dir, tmp_path / "o", flag)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_data_mistakes_are_named(tmp_path):
+    with pytest.raises(UserError, match="does not exist: run python prepare_data.py"):
         run(tmp_path / "nowhere", tmp_path / "o")
+    for missing in ("meta.json", "train.bin", "val.bin"):
+        folder = write_corpus(tmp_path / f"no_{missing}")
+        os.remove(os.path.join(folder, missing))
+        with pytest.raises(UserError, match=f"has no {missing}: run python prepare_data.py"):
+            run(folder, tmp_path / "o")
+    folder = write_corpus(tmp_path / "bad_meta")
+    (tmp_path / "bad_meta" / "meta.json").write_text("{not json")
+    with pytest.raises(UserError, match="meta.json is not JSON"):
+        run(folder, tmp_path / "o")
+    (tmp_path / "bad_meta" / "meta.json").write_text('{"tokenizer": "bytes"}')
+    with pytest.raises(UserError, match="no positive integer vocab_size"):
+        run(folder, tmp_path / "o")
     small = write_corpus(tmp_path / "small", n_bytes=300)
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(UserError, match=r"fewer than --block_size \+ 1 = 65: lower --block_size"):
         run(small, tmp_path / "o", "--block_size=64")
-    with pytest.raises(UserError, match="no checkpoint"):
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_checkpoint_mistakes_are_named(data_dir, tmp_path, p1_ckpt):
+    with pytest.raises(UserError, match="--init_from=resume, but there is no checkpoint at"):
         run(data_dir, tmp_path / "empty", "--init_from=resume")
+    with pytest.raises(UserError, match="--init_from=.*nope.pt: no checkpoint at that path"):
+        run(data_dir, tmp_path / "o", f"--init_from={tmp_path / 'nope.pt'}")
     os.makedirs(tmp_path / "bad")
     (tmp_path / "bad" / "ckpt.pt").write_bytes(os.urandom(1000))
     with pytest.raises(UserError, match="corrupt"):
         run(data_dir, tmp_path / "bad", "--init_from=resume")
-    with pytest.raises(ValueError, match="n_embd"):
-        run(data_dir, tmp_path / "o", "--n_embd=31")
-    run(data_dir, tmp_path / "bytes", "--max_iters=2", "--eval_interval=2")
+    os.makedirs(tmp_path / "api")
+    p2 = save_model(tmp_path / "api" / "ckpt.pt", n_streams=2)  # weights only: no optimizer state to resume
+    with pytest.raises(UserError, match="not a train.py checkpoint that can resume"):
+        run(data_dir, tmp_path / "api", "--init_from=resume")
     gpt2 = write_corpus(tmp_path / "gpt2", tokenizer="gpt2", vocab_size=50257)
-    with pytest.raises(ValueError, match="vocabulary mismatch"):
-        run(gpt2, tmp_path / "o", f"--init_from={tmp_path / 'bytes' / 'ckpt.pt'}")
-    with pytest.raises(SystemExit):
-        train.get_args(["--batch_size=0"])
+    with pytest.raises(UserError, match="vocabulary mismatch"):
+        run(gpt2, tmp_path / "o", f"--init_from={p1_ckpt}")
+    with pytest.raises(UserError, match="--block_size=64 exceeds the checkpoint's block_size 32"):
+        run(data_dir, tmp_path / "o", f"--init_from={p1_ckpt}", "--block_size=64")
+    with pytest.raises(UserError, match="--freeze_backbone trains only the prefixes"):
+        run(data_dir, tmp_path / "o", f"--init_from={p1_ckpt}", "--n_streams=1", "--freeze_backbone")
+    with pytest.raises(UserError, match="--prefix_init=kv sets the prefixes of a P=1 checkpoint converted"):
+        run(data_dir, tmp_path / "o", f"--init_from={p1_ckpt}", "--n_streams=1", "--prefix_init=kv")
+    with pytest.raises(UserError, match="--streams attaches to a P=1 backbone, but --init_from=.* holds a P=2 model"):
+        run(data_dir, tmp_path / "o", f"--init_from={p2}", f"--streams={p1_ckpt}")
+    with pytest.raises(UserError, match="is a full checkpoint, not a streams_p"):
+        run(data_dir, tmp_path / "o", f"--init_from={p1_ckpt}", f"--streams={p1_ckpt}")
+    other = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256))  # the right shape, other weights
+    torch.save(streams_state(convert_to_streams(other, 2, n_prefix=2)), tmp_path / "streams_p2.pt")
+    with pytest.raises(UserError, match="--streams=.*streams_p2.pt: these streams were trained on a different backbone"):
+        run(data_dir, tmp_path / "o", f"--init_from={p1_ckpt}", f"--streams={tmp_path / 'streams_p2.pt'}")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_refused_run_leaves_out_dir_as_it_was(data_dir, tmp_path):
+    run(data_dir, tmp_path, "--max_iters=2", "--eval_interval=2")
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert {"ckpt.pt", "log.jsonl"} <= set(before)
+    small = write_corpus(tmp_path.parent / f"{tmp_path.name}_small", n_bytes=300)
+    refusals = [  # each found only after the model is built or the checkpoint read
+        ([f"--data_dir={small}", "--block_size=64"], "fewer than --block_size"),
+        (["--init_from=resume", "--block_size=64"], "exceeds the checkpoint's block_size"),
+        (["--n_streams=1", "--freeze_backbone"], "--freeze_backbone"),
+        (["--dtype=float16"], "float16"),
+    ]
+    for flags, message in refusals:
+        with pytest.raises(UserError, match=message):
+            train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=4", *flags])
+        assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before, flags
+
+
+@pytest.mark.parametrize("flag, start", [("--batch_size=0", "error: --batch_size must be >= 1, got 0\n"),
+                                         ("--data_dir={tmp}/nowhere", "error: --data_dir=")])
+def test_the_command_line_prints_one_error_line(tmp_path, flag, start):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={tmp_path / 'o'}", flag.format(tmp=tmp_path)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stdout == "", res.stdout + res.stderr
+    assert res.stderr.startswith(start) and res.stderr.count("\n") == 1, res.stderr  # no traceback, no usage text
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_checkpoint_overrides_given_shape_flags_and_says_so(data_dir, tmp_path, p1_ckpt, capsys):
+    capsys.readouterr()
+    argv = TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--eval_only", "--n_layer=3", "--n_embd=64"]
+    train.main(argv + [f"--init_from={p1_ckpt}", "--n_streams=1"])
+    assert [line for line in capsys.readouterr().out.splitlines() if "overrides" in line] == [
+        "the checkpoint overrides --n_layer=3 -> 2, --n_embd=64 -> 32"]
+    train.main(argv + ["--init_from=resume", f"--out_dir={os.path.dirname(p1_ckpt)}"])  # resume overrides too
+    assert "the checkpoint overrides --n_layer=3 -> 2, --n_embd=64 -> 32\n" in capsys.readouterr().out
+    # flags left out take the checkpoint's values silently: the default --block_size=128 is no error here
+    train.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--eval_only", "--eval_iters=1", "--device=cpu",
+                f"--init_from={p1_ckpt}", "--n_streams=1"])
+    out = capsys.readouterr().out
+    assert "overrides" not in out and "2 layers" in out and "block 32" in out
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
@@ -137,7 +283,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     ckpt["model"]["transformer.ln_f.weight"][0] = float("nan")  # poison, then resume from it
     torch.save(ckpt, path)
     before = open(path, "rb").read()
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    with pytest.raises(UserError, match="non-finite"):
         run(data_dir, tmp_path, "--max_iters=8", "--eval_interval=2", "--init_from=resume")
     assert open(path, "rb").read() == before
 
@@ -177,7 +323,7 @@ def test_kv_prefix_init_starts_near_the_base_model(data_dir, tmp_path):
     jumps = {}
     for init in ("random", "kv"):
         ck = run(data_dir, tmp_path / init, "--max_iters=1", "--eval_interval=1", "--n_streams=2", "--n_prefix=4",
-                 f"--init_from={tmp_path / 'p1' / 'ckpt.pt'}", f"--prefix_init={init}", "--learning_rate=0")
+                 f"--init_from={tmp_path / 'p1' / 'ckpt.pt'}", f"--prefix_init={init}")
         jumps[init] = evals(tmp_path / init)[0]["val"] - base_val
         assert torch.isfinite(ck["model"]["transformer.h.0.attn.prefix_k"]).all()
     assert jumps["kv"] < jumps["random"], jumps
