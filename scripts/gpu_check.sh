@@ -30,7 +30,7 @@ D=/tmp/gpu_check_data; C=/tmp/gpu_check_out
 timeout 60 "$PY" prepare_data.py --out_dir=$D > "$OUT/train.log" 2>&1
 timeout 90 "$PY" train.py --data_dir=$D --out_dir=$C --device=cuda --n_layer=6 --n_head=6 --n_embd=384 --block_size=512 \
   --batch_size=64 --n_streams=4 --n_prefix=8 --max_iters=150 --eval_interval=150 --eval_iters=10 --log_interval=25 \
-  --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20 --progress=0 >> "$OUT/train.log" 2>&1
+  --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20 >> "$OUT/train.log" 2>&1
 echo "train rc=$?"
 timeout 60 "$PY" sample.py --out_dir=$C --device=cuda --num_samples=2 --max_new_tokens=200 >> "$OUT/train.log" 2>&1
 echo "sample rc=$?"; grep -E "device|model|parameters|step|decoding|tokens/s|error|Error" "$OUT/train.log" | tail -20

@@ -239,7 +239,7 @@ def train_argv(pre, data_dir, out_dir, width, P, max_iters, learning_rate=None, 
             f"--batch_size={pre['batch_size']}", f"--max_iters={max_iters}", f"--learning_rate={lr}",
             f"--min_lr={lr / 10}", f"--warmup_iters={pre['warmup_iters'] if warmup_iters is None else warmup_iters}",
             f"--eval_interval={max(1, min(eval_interval, max_iters))}", f"--eval_iters={pre['eval_iters']}",
-            f"--log_interval={max(1, min(50, max_iters // 4))}", f"--threads={pre['threads']}", "--progress=0"]
+            f"--log_interval={max(1, min(50, max_iters // 4))}", f"--threads={pre['threads']}"]
 
 
 def evals(out_dir):
