@@ -35,7 +35,10 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from model import (GPT, GPTConfig, UserError, attach_streams, convert_to_streams, freeze_backbone, load_checkpoint,
@@ -77,6 +80,8 @@ def get_args(argv=None):
     p.add_argument("--prefix_init_std", type=float, default=0.02, help="std of the N(0, std) prefix init")
     p.add_argument("--prefix_init", default="random", choices=["random", "kv"],
                    help="when converting P=1 -> P>1: random N(0, prefix_init_std), or kv = the base model's own keys/values on training snippets")
+    p.add_argument("--prefix_reparam", type=int, default=0,
+                   help="train the prefixes through an MLP with this hidden size (Li & Liang); 0 = plain prefixes. Checkpoints hold the MLP; their model is folded")
     p.add_argument("--freeze_backbone", action="store_true", help="train only prefixes and aggregator; also writes streams_p{P}.pt")
     p.add_argument("--streams", default="", help="a streams_p{P}.pt file to attach to the P=1 checkpoint given by --init_from=PATH")
     # optimisation
@@ -118,7 +123,7 @@ def check_args(args):
     for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
                  "n_layer", "n_head", "n_embd", "block_size", "n_streams"):
         check(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_iters", "warmup_iters", "n_prefix", "min_lr", "weight_decay", "grad_clip", "prefix_init_std", "seed"):
+    for name in ("max_iters", "warmup_iters", "n_prefix", "min_lr", "weight_decay", "grad_clip", "prefix_init_std", "seed", "prefix_reparam"):
         check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ("lr_decay_iters", "threads", "peak_flops"):  # -1 = not set
         check(getattr(args, name) == -1 or getattr(args, name) > 0, f"--{name} must be -1 or > 0, got {getattr(args, name)}")
@@ -321,6 +326,7 @@ def resumed_model(args, given, meta):
           f"{path} is not a train.py checkpoint that can resume (no optimizer state): start from it with --init_from={path}")
     overridden = adopt_shape(args, given, model.config, BACKBONE_FIELDS + STREAM_FIELDS)
     args.freeze_backbone = args.freeze_backbone or ckpt["args"].get("freeze_backbone", False)
+    args.prefix_reparam = ckpt["args"].get("prefix_reparam", 0)  # the run's own choice: its MLP is in the checkpoint
     return model, ckpt, f"resumed at step {ckpt['iter_num']}", overridden
 
 
@@ -378,26 +384,118 @@ def two_stage(base, args):
 # evaluation, checkpoints, log lines
 
 @torch.no_grad()
+# -----------------------------------------------------------------------------
+# stream diagnostics: why P streams do or do not beat one (arXiv 2505.10475, Proposition 1)
+
+def diversity(nll, mix_nll):
+    """
+    nll: (P, N) per-token losses of each stream alone; mix_nll: (N,) of the aggregated model.
+    Proposition 1's two premises, measured: each stream alone as good as P = 1 (stream_loss), and
+    errors less than perfectly correlated (rho: the Pearson correlation over tokens of two streams'
+    per-token losses, averaged over all pairs). gain = mean stream loss - mixture loss.
+    """
+    P = nll.size(0)
+    stream = nll.mean(dim=1)
+    rho = torch.corrcoef(nll.double())[torch.triu_indices(P, P, offset=1).unbind()].mean().item()
+    return dict(stream_loss=[round(x, 4) for x in stream.tolist()], mix_loss=mix_nll.mean().item(),
+                gain=stream.mean().item() - mix_nll.mean().item(), rho=rho)
+
+
+@torch.no_grad()
+def stream_losses(model, X, Y):
+    """
+    Per-token losses of each stream alone, (P, N): its hidden state through ln_f and the LM head, no
+    aggregator; of the mixture, (N,); and the mean over ordered pairs i != j of KL(p_i || p_j), per token.
+    Rows go through in chunks, so P * rows * T * vocab stays near 2^26 floats.
+    """
+    P, (B, T), V = model.config.n_streams, X.shape, model.config.vocab_size
+    rows = max(1, 2**26 // (P * T * V))
+    nlls, mixes, kl = [], [], 0.0
+    for i in range(0, B, rows):
+        x, y = X[i:i + rows], Y[i:i + rows].reshape(-1)
+        h = model.stream_hidden(x)  # (P*b, T, C), after ln_f
+        logp = F.log_softmax(model.lm_head(h).float(), dim=-1).view(P, y.numel(), -1)  # (P, b*T, V)
+        nlls.append(-logp.gather(-1, y.view(1, -1, 1).expand(P, -1, 1)).squeeze(-1))
+        mixes.append(F.cross_entropy(model.lm_head(model.aggregator(h)).float().view(y.numel(), -1), y, reduction="none"))
+        p = logp.exp()
+        kl += sum((p[a] * (logp[a] - logp[b])).sum() for a in range(P) for b in range(P) if a != b).item()
+    return torch.cat(nlls, dim=1), torch.cat(mixes), kl / (P * (P - 1) * B * T)
+
+
+# -----------------------------------------------------------------------------
+# --prefix_reparam: Li & Liang's prefix reparameterisation, used only while training
+
+class PrefixMLP(nn.Module):
+    """
+    One layer's prefix keys (or values), (P, n_kv_head, n_prefix, hd), as MLP(E): E a learned
+    (P, n_prefix, C) embedding, the MLP Linear(C, H) -> tanh -> Linear(H, n_kv_head * hd). The ParScale
+    authors trained their prefixes through such a reparameterisation (QwenLM/ParScale issue #1), as
+    prefix tuning does (Li & Liang 2021). Registered with torch.nn.utils.parametrize, so the attention
+    code reads `self.prefix_k` unchanged; exports fold it into the plain tensor (fold_prefix_reparam).
+    """
+
+    def __init__(self, cfg, hidden):
+        super().__init__()
+        self.shape, self.width = (cfg.n_streams, cfg.n_kv_head, cfg.n_prefix, cfg.head_dim), cfg.n_embd
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, hidden), nn.Tanh(), nn.Linear(hidden, cfg.n_kv_head * cfg.head_dim))
+
+    def forward(self, emb):  # (P, n_prefix, C) -> (P, n_kv_head, n_prefix, hd)
+        P, H, S, hd = self.shape
+        return self.mlp(emb).view(P, S, H, hd).transpose(1, 2)
+
+    def right_inverse(self, prefix):  # at registration: a fresh N(0, 1) embedding takes the plain prefix's place
+        P, _, S, _ = self.shape
+        return torch.randn(P, S, self.width, device=prefix.device, dtype=prefix.dtype)
+
+
+def add_prefix_reparam(model, hidden):
+    for block in model.transformer.h:
+        for name in ("prefix_k", "prefix_v"):
+            parametrize.register_parametrization(block.attn, name, PrefixMLP(model.config, hidden), unsafe=True)
+
+
+def folded_state_dict(model):
+    """model.state_dict() with every reparameterised prefix folded into the plain tensor it produces:
+    what the sampling checkpoint and the streams file hold, so sample.py and the fused path never see the MLP."""
+    sd = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    for i, block in enumerate(model.transformer.h):
+        if parametrize.is_parametrized(block.attn):
+            sd[f"transformer.h.{i}.attn.prefix_k"] = block.attn.prefix_k.detach().clone()
+            sd[f"transformer.h.{i}.attn.prefix_v"] = block.attn.prefix_v.detach().clone()
+    return sd
+
+
+def reparam_state(model):
+    """The reparameterisation's own tensors (embeddings and MLPs), for the training checkpoint."""
+    return {k: v for k, v in model.state_dict().items() if ".parametrizations." in k}
+
+
 def evaluate(model, args, system):
-    """Mean loss on the same eval_iters batches of each split every time, and how the aggregator mixes the
-    streams. Runs on the raw model on rank 0 alone, so it triggers no DDP collective."""
+    """Mean loss on the same eval_iters batches of each split every time; for P > 1 also how the
+    aggregator mixes the streams and, on val, the stream diagnostics (diversity, stream_losses).
+    Runs on the raw model on rank 0 alone, so it triggers no DDP collective."""
     model.eval()
-    out, weights, hook = {}, [], None
-    if model.config.n_streams > 1:
+    out, weights, hook, P = {}, [], None, model.config.n_streams
+    if P > 1:
         hook = model.aggregator.register_forward_hook(lambda m, inp, _: weights.append(m.weights(inp[0]).flatten(0, 1)))
     for split in ("train", "val"):
-        losses = torch.zeros(args.eval_iters)
+        losses, nlls, mixes, kls = torch.zeros(args.eval_iters), [], [], []
         for k in range(args.eval_iters):
             X, Y = get_batch(args, system, split, 0, k)  # key (0, k): batches no training step draws
             with system.autocast():
-                _, loss = model(X, Y)
-            losses[k] = loss.item()
+                if split == "val" and P > 1:  # the mixture's loss and each stream's, from one forward
+                    nll, mix, kl = stream_losses(model, X, Y)
+                    nlls.append(nll), mixes.append(mix), kls.append(kl)
+                    losses[k] = mix.mean().item()
+                else:
+                    losses[k] = model(X, Y)[1].item()
         out[split] = losses.mean().item()
     if hook is not None:
         hook.remove()
         w = torch.cat(weights)  # (positions, P)
         out["stream_weight"] = [round(x, 4) for x in w.mean(0).tolist()]
         out["stream_entropy"] = -(w * w.log()).sum(-1).mean().item()  # ln P = uniform mix, 0 = one stream
+        out.update(diversity(torch.cat(nlls, dim=1), torch.cat(mixes)), kl=sum(kls) / len(kls))
     model.train()
     return out
 
@@ -405,10 +503,15 @@ def evaluate(model, args, system):
 def save(model, optimizer, iter_num, best_val_loss, args, meta):
     """ckpt.pt, a plain dict that loads with weights_only=True; with a frozen backbone also streams_p{P}.pt,
     the small file dynamic P needs."""
-    save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(model.config),
+    folded = folded_state_dict(model)  # plain prefixes: what sample.py and the fused path read
+    save_checkpoint(dict(model=folded, optimizer=optimizer.state_dict(), model_args=asdict(model.config),
                          iter_num=iter_num, best_val_loss=best_val_loss, args=vars(args), meta=meta,
-                         rng=dict(torch=torch.get_rng_state())), args.out_dir)
+                         rng=dict(torch=torch.get_rng_state()), prefix_reparam=reparam_state(model)), args.out_dir)
     if args.freeze_backbone:
+        if args.prefix_reparam:
+            with torch.device("meta"):
+                model = GPT(model.config)
+            model.load_state_dict(folded, assign=True)
         save_checkpoint(streams_state(model), args.out_dir, f"streams_p{model.config.n_streams}.pt")
 
 
@@ -419,7 +522,8 @@ def write_log(log, **record):
 
 
 def log_eval(ev, iter_num, log):
-    agg = f", stream weights {ev['stream_weight']}, entropy {ev['stream_entropy']:.3f}" if "stream_weight" in ev else ""
+    agg = (f", stream weights {ev['stream_weight']}, entropy {ev['stream_entropy']:.3f}, streams alone "
+           f"{ev['stream_loss']}, gain {ev['gain']:+.4f}, rho {ev['rho']:.3f}" if "stream_weight" in ev else "")
     tqdm.write(f"step {iter_num}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}{agg}")
     write_log(log, kind="eval", step=iter_num, **ev)
 
@@ -472,6 +576,12 @@ def run(args, given):
     tokens = count_tokens(args)  # after the model: a checkpoint may set block_size
     check(not args.freeze_backbone or model.config.n_streams > 1,
           "--freeze_backbone trains only the prefixes and the aggregator: it needs --n_streams > 1")
+    if args.prefix_reparam:
+        check(model.config.n_streams > 1, "--prefix_reparam needs --n_streams > 1: P = 1 has no prefixes")
+        check(args.prefix_init != "kv", "--prefix_init=kv sets plain prefixes, --prefix_reparam makes them from an MLP: use one")
+        add_prefix_reparam(model, args.prefix_reparam)
+        if ckpt is not None:  # resume: the embeddings and MLPs as they were
+            model.load_state_dict(ckpt["prefix_reparam"], strict=False)
     if args.freeze_backbone:
         freeze_backbone(model)
     model.to(system.device)
