@@ -23,7 +23,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from util import ROOT, assert_close, tiny_config
+from util import assert_close, tiny_config
 
 from kernels import fused
 from kernels.fused import FusedDecoder, fused_status

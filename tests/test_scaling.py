@@ -149,7 +149,7 @@ def cli(*argv):
     (["sweep", "--preset=tiny", "--bogus"], ["--bogus"]),  # argparse's complaint
     (["fit", "--runs={bad_csv}"], ["--runs", "N, P, val"]),  # a file that is not a sweep's CSV
     (["sweep", "--preset=tiny", "--widths=8", "--n_streams=1", "--data_dir={meta_only}", "--out={out}", ONE_THREAD],
-     ["train.py", "train.bin not found", "train.out"]),  # train.py refused the run: its own line, passed on
+     ["train.py", "no train.bin", "train.out"]),  # train.py refused the run: its own line, passed on
 ])
 def test_a_user_error_is_one_line_exit_1_no_traceback(tmp_path, argv, words):
     where = bad_inputs(tmp_path)
