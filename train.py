@@ -61,7 +61,7 @@ def get_args(argv=None):
     p.add_argument("--data_dir", default="data/stdlib_bytes", help="folder with train.bin, val.bin, meta.json (prepare_data.py)")
     p.add_argument("--init_from", default="scratch", help="scratch | resume (out_dir/ckpt.pt) | PATH to a checkpoint of P=1 or of the same P")
     # eval
-    p.add_argument("--eval_interval", type=int, default=100, help="steps between evaluations and checkpoints")
+    p.add_argument("--eval_interval", type=int, default=200, help="steps between evaluations and checkpoints")
     p.add_argument("--eval_iters", type=int, default=20, help="batches per split in an evaluation")
     p.add_argument("--log_interval", type=int, default=10, help="steps between log lines")
     p.add_argument("--eval_only", action="store_true", help="evaluate once and exit")
@@ -75,7 +75,7 @@ def get_args(argv=None):
     p.add_argument("--bias", type=int, default=1, help="1 = biases in Linears and LayerNorms, 0 = none")
     # ParScale
     p.add_argument("--n_streams", type=int, default=2, help="P, parallel streams; 1 = plain GPT")
-    p.add_argument("--n_prefix", type=int, default=4, help="prefix slots per layer per stream (paper: 48 at block 2048; keep ~2-3%% of block_size)")
+    p.add_argument("--n_prefix", type=int, default=2, help="prefix slots per layer per stream (paper: 48 at block 2048, ~2%%; here 2 at block 128)")
     p.add_argument("--agg_smoothing", type=float, default=0.01, help="aggregator label smoothing eps")
     p.add_argument("--prefix_init_std", type=float, default=0.02, help="std of the N(0, std) prefix init")
     p.add_argument("--prefix_init", default="random", choices=["random", "kv"],
