@@ -98,3 +98,14 @@ def test_prefix_reparam_refusals(data_dir, tmp_path):
         run(data_dir, tmp_path, "--max_iters=1", "--n_streams=1", "--prefix_reparam=8")
     with pytest.raises(train.UserError, match="--prefix_reparam must be >= 0"):
         run(data_dir, tmp_path, "--max_iters=1", "--prefix_reparam=-1")
+
+
+def test_kl_matches_the_pairwise_definition():
+    torch.manual_seed(2)
+    model = GPT(tiny_config(n_streams=3, prefix_init_std=1.0)).eval()
+    X, Y = (torch.randint(0, model.config.vocab_size, (2, 16)) for _ in range(2))
+    _, _, kl = train.stream_losses(model, X, Y)
+    with torch.no_grad():
+        logp = torch.log_softmax(model.lm_head(model.stream_hidden(X)), -1).view(3, 32, -1)
+    pairs = [(logp[a].exp() * (logp[a] - logp[b])).sum(-1).mean() for a in range(3) for b in range(3) if a != b]
+    assert abs(kl - sum(pairs).item() / 6) < 1e-5

@@ -187,7 +187,7 @@ def test_two_stage_conversion_keeps_backbone_and_freezing_trains_only_parscale()
 
 @pytest.mark.parametrize("P,paper_delta", [(2, 2_382_466), (4, 4_764_036), (8, 9_527_176)])
 def test_parscale_parameter_count_matches_the_paper(P, paper_delta):
-    """The paper's N rows (PARSCALE.md section 3), 0.5B model: N(P) - N(1) is ParScale's own parameters."""
+    """The paper's N rows (arXiv 2505.10475, the Stack-V2-Python grid), 0.5B model: N(P) - N(1) is ParScale's own parameters."""
     with torch.device("meta"):
         model = GPT(GPTConfig(n_layer=36, n_embd=896, n_head=16, n_kv_head=2, n_streams=P, n_prefix=48, vocab_size=256))
     r = model.param_report()
