@@ -1,6 +1,7 @@
-"""scripts/scaling.py: the law fitter against known answers, and the sweep / dynamic-P flows end to end on tiny shapes
-(each run is a train.py process, ~2 s to start: the grids here are cut to a few runs)."""
+"""scripts/scaling.py: the law fitter against known answers, and the sweep / dynamic-P / prefix_matched / diversity flows
+end to end on tiny shapes (each run is a train.py process, ~2 s to start: the grids here are cut to a few runs)."""
 import csv
+import json
 import math
 import os
 import shutil
@@ -129,6 +130,20 @@ def bad_inputs(tmp_path):
     (["sweep", "--max_iters=0", "--data_dir={data}"], ["--max_iters=0"]),
     (["sweep", "--preset=tiny", "--threads=-2", "--data_dir={data}"], ["--threads=-2"]),
     (["dynamic", "--n_streams=1", "--data_dir={data}"], ["--n_streams=1", "P > 1"]),
+    (["prefix_matched", "--cells=2x4,1x2", "--data_dir={data}"], ["--cells=2x4,1x2", "P >= 2"]),
+    (["prefix_matched", "--cells=2x4,2x4", "--data_dir={data}"], ["--cells=2x4,2x4", "distinct"]),
+    (["prefix_matched", "--cells=2-4", "--data_dir={data}"], ["--cells=2-4"]),
+    (["prefix_matched", "--seeds=1,1", "--data_dir={data}"], ["--seeds=1,1", "repeated"]),
+    (["prefix_matched", "--seeds=0", "--data_dir={data}"], ["--seeds=0"]),
+    (["prefix_matched", "--frozen_iters=0", "--data_dir={data}"], ["--frozen_iters=0"]),
+    (["prefix_matched", "--n_streams=2", "--data_dir={data}"], ["--n_streams=2", "prefix_matched --help"]),
+    (["prefix_matched", "--data_dir={missing}"], ["--data_dir", "prepare_data.py"]),
+    (["diversity", "--reparam=0", "--data_dir={data}"], ["--reparam=0"]),
+    (["diversity", "--n_streams=2,2", "--data_dir={data}"], ["--n_streams=2,2", "repeated"]),
+    (["diversity", "--cells=2x1", "--data_dir={data}"], ["--cells=2x1", "diversity --help"]),
+    (["two_stage", "--dry_run", "--data_dir={data}"], ["--dry_run", "two_stage --help"]),
+    (["plot_pays", "--results={missing}"], ["--results", "missing"]),
+    (["plot_pays", "--results={data}", "--out=fig.pdf"], ["--out=fig.pdf", ".png"]),
     (["sweep", "--device=bogus", "--data_dir={data}"], ["--device=bogus"]),
     (["sweep", "--data_dir={missing}"], ["--data_dir", "prepare_data.py"]),
 ])
@@ -176,3 +191,98 @@ def test_dynamic_p_switches_kv_initialised_streams_on_an_untouched_backbone(tmp_
         model = attach_streams(model_from_checkpoint(base_ckpt), load_checkpoint(os.path.join(out, "dynamic", f"p{P}", f"streams_p{P}.pt")))
         assert model.config.n_streams == P
         assert result["val"][P] == round(scaling.evals(out / "dynamic" / f"p{P}")[-1]["val"], 4)
+
+
+def test_experiment_flags_override_the_preset(tmp_path):
+    data = write_corpus(tmp_path / "data")
+    args = scaling.get_args(["prefix_matched", "--preset=tiny", "--cells=2x1,8x1", "--seeds=3", "--frozen_iters=5",
+                             f"--data_dir={data}"])
+    pre = scaling.preset(args)
+    assert pre["matched_cells"] == [(2, 1), (8, 1)] and pre["seeds"] == [3] and pre["frozen_iters"] == 5
+    pre = scaling.preset(scaling.get_args(["diversity", "--preset=cpu", f"--data_dir={data}"]))
+    assert pre["streams"] == [1, 2, 4] and pre["max_iters"] == scaling.PRESETS["cpu"]["diversity_iters"]  # not the sweep's
+    pre = scaling.preset(scaling.get_args(["diversity", "--preset=cpu", "--max_iters=7", "--n_streams=2", "--reparam=32",
+                                           f"--data_dir={data}"]))
+    assert (pre["max_iters"], pre["streams"], pre["reparam_hidden"]) == (7, [2], 32)
+
+
+def test_gpu_sweep_dry_run_plans_ten_runs_within_four_minutes_without_a_gpu(tmp_path, capsys):
+    data = write_corpus(tmp_path / "data")
+    result = scaling.main(["sweep", "--preset=gpu", "--dry_run", f"--data_dir={data}", f"--out={tmp_path / 'out'}"])
+    printed = capsys.readouterr().out
+    assert result["runs"] == 10 and result["estimated_s"] <= 4 * 60, result  # 3 widths x P in {1,2,4} + one noise run
+    assert printed.count("python train.py") == 10 and "--n_embd=384" in printed and "--n_layer=6" in printed
+    assert "sweep_noise/w256_p2_s2" in printed and "--seed=2" in printed
+    assert not os.path.exists(tmp_path / "out")  # nothing ran
+
+
+def test_the_noise_run_is_evaluated_again_on_the_first_seeds_batches(tmp_path, monkeypatch):
+    """sweep's noise cell (the gpu preset's; tiny has none, to keep this file fast), without a process: the
+    re-evaluation must resume the run at SEED, and the difference is taken on those batches."""
+    args = scaling.get_args(["sweep", "--preset=gpu", "--dry_run", f"--data_dir={write_corpus(tmp_path / 'data')}",
+                             f"--out={tmp_path / 'out'}"])
+    pre = scaling.preset(args)
+    name, d, argv, width, P, seed = scaling.sweep_runs(pre, args)[-1]
+    assert (name, width, P, seed) == ("w256_p2_s2", 256, 2, scaling.NOISE_SEED) and f"--seed={seed}" in argv
+    os.makedirs(d)
+    with open(os.path.join(d, "log.jsonl"), "w") as f:
+        f.write(json.dumps(dict(kind="eval", step=pre["max_iters"], train=2.0, val=1.9)) + "\n")
+    calls = []
+
+    def fake_eval(argv, out_dir):
+        calls.append(argv)
+        return 'step 360 ...\n{"train": 2.0, "val": 1.80126}\n'
+    monkeypatch.setattr(scaling, "call_train", fake_eval)
+    row = scaling.noise_row(pre, args, [dict(width=256, P=2, val=1.81)], d, width, P)
+    assert row == dict(width=256, P=2, seeds=[scaling.SEED, scaling.NOISE_SEED], val=[1.81, 1.8013], own_batches_val=1.9,
+                       diff=0.0087)
+    (argv,) = calls
+    assert argv[-2:] == ["--init_from=resume", "--eval_only"] and f"--seed={scaling.SEED}" in argv and f"--out_dir={d}" in argv
+
+
+def test_prefix_matched_writes_cells_runs_and_contrasts(tmp_path):
+    data = write_corpus(tmp_path / "data")
+    out, results = tmp_path / "out", tmp_path / "results"
+    result = scaling.main(["prefix_matched", "--preset=tiny", "--cells=2x1", "--seeds=1", f"--out={out}",
+                           f"--data_dir={data}", f"--results={results}", ONE_THREAD])
+    assert set(result["val"]) == {"1_0_-", "2_1_learned", "2_1_uniform"}
+    with open(results / "prefix_matched_tiny.csv") as f:
+        cells = list(csv.DictReader(f))
+    assert list(cells[0]) == ["P", "n_prefix", "mix"] + scaling.CELL_COLS
+    by = {(c["P"], c["mix"]): c for c in cells}
+    p1, learned, uniform = by[("1", "-")], by[("2", "learned")], by[("2", "uniform")]
+    assert p1["rho"] == "" and p1["vs_p1"] == "" and p1["N"] == p1["N_no_agg"]
+    for c in (learned, uniform):
+        assert int(c["N_no_agg"]) < int(c["N"]) and int(c["N_no_agg"]) > int(p1["N"])  # prefixes, then the aggregator
+        assert -1 <= float(c["rho"]) <= 1 and c["verdict"] in ("noise", "lower", "higher")
+        assert abs(float(c["vs_p1"]) - (float(c["val"]) - float(p1["val"]))) < 2e-4  # one seed: the same batches
+    with open(results / "prefix_matched_tiny.json") as f:
+        saved = json.load(f)
+    assert saved["noise_nats"] == scaling.NOISE and [c["contrast"] for c in saved["contrasts"]] == ["2x1 learned - uniform"]
+    run = next(r for r in saved["runs"] if r.get("mix") == "uniform")
+    assert abs(run["entropy"] - math.log(2)) < 1e-4 and len(run["curve"]) == 2  # a fixed 1/2, 1/2 mix; steps 0 and last
+    ckpt = load_checkpoint(os.path.join(out, "prefix_matched", "p2_n1_uniform_s1", "ckpt.pt"))
+    assert ckpt["model_args"]["agg_smoothing"] == 1.0 and ckpt["args"]["freeze_backbone"] and ckpt["args"]["seed"] == 1
+    assert os.path.isfile(out / "prefix_matched.csv") and os.path.isfile(out / "prefix_matched.json")
+
+
+def test_diversity_writes_its_table_and_plot_pays_reads_it(tmp_path, capsys):
+    data = write_corpus(tmp_path / "data")
+    out, results = tmp_path / "out", tmp_path / "results"
+    scaling.main(["diversity", "--preset=tiny", "--n_streams=1,2", "--seeds=1", f"--out={out}", f"--data_dir={data}",
+                  f"--results={results}", ONE_THREAD])
+    with open(results / "diversity_tiny.csv") as f:
+        cells = {c["prefix"]: c for c in csv.DictReader(f)}
+    assert set(cells) == {"none", "plain", "reparam"} and list(cells["none"]) == ["P", "prefix"] + scaling.CELL_COLS
+    assert cells["plain"]["N"] == cells["reparam"]["N"]  # the reparameterised checkpoint holds folded prefixes
+    assert cells["none"]["N"] == cells["none"]["N_no_agg"] and cells["plain"]["stream_loss"] != ""
+    with open(results / "diversity_tiny.json") as f:
+        runs = {r["prefix"]: r for r in json.load(f)["runs"]}
+    assert runs["reparam"]["reparam_params"] > 0 == runs["plain"]["reparam_params"]
+    assert load_checkpoint(os.path.join(out, "diversity", "p2_reparam_s1", "ckpt.pt"))["args"]["prefix_reparam"] == 8
+    capsys.readouterr()
+    figure = scaling.main(["plot_pays", "--preset=tiny", f"--results={results}"])["figure"]
+    printed = capsys.readouterr().out
+    assert (figure is None and "matplotlib is not installed" in printed) or os.path.isfile(results / "pays_tiny.png")
+    with pytest.raises(UserError, match="prefix_matched_cpu.json"):  # nothing for that preset
+        scaling.main(["plot_pays", "--preset=cpu", f"--results={results}"])
