@@ -487,13 +487,18 @@ def test_a_one_linear_aggregator_is_followed(emulated):
     m.aggregator = OneLinearAggregator(4, 64)
     dec, why = fused.fused_decoder_for(m, 2, torch.float32, 20, cuda_graph=False)
     assert dec is not None, why
-    idx = torch.randint(0, m.config.vocab_size, (2, 5))
-    cache = KVCache(m, 2)
+    assert_decodes_like_model(dec, m)
+
+
+def assert_decodes_like_model(dec, m, B=2, prompt=5, steps=4):
+    """The fused decoder's prefill and decode logits against model.py's through its own KVCache."""
+    idx = torch.randint(0, m.config.vocab_size, (B, prompt))
+    cache = KVCache(m, B)
     with torch.no_grad():
         assert_close(dec.prefill(idx), m(idx, cache=cache)[0][:, -1], atol=1e-4, what="prefill")
-        for step in range(3):
-            tok = torch.randint(0, m.config.vocab_size, (2, 1))
-            assert_close(dec.decode_step(tok), m(tok, cache=cache)[0][:, -1], atol=1e-4, what=f"step {step}")
+        for step in range(steps):
+            tok = torch.randint(0, m.config.vocab_size, (B, 1))
+            assert_close(dec.decode_step(tok), m(tok, cache=cache)[0][:, -1], atol=1e-4, what=f"decode step {step}")
 
 
 @pytest.mark.parametrize("P", [1, 3])
@@ -504,14 +509,8 @@ def test_fused_path_follows_or_refuses_model_py(emulated, P):
     dec, why = fused.fused_decoder_for(m, 2, torch.float32, 20, cuda_graph=False)
     if dec is None:
         assert why, "a refusal must say why"
-        return
-    idx = torch.randint(0, m.config.vocab_size, (2, 6))
-    cache = KVCache(m, 2)
-    with torch.no_grad():
-        assert_close(dec.prefill(idx), m(idx, cache=cache)[0][:, -1], atol=1e-4, what="prefill")
-        for step in range(4):
-            tok = torch.randint(0, m.config.vocab_size, (2, 1))
-            assert_close(dec.decode_step(tok), m(tok, cache=cache)[0][:, -1], atol=1e-4, what=f"decode step {step}")
+    else:
+        assert_decodes_like_model(dec, m)
 
 
 # ------------------------------------------------------------------------------------------------
