@@ -191,7 +191,7 @@ def main(argv=None):
         decoder, why = fused_decoder_for(model, args.num_samples, ptdtype, x.size(1) + args.max_new_tokens)
     elif device.startswith("cuda"):
         why = "--fused=0"
-    path = "fused CUDA kernels + CUDA graph" if decoder else f"reference PyTorch with KV cache ({why})"
+    path = f"fused CUDA kernels + CUDA graph ({why})" if decoder else f"reference PyTorch with KV cache ({why})"
     print(f"device {device}, dtype {args.dtype}, P={model.config.n_streams}, decoding: {path}", file=sys.stderr)
 
     top_k = None if args.top_k == -1 else args.top_k
