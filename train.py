@@ -340,6 +340,9 @@ def model_from_path(args, given, meta):
     overridden = adopt_shape(args, given, src, BACKBONE_FIELDS)
     check(args.prefix_init == "random" or (src.n_streams == 1 and args.n_streams > 1 and not args.streams),
           "--prefix_init=kv sets the prefixes of a P=1 checkpoint converted to P > 1: give --n_streams > 1 and a P=1 --init_from")
+    check(not args.prefix_reparam or (src.n_streams == 1 and not args.streams),
+          f"--prefix_reparam starts the prefixes afresh from an MLP: it would throw away the trained prefixes of "
+          f"{'--streams=' + args.streams if args.streams else '--init_from=' + path}; use it from scratch or with a P=1 --init_from")
     if args.streams:
         check(src.n_streams == 1, f"--streams attaches to a P=1 backbone, but --init_from={path} holds a P={src.n_streams} model")
         model = attach(model, args.streams)
@@ -383,7 +386,6 @@ def two_stage(base, args):
 # -----------------------------------------------------------------------------
 # evaluation, checkpoints, log lines
 
-@torch.no_grad()
 # -----------------------------------------------------------------------------
 # stream diagnostics: why P streams do or do not beat one (arXiv 2505.10475, Proposition 1)
 
@@ -406,20 +408,20 @@ def stream_losses(model, X, Y):
     """
     Per-token losses of each stream alone, (P, N): its hidden state through ln_f and the LM head, no
     aggregator; of the mixture, (N,); and the mean over ordered pairs i != j of KL(p_i || p_j), per token.
-    Rows go through in chunks, so P * rows * T * vocab stays near 2^26 floats.
+    The LM head runs on chunks of tokens, so P * chunk * vocab stays near 2^26 floats.
     """
-    P, (B, T), V = model.config.n_streams, X.shape, model.config.vocab_size
-    rows = max(1, 2**26 // (P * T * V))
-    nlls, mixes, kl = [], [], 0.0
-    for i in range(0, B, rows):
-        x, y = X[i:i + rows], Y[i:i + rows].reshape(-1)
-        h = model.stream_hidden(x)  # (P*b, T, C), after ln_f
-        logp = F.log_softmax(model.lm_head(h).float(), dim=-1).view(P, y.numel(), -1)  # (P, b*T, V)
-        nlls.append(-logp.gather(-1, y.view(1, -1, 1).expand(P, -1, 1)).squeeze(-1))
-        mixes.append(F.cross_entropy(model.lm_head(model.aggregator(h)).float().view(y.numel(), -1), y, reduction="none"))
+    P, V = model.config.n_streams, model.config.vocab_size
+    h = model.stream_hidden(X)  # (P*B, T, C), after ln_f
+    mixed = model.aggregator(h).flatten(0, 1)  # (N, C), N = B*T
+    h, y = h.view(P, -1, h.size(-1)), Y.reshape(-1)  # (P, N, C): rows are stream-major
+    nlls, mixes, kl, chunk = [], [], 0.0, max(1, 2**26 // (P * V))
+    for i in range(0, y.numel(), chunk):
+        logp = F.log_softmax(model.lm_head(h[:, i:i + chunk]).float(), dim=-1)  # (P, n, V)
+        nlls.append(-logp.gather(-1, y[i:i + chunk].view(1, -1, 1).expand(P, -1, 1)).squeeze(-1))
+        mixes.append(F.cross_entropy(model.lm_head(mixed[i:i + chunk]).float(), y[i:i + chunk], reduction="none"))
         p = logp.exp()  # sum over ordered pairs of sum_x p_a (log p_a - log p_b) = P sum_a p_a log p_a - (sum_a p_a)(sum_b log p_b)
         kl += (P * (p * logp).sum() - (p.sum(0) * logp.sum(0)).sum()).item()
-    return torch.cat(nlls, dim=1), torch.cat(mixes), kl / (P * (P - 1) * B * T)
+    return torch.cat(nlls, dim=1), torch.cat(mixes), kl / (P * (P - 1) * y.numel())
 
 
 # -----------------------------------------------------------------------------
@@ -470,6 +472,7 @@ def reparam_state(model):
     return {k: v for k, v in model.state_dict().items() if ".parametrizations." in k}
 
 
+@torch.no_grad()
 def evaluate(model, args, system):
     """Mean loss on the same eval_iters batches of each split every time; for P > 1 also how the
     aggregator mixes the streams and, on val, the stream diagnostics (diversity, stream_losses).
@@ -477,7 +480,7 @@ def evaluate(model, args, system):
     model.eval()
     out, weights, hook, P = {}, [], None, model.config.n_streams
     if P > 1:
-        hook = model.aggregator.register_forward_hook(lambda m, inp, _: weights.append(m.weights(inp[0]).flatten(0, 1)))
+        hook = model.aggregator.register_forward_hook(lambda m, inp, _: weights.append(m.weights(inp[0]).flatten(0, 1).detach()))
     for split in ("train", "val"):
         losses, nlls, mixes, kls = torch.zeros(args.eval_iters), [], [], []
         for k in range(args.eval_iters):
@@ -581,7 +584,10 @@ def run(args, given):
         check(args.prefix_init != "kv", "--prefix_init=kv sets plain prefixes, --prefix_reparam makes them from an MLP: use one")
         add_prefix_reparam(model, args.prefix_reparam)
         if ckpt is not None:  # resume: the embeddings and MLPs as they were
-            model.load_state_dict(ckpt["prefix_reparam"], strict=False)
+            missing, unexpected = model.load_state_dict(ckpt.get("prefix_reparam", {}), strict=False)
+            check(not unexpected and not any(".parametrizations." in k for k in missing),
+                  f"{args.out_dir}/ckpt.pt does not hold the --prefix_reparam={args.prefix_reparam} MLPs its args name: "
+                  "it cannot resume; start from it with --init_from=PATH instead")
     if args.freeze_backbone:
         freeze_backbone(model)
     model.to(system.device)

@@ -98,6 +98,14 @@ def test_prefix_reparam_refusals(data_dir, tmp_path):
         run(data_dir, tmp_path, "--max_iters=1", "--n_streams=1", "--prefix_reparam=8")
     with pytest.raises(train.UserError, match="--prefix_reparam must be >= 0"):
         run(data_dir, tmp_path, "--max_iters=1", "--prefix_reparam=-1")
+    run(data_dir, tmp_path / "p2", "--max_iters=1", "--eval_interval=1", "--n_streams=2")
+    with pytest.raises(train.UserError, match="throw away the trained prefixes of --init_from"):
+        run(data_dir, tmp_path / "o", "--max_iters=1", "--prefix_reparam=8", f"--init_from={tmp_path / 'p2' / 'ckpt.pt'}")
+    ck = torch.load(tmp_path / "p2" / "ckpt.pt", weights_only=True)
+    ck["args"]["prefix_reparam"] = 8  # a checkpoint that names MLPs it does not hold
+    torch.save(ck, tmp_path / "p2" / "ckpt.pt")
+    with pytest.raises(train.UserError, match="does not hold the --prefix_reparam=8 MLPs"):
+        run(data_dir, tmp_path / "p2", "--max_iters=2", "--init_from=resume")
 
 
 def test_kl_matches_the_pairwise_definition():
