@@ -16,10 +16,10 @@ What runs where:
   aggregation       the model's own Aggregator module, called on the kernels' final hidden states
 Before a decoder is made, two checks decide whether the kernels can stand in for model.py:
   known_structure   every parameter has the name and shape the kernels assume, every module is of a
-                    type they know, no forward is replaced on an instance;
+                    type they know with the options they assume, no forward is replaced or hooked on an instance;
   self_check        a small fp32 instance of the same classes and config (at most 2 layers, weights from
-                    a local torch.Generator, so the caller's seeded sampling does not move) decodes a short
-                    random prompt on both paths; the logits must agree to 2e-4. The result is cached per
+                    a local torch.Generator, so the caller's seeded sampling does not move) decodes a random
+                    prompt of up to 40 tokens plus 3 steps on both paths, eagerly; the logits must agree to 2e-4. The result is cached per
                     config and per version of the classes' code.
 A refusal is a reason string ("fused decode disagrees with model.py by 1.3 at step 2"); sample.py and
 bench.py print it and decode on the reference path.
@@ -257,6 +257,12 @@ def known_structure(model):
             return f"module {name} is a {type(m).__name__}, which the fused kernels do not know"
         if "forward" in vars(m):
             return f"the forward of module {name or 'model'} was replaced on the instance"
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"module {name or 'model'} has a forward hook, which the kernels would not run"
+        if isinstance(m, torch.nn.LayerNorm) and (m.eps != 1e-5 or not m.elementwise_affine):
+            return f"module {name} is LayerNorm(eps={m.eps}, elementwise_affine={m.elementwise_affine}); the kernels assume 1e-5 and affine"
+        if isinstance(m, torch.nn.Embedding) and m.max_norm is not None:
+            return f"module {name} renormalises its rows (max_norm={m.max_norm}); the kernels read them as they are"
         if isinstance(m, torch.nn.GELU) and m.approximate != "none":
             return f"module {name} is GELU(approximate={m.approximate!r}); the kernels compute the erf form"
     return ""
@@ -291,18 +297,19 @@ def self_check(model, batch_size, attn_splits=None, steps=3):
     """
     cfg, device = model.config, next(model.parameters()).device
     small_cfg = dataclasses.replace(cfg, n_layer=min(cfg.n_layer, 2), dropout=0.0)
-    B = batch_size if cfg.n_streams * batch_size <= RMAX else _cdiv(RMAX + 1, cfg.n_streams)  # same GEMV path
+    # the smallest batch that takes the same kernel paths: hand GEMVs or cuBLAS for the layers and for the head
+    B = batch_size if cfg.n_streams * batch_size <= RMAX else RMAX + 1 if batch_size > RMAX else _cdiv(RMAX + 1, cfg.n_streams)
     key = (type(model), dataclasses.astuple(small_cfg), B, str(device), attn_splits, _code_version(model))
     if key in _SELF_CHECKS:
         return _SELF_CHECKS[key]
     gen = torch.Generator().manual_seed(1234)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    precision = torch.get_float32_matmul_precision()
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False  # the reference must be true fp32
+        torch.set_float32_matmul_precision("highest")  # no TF32: the reference must be true fp32
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             small = type(model)(small_cfg).to(device).eval()
             _check_weights(small, gen)
-            T0 = max(1, min(5, cfg.block_size - steps))
+            T0 = max(1, min(40, cfg.block_size - steps))  # past 32 keys: the attention's splits merge
             tokens = torch.randint(0, cfg.vocab_size, (B, T0 + steps), generator=gen).to(device)
             dec = FusedDecoder(small, B, dtype=torch.float32, cuda_graph=False, attn_splits=attn_splits, check=False)
             dec.prefill(tokens[:, :T0])
@@ -320,7 +327,7 @@ def self_check(model, batch_size, attn_splits=None, steps=3):
     except Exception as e:  # a model the kernels cannot even run is refused, not crashed on
         result = (False, f"fused self-check failed: {type(e).__name__}: {e}")
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.set_float32_matmul_precision(precision)
     _SELF_CHECKS[key] = result
     return result
 
@@ -341,6 +348,8 @@ def fused_decoder_for(model, batch_size, dtype, max_len, cuda_graph=True):
         dec = FusedDecoder(model, batch_size, dtype=dtype, cuda_graph=cuda_graph)
     except UserError as e:  # refused by known_structure or self_check
         return None, str(e)
+    except Exception as e:  # e.g. the build for this dtype, or memory: say so, and decode on the reference path
+        return None, f"the fused decoder could not be made: {type(e).__name__}: {e}"
     return dec, f"{why}; {dec.checked}"
 
 

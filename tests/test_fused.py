@@ -445,6 +445,8 @@ class OneLinearAggregator(torch.nn.Module):
     ("relu_forward", "disagrees with model.py by"),    # MLP activation changed in MLP.forward
     ("relu_module", "is a ReLU"),                      # MLP activation swapped on the instance
     ("swiglu", "do not know"),                         # a parameter the kernels have never heard of
+    ("hook", "forward hook"),                          # a hook on the instance: prefill would run it, the kernels not
+    ("eps", "eps=0.5"),                                # a module option the kernels assume
 ])
 def test_modified_models_are_refused_with_the_reason(emulated, monkeypatch, change, reason):
     import model as model_module
@@ -455,8 +457,12 @@ def test_modified_models_are_refused_with_the_reason(emulated, monkeypatch, chan
         monkeypatch.setattr(model_module.MLP, "forward", relu_mlp_forward)
     elif change == "relu_module":
         m.transformer.h[1].mlp.gelu = torch.nn.ReLU()
-    else:
+    elif change == "swiglu":
         m.transformer.h[0].mlp.c_gate = torch.nn.Linear(64, 256)
+    elif change == "hook":
+        m.transformer.h[0].mlp.register_forward_hook(lambda mod, inp, out: out * 2)
+    else:
+        m.transformer.h[1].ln_1.eps = 0.5
     dec, why = fused.fused_decoder_for(m, 1, torch.float32, 20, cuda_graph=False)
     assert dec is None and reason in why, why
     with pytest.raises(model_module.UserError, match=reason):
