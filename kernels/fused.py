@@ -451,7 +451,7 @@ class FusedDecoder:
         self.scale = 1.0 / math.sqrt(hd)
         self.gemv_rows = R <= RMAX and R * C * 4 <= GEMV_SMEM_LIMIT  # hand GEMV layers, else cuBLAS
         self.gemv_head = B <= RMAX
-        self.n_cached, self.graph, self.graph_logits = 0, None, None
+        self.graph, self.graph_logits = None, None
         if check:
             _say(f"FusedDecoder: P={P} B={B} rows={R} {str(dtype).removeprefix('torch.')}, layers on "
                  f"{'hand GEMV kernels' if self.gemv_rows else f'cuBLAS (rows {R} > {RMAX} or LayerNorm smem too big)'}, "
@@ -506,7 +506,7 @@ class FusedDecoder:
     def reset(self):
         """Forget the cached tokens (the buffers and the CUDA graph stay valid)."""
         self.pos.zero_()
-        self.cache.pos = self.n_cached = 0
+        self.cache.pos = 0
 
     def _check_tokens(self, idx, what):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
@@ -526,7 +526,6 @@ class FusedDecoder:
         self.reset()
         logits, _ = self.model(idx, cache=self.cache)  # (B, 1, V); cache.pos becomes T
         self.pos.fill_(T)
-        self.n_cached = T
         return logits[:, -1].float()
 
     @torch.no_grad()
@@ -535,12 +534,11 @@ class FusedDecoder:
         self._check_tokens(tok, "decode_step")
         if tok.size(1) != 1:
             raise ValueError(f"decode_step: expected (B, 1) tokens, got {tuple(tok.shape)}")
-        if self.n_cached == 0:
+        if self.cache.pos == 0:
             raise ValueError("decode_step: call prefill first")
-        if self.n_cached + 1 > self.Tmax:
-            raise ValueError(f"decode_step: {self.n_cached + 1} tokens exceed block_size {self.Tmax}")
+        if self.cache.pos + 1 > self.Tmax:
+            raise ValueError(f"decode_step: {self.cache.pos + 1} tokens exceed block_size {self.Tmax}")
         self.tok.copy_(tok.view(-1))
-        self.cache.pos += 1  # host-side twin of self.pos: the cache stays usable by model.py
         if not self.cuda_graph:
             logits = self._step()
         elif self.graph is None:
@@ -548,7 +546,7 @@ class FusedDecoder:
         else:
             self.graph.replay()
             logits = self.graph_logits
-        self.n_cached += 1
+        self.cache.pos += 1  # the host-side twin of self.pos: model.py can go on from this cache
         return logits.clone()  # the graph's output buffer is overwritten by the next replay
 
     def _capture(self):

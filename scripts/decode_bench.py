@@ -116,7 +116,7 @@ for P in streams:
 
                 def reset(dec=dec):
                     dec.pos.fill_(ctx)  # untimed: keep `ctx` tokens cached before every timed step
-                    dec.n_cached = dec.cache.pos = ctx
+                    dec.cache.pos = ctx
 
                 n = args.steps if name == "graph" else max(10, args.steps // 3)
                 times[name] = time_steps(lambda dec=dec: dec.decode_step(tok), n, args.warmup, reset)

@@ -380,7 +380,6 @@ def test_one_cache_for_both_paths_without_per_row_prefix(emulated):
         mixed = model(toks[:, 2:3], cache=dec.cache)[0][:, -1]  # model.py on the fused cache
         assert_close(mixed, ref, atol=1e-4, what="model.py continuing from the fused cache")
         dec.pos.fill_(dec.cache.pos)  # and the kernels continue from what model.py appended
-        dec.n_cached = dec.cache.pos
         assert_close(dec.decode_step(toks[:, 3:4]), model(toks[:, 3:4], cache=ref_cache)[0][:, -1], atol=1e-4,
                      what="fused continuing after model.py")
 
