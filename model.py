@@ -122,6 +122,36 @@ class CausalSelfAttention(nn.Module):
             v = torch.cat([self.prefix_v.to(v.dtype).repeat_interleave(B, dim=0), v], dim=2)
         return k, v
 
+    def decode_attention(self, q, cache):
+        """
+        Attention of one new token per row (a decode step), written out so that nothing the size of
+        the cache is copied, as keys_values + SDPA would (the prefix concatenated in front, kv heads
+        repeated for GQA). q: (R, n_head, 1, hd); its key/value are already appended to `cache`.
+        - Keys and values are this layer's whole preallocated buffer, (R, n_kv_head, max_len, hd):
+          contiguous, so no matmul copies it (torch's bf16 CPU matmul copies a strided view such as
+          [..., :pos + 1, :] first). The slots not filled yet are masked out.
+        - GQA: the g = n_head / n_kv_head query heads of a kv head are stacked against it.
+        - The stream's prefix is scored straight from the parameter, (P, n_kv_head, n_prefix, hd).
+        """
+        R, Hkv, hd = q.size(0), self.n_kv_head, self.head_dim
+        g = self.n_head // Hkv
+        k, v = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (R, Hkv, max_len, hd)
+        q = q.reshape(R, Hkv, g, hd) / math.sqrt(hd)  # (R, Hkv, g, hd), scaled here: it is smaller than the scores
+        scores = q @ k.transpose(-1, -2)  # (R, Hkv, g, max_len)
+        scores[..., cache.pos + 1:] = float("-inf")  # empty slots; pos + 1 tokens are cached
+        if self.n_streams > 1:
+            P, n_pre = self.n_streams, self.prefix_k.size(2)
+            qs = q.view(P, R // P, Hkv, g, hd)  # stream-major rows: the B rows of a stream share its prefix
+            prefix = qs @ self.prefix_k.to(q.dtype).unsqueeze(1).transpose(-1, -2)  # (P, B, Hkv, g, n_prefix)
+            scores = torch.cat([prefix.view(R, Hkv, g, n_pre), scores], dim=-1)  # (R, Hkv, g, n_prefix + max_len)
+        w = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in float32
+        if self.n_streams == 1:
+            return (w @ v).view(R, self.n_head, 1, hd)
+        y = w[..., n_pre:] @ v  # (R, Hkv, g, hd)
+        wp = w[..., :n_pre].reshape(P, R // P, Hkv, g, n_pre)
+        y = y + (wp @ self.prefix_v.to(q.dtype).unsqueeze(1)).view(R, Hkv, g, hd)
+        return y.view(R, self.n_head, 1, hd)
+
     def forward(self, x, cache=None):
         R, T, C = x.size()  # R = P*B rows, stream-major
         kv_dim = self.n_kv_head * self.head_dim
@@ -129,6 +159,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(R, T, self.n_head, self.head_dim).transpose(1, 2)  # (R, n_head, T, hd)
         k = k.view(R, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (R, n_kv_head, T, hd)
         v = v.view(R, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache is not None and T == 1:  # one decode step: read the cache in place, copy nothing of it
+            cache.append(self.layer_idx, k, v)
+            y = self.decode_attention(q, cache)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(R, T, C)))
         k, v = self.keys_values(k, v, cache)  # (R, n_kv_head, S, hd)
         if self.n_kv_head != self.n_head:  # GQA: each kv head serves n_head / n_kv_head query heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -320,7 +354,7 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if idx.size(1) <= self.config.block_size:
                 if cache is None:
-                    cache = KVCache(self, idx.size(0))
+                    cache = KVCache(self, idx.size(0), max_len=min(idx.size(1) + max_new_tokens, self.config.block_size))
                     logits, _ = self(idx, cache=cache)  # prefill the whole prompt
                 else:
                     logits, _ = self(idx[:, -1:], cache=cache)  # one new token per step
@@ -333,16 +367,20 @@ class GPT(nn.Module):
 class KVCache:
     """
     Preallocated keys and values of the real tokens, for incremental decoding; one buffer for all
-    layers, k, v: (n_layer, P*B, n_kv_head, block_size, head_dim). The prefix is not stored here:
-    CausalSelfAttention.keys_values puts it in front at every call, so it exists once per stream
-    (the fused decoder reads it the same way). `pos` counts the tokens cached so far; it is also the
-    next token's position.
+    layers, k, v: (n_layer, P*B, n_kv_head, max_len, head_dim), max_len = block_size unless given.
+    The prefix is not stored here: attention reads it from the parameter, so it exists once per
+    stream (the fused decoder reads it the same way). `pos` counts the tokens cached so far; it is
+    also the next token's position. A decode step reads the whole buffer (decode_attention), so size
+    it to the run: prompt + new tokens.
     """
 
-    def __init__(self, model, batch_size, device=None, dtype=None):
+    def __init__(self, model, batch_size, device=None, dtype=None, max_len=None):
         cfg = model.config
+        max_len = max_len or cfg.block_size
+        if not 1 <= max_len <= cfg.block_size:
+            raise ValueError(f"KVCache max_len must be in [1, block_size={cfg.block_size}], got {max_len}")
         p = next(model.parameters())
-        shape = (cfg.n_layer, cfg.n_streams * batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        shape = (cfg.n_layer, cfg.n_streams * batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)
         self.v = torch.zeros_like(self.k)
         self.pos = 0
@@ -350,6 +388,8 @@ class KVCache:
     def append(self, layer, k, v):
         """Store k, v (P*B, n_kv_head, T, hd) after what is cached; return all cached so far."""
         end = self.pos + k.size(2)
+        if end > self.k.size(3):
+            raise ValueError(f"KVCache holds {self.k.size(3)} tokens; {end} do not fit")
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

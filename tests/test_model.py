@@ -149,6 +149,40 @@ def test_cached_decoding_equals_full_recompute(P, B, kv):
     assert torch.equal(out, x)
 
 
+def step_allocations(model, cache, pos):
+    """Bytes of every allocation one decode step makes (torch.profiler's CPU memory events), from pos."""
+    from torch.profiler import ProfilerActivity, profile
+    cache.pos = pos
+    tok = torch.zeros(cache.k.size(1) // model.config.n_streams, 1, dtype=torch.long)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(tok, cache=cache)
+    return sorted(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("P, kv", [(1, 4), (4, 2)])
+def test_a_decode_step_allocates_nothing_that_grows_with_the_context(P, kv):
+    # bf16, as bench.py decodes on CPU; head_dim 32, so one layer's keys dwarf its attention scores
+    model = make(11, n_streams=P, n_kv_head=kv, n_embd=128, n_head=4, block_size=64).to(torch.bfloat16)
+    cache = KVCache(model, 2)
+    cache.k.normal_(), cache.v.normal_()
+    early, late = step_allocations(model, cache, 4), step_allocations(model, cache, 60)
+    assert early == late, "a decode step allocates more at a longer context"
+    layer_keys = cache.k[0].nbytes
+    assert max(late) < layer_keys / 4, f"an allocation of {max(late)} B: a copy of the cache ({layer_keys} B a layer)?"
+
+
+def test_a_cache_sized_to_the_run_decodes_like_a_full_one():
+    model = make(12, n_streams=2, n_kv_head=2)
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    short, full = KVCache(model, 2, max_len=12), KVCache(model, 2)
+    for a, b in [(0, 8), (8, 9), (9, 10), (10, 12)]:
+        assert_close(model(idx[:, a:b], cache=short)[0], model(idx[:, a:b], cache=full)[0], what=f"tokens {a}..{b}")
+    with pytest.raises(ValueError, match="KVCache holds 12 tokens; 13 do not fit"):
+        model(idx[:, :1], cache=short)
+    with pytest.raises(ValueError, match="max_len must be in"):
+        KVCache(model, 1, max_len=model.config.block_size + 1)
+
+
 def test_generate_past_block_size_crops_like_nanogpt():
     model = make(7, n_streams=2)
     out = model.generate(torch.zeros(1, 3, dtype=torch.long), model.config.block_size + 6, temperature=0)
