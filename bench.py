@@ -1,53 +1,48 @@
 """
-Measured inference cost of ParScale's P streams against width scaling, and the training cost of P.
+ParScale's cost claim, measured: the memory and latency that P streams add, against the same gain
+bought by making the model wider (arXiv 2505.10475, section 3.3 and Figure 4).
 
-    python bench.py --device=cpu                   # CPU toy run: tiny shapes, ~25 s on 2 shared cores
-    python -u bench.py --mode=all --time_limit=180 > bench.log   # single GPU: GPT-2-small, full sweep + training cost
-    python bench.py --mode=train                   # training cost only: tokens/s and MFU for P = 1, 2, 4, 8
-    python bench.py --plot=cost.png                # also draw the paper's cost figure (needs matplotlib)
+    python bench.py                               # the lesson at the paper's 1.6B scale: ~5 min on a 2-core CPU
+    python bench.py --preset=tiny                 # the same table for a toy model, in seconds
+    python bench.py --device=cuda --batch=8       # on one GPU (fused path when it works here), batch 8
+    python bench.py --plot=cost.png               # also draw increase against P (needs matplotlib)
+    python bench.py --mode=step                   # the reference decode step: P = 8 against P = 1 at GPT-2-small
+    python bench.py --mode=sweep                  # the research sweep: batches x contexts x MHA/GQA x paths
+    python bench.py --mode=train                  # training cost: tokens/s and MFU for P = 1, 2, 4, 8
     (no multi-GPU run: every measurement is one model on one device)
-The single-GPU run is estimated at ~3 minutes on an H200; --time_limit skips what is left after that
-many seconds of decode sweep, loudly. The last line of the output is one JSON object with everything.
+
+The lesson (the default). For one base shape and every P it builds the ParScale model with P streams
+and a "width-matched" P = 1 model of the same depth whose non-embedding parameter count is closest to
+N_base * (1 + k ln P), what P streams are worth by the scaling law (k = 0.39 on code, section 3).
+At batch 1 it prefills a 64-token prompt and decodes after it, then decodes at a context near 1,000
+tokens, whose cache is filled directly with random keys and values (a 1,000-token prefill takes
+minutes on a CPU at P = 8). For each model it prints N, the counted weights and KV cache, the measured
+peak memory, the prefill time and the ms per decode step (median [min, max] over the runs), and for
+each P the ratio of width scaling's increase over P = 1 to ParScale's, beside the paper's analytic
+22x memory and 6x latency (an A100, batch 1). Then one JSON line with everything.
+
+The "paper" preset is N-matched to the paper's 1.6B model in this codebase's architecture: 36 layers,
+width 2048, 16 query heads and 2 key/value heads of head_dim 128, vocabulary 151,936, 48 prefix slots,
+a 4x GELU MLP and learned positions; N = 1.549B. The paper's model is 1536 wide with head_dim 96 and a
+SwiGLU MLP (and RoPE), so our KV cache per token is 4/3 of its.
+
+Measured memory: on CUDA, the allocator's peak. On a CPU each model runs in its own process, and its
+peak is that process's peak resident memory above a baseline process's, which runs the same code on a
+one-layer model: it includes the weights, the KV cache, activations and allocator slack, not the
+torch runtime. The counted weights and KV cache stand beside it. Floor = the bytes one decode step
+must read (every weight once, the LM head included, plus the KV cache) over a read bandwidth measured
+in the same run on a buffer larger than the last cache level.
 A mistake the user can fix (a bad flag value, a GPU or matplotlib that is not there) ends as one
 `error: ...` line naming the flag, exit status 1, before anything is measured.
-
-What is compared (the paper, arXiv 2505.10475, sections 3-4; README, bench.py section). For one base
-shape (default GPT-2-small) and every P:
-  - the ParScale model with P streams, and
-  - a "width-matched" P=1 model of the same depth whose non-embedding parameter count is closest to
-    N_base * (1 + k ln P), the parameters P streams are worth by the scaling law (k = 0.39 on code,
-    the paper's section 3).
-    Width moves in whole heads of the base's head_dim (match_width below).
-For each model, batch size and context length it measures the peak GPU memory (weights + KV cache +
-activations, from the CUDA allocator) and the end-to-end latency of a prefill followed by L_out decode
-steps, for multi-head attention (MHA) and for grouped-query attention (GQA, 2 key/value heads), on the
-fused CUDA path (kernels/fused.py, with CUDA graphs) when it is available and on eager PyTorch.
-
-"Context" is the prompt length: the prompt is `context` tokens long, all of them are prefilled into the
-KV cache, then L_out tokens are decoded one at a time (greedy). The paper's L_in = 64 is context 64
-(`--contexts=64,...`); the defaults 128, 512, 1024 bracket the contexts where ParScale's memory advantage
-ends at GPT-2-small's shape (README, bench.py section: P = 8, batch 1, near 260 for MHA, 660 for GQA), as
-every stream keeps its own KV cache. Every model is built with block_size = context + L_out, so its KV
-cache is sized to the run.
-
-Headline: cost increase = cost(model) - cost(P=1 base) at the same path, batch and context, and the
-ratio (width scaling's increase) / (ParScale's increase): > 1 means ParScale is cheaper. The paper's
-22x memory / 6x latency (section 4, its cost analysis: 1.6B, GQA, P=8, batch 1) is analytic for an A100;
-here it is measured.
-
-Width matching keeps head_dim: with GQA the wider model keeps its 2 key/value heads, so its KV cache
-does not grow (the paper's family kept 16 heads and grew head_dim). Steps are whole heads, so the
-achieved count can miss the target by several percent; both are printed.
-On CPU the allocator keeps no peak: memory there is weights + KV cache (activations not counted).
-MFU (--mode=train) is model.GPT.estimate_mfu against model.peak_flops, the datasheet bf16 peak of the
-GPU by name; n/a on CPU or an unlisted GPU unless --peak_flops gives one.
 """
 
 import argparse
 import dataclasses
 import gc
+import glob
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -55,26 +50,38 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
-from kernels.fused import fused_decoder_for, fused_status  # the hand-written CUDA path; which one runs is printed
+from kernels.fused import FusedDecoder, fused_decoder_for, fused_status  # the hand-written CUDA path
 from model import GPT, GPTConfig, KVCache, UserError, peak_flops
 
+try:  # peak resident memory of a process; absent on Windows, where the CPU peak is not measured
+    import resource
+except ImportError:
+    resource = None
 try:  # only for --plot; the object-oriented API needs no backend choice (no import-time side effects)
     from matplotlib.figure import Figure
 except ImportError:
     Figure = None
 
 PRESETS = {
-    # GPT-2-small (124M; README, bench.py section): the default on CUDA
-    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_prefix=48,
-                 batches=[1, 2, 4, 8], contexts=[128, 512, 1024], l_out=64, repeats=3,
-                 train_batch=4, train_seq=1024, train_steps=10),
-    # a toy shape for a quick look on CPU; 12 heads as GPT-2, so width still moves in small steps
-    "tiny": dict(n_layer=2, n_embd=96, n_head=12, vocab_size=512, n_prefix=4,
-                 batches=[1, 2, 4, 8], contexts=[32, 128], l_out=16, repeats=3,
-                 train_batch=4, train_seq=64, train_steps=3),
+    # N-matched to the paper's 1.6B (see above): the lesson's default
+    "paper": dict(n_layer=36, n_embd=2048, n_head=16, n_kv_head=2, vocab_size=151936, n_prefix=48,
+                  prompt=64, long_context=1000, steps=4, repeats=4,
+                  batches=[1], contexts=[64, 512], l_out=16, train_batch=1, train_seq=512, train_steps=2),
+    # GPT-2-small (124M, multi-head attention): the sweep's default on CUDA, and --mode=step's shape
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=0, vocab_size=50257, n_prefix=48,
+                 prompt=64, long_context=1000, steps=8, repeats=3,
+                 batches=[1, 2, 4, 8], contexts=[128, 512, 1024], l_out=64, train_batch=4, train_seq=1024, train_steps=10),
+    # a toy shape for a quick look; 12 heads as GPT-2, so width still moves in small steps
+    "tiny": dict(n_layer=2, n_embd=96, n_head=12, n_kv_head=2, vocab_size=512, n_prefix=4,
+                 prompt=16, long_context=100, steps=4, repeats=3,
+                 batches=[1, 2, 4, 8], contexts=[32, 128], l_out=16, train_batch=4, train_seq=64, train_steps=3),
 }
-H200_HBM_BYTES = 4.8e12  # H200 HBM3e bandwidth (spec); ~4.3e12 is what a copy achieves
+# The paper's analytic figures (section 3.3, Figure 4: 1.6B, P = 8, A100): width scaling's memory and
+# latency increase over ParScale's, by batch size
+PAPER_RATIOS = {1: (22, 6), 2: (12.8, 3.2), 4: (6.9, 1.7), 8: (3.6, 0.9)}
+H200_HBM_BYTES = 4.8e12  # H200 HBM3e bandwidth (spec): the sweep's default --peak_bw
 
 
 # -----------------------------------------------------------------------------
@@ -144,38 +151,529 @@ def attn_label(cfg):
 
 
 # -----------------------------------------------------------------------------
-# decode latency and memory
+# machine facts: the CPU decode dtype, the read bandwidth, a process's peak memory
 
-class EagerDecoder:
-    """model.GPT with a KVCache behind FusedDecoder's interface, so both paths share one timing loop."""
-
-    def __init__(self, model, batch_size):
-        self.model, self.cache = model, KVCache(model, batch_size)
-
-    def prefill(self, idx):
-        # rewinding is enough: attention reads only the first pos cached tokens (the prefix is not
-        # in the cache), so stale tokens past pos are never seen
-        self.cache.pos = 0
-        return self.model(idx, cache=self.cache)[0][:, -1]  # (B, vocab)
-
-    def decode_step(self, tok):
-        return self.model(tok, cache=self.cache)[0][:, -1]  # (B, 1) -> (B, vocab)
+def linear_ms(dtype, rows=8, width=2048, reps=15):
+    """Median ms of an (rows x width) @ (width x width) Linear: the shape of a decode step's cost."""
+    x, w = torch.randn(rows, width, dtype=dtype), torch.randn(width, width, dtype=dtype) * 0.02
+    times = []
+    for _ in range(reps + 3):
+        t0 = time.perf_counter()
+        F.linear(x, w)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[3:]) * 1e3
 
 
-def make_decoder(path, model, batch_size, dtype):
-    """The decoder a path times. A model the fused kernels refuse raises UserError with the reason."""
-    if path == "fused":
-        dec, why = fused_decoder_for(model, batch_size, dtype, model.config.block_size)
-        if dec is None:
-            raise UserError(why)
-        return dec
-    return EagerDecoder(model, batch_size)
+def choose_cpu_dtype(probe=linear_ms):
+    """
+    (dtype, why) for decoding on this CPU: bfloat16 where torch's bf16 matmul is at least as fast as
+    fp32 here (it reads half the bytes, and with bf16 instructions 1 to 8 rows cost about the same),
+    else float32. In fp32, 8 rows can cost several times one row, which makes P streams look
+    expensive for a reason that is not ParScale's. Measured at start-up; --dtype overrides it.
+    """
+    bf16, fp32 = probe(torch.bfloat16), probe(torch.float32)
+    dtype = torch.bfloat16 if bf16 <= fp32 else torch.float32
+    return dtype, (f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}, measured: an 8-row 2048x2048 Linear "
+                   f"takes {bf16:.2f} ms in bf16, {fp32:.2f} ms in fp32 here")
+
+
+def last_cache_bytes(device):
+    """The last cache level's size (CPU: from /sys, Linux only; CUDA: the L2), or None when unknown."""
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None)
+    sizes = {}
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(f"{d}/level") as f_level, open(f"{d}/size") as f_size:
+                level, size = int(f_level.read()), f_size.read().strip()
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+        sizes[level] = int(size.rstrip("KMG")) * unit
+    return sizes[max(sizes)] if sizes else None
+
+
+def read_bandwidth(device):
+    """(bytes/s, how it was measured): the best of 5 torch sums over a float32 buffer of
+    max(1 GiB, 4x the last cache level), so that every byte comes from memory, not a cache."""
+    llc = last_cache_bytes(device)
+    nbytes = max(2**30, 4 * (llc or 0))
+    buf = torch.ones(nbytes // 4, device=device)
+    times = []
+    for _ in range(6):  # the first is a warm-up
+        synchronize(device)
+        t0 = time.perf_counter()
+        buf.sum()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    del buf
+    llc_text = f"last cache level {llc / 2**20:.0f} MiB" if llc else "last cache level unknown"
+    return nbytes / min(times[1:]), f"best of 5 sums over {nbytes / 2**30:.0f} GiB; {llc_text}"
+
+
+def peak_rss_bytes():
+    """This process's peak resident memory so far: VmHWM on Linux (ru_maxrss there would carry the
+    parent's peak into a spawned child), ru_maxrss elsewhere (bytes on macOS); None on Windows."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    if resource is None:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
+
+# -----------------------------------------------------------------------------
+# models and decoders
+
+def build_model(cfg, device, dtype, seed=0):
+    """
+    A model with random weights, made directly in `dtype` on `device`, cheaply: built on the meta
+    device, given uninitialised storage, then filled by tiling one block of N(0, 0.02) draws (LayerNorm
+    weights 1, biases 0). No fp32 copy and no random number per weight: a 3B model is ready in seconds.
+    The weights are finite, normal numbers (garbage from torch.empty can be slow on a CPU); for cost,
+    any random weights do.
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    model.lm_head.weight = model.transformer.wte.weight  # to_empty unties them; the dropped copy was never touched
+    gen = torch.Generator().manual_seed(seed)
+    block = (torch.randn(2**20, generator=gen) * 0.02).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                tile_(p, block)
+            else:
+                p.fill_(1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0)
+    return model.eval()
+
+
+def tile_(t, block):
+    """Fill the contiguous tensor t in place with copies of the 1-D block."""
+    flat, m = t.view(-1), block.numel()
+    whole = flat.numel() // m * m
+    flat[:whole].view(-1, m).copy_(block)
+    flat[whole:].copy_(block[:flat.numel() - whole])
+
+
+class EagerDecoder:
+    """model.GPT with a KVCache behind FusedDecoder's interface, so both paths share one timing loop."""
+
+    def __init__(self, model, batch_size, max_len=None):
+        self.model, self.cache = model, KVCache(model, batch_size, max_len=max_len)
+
+    def prefill(self, idx):
+        self.cache.pos = 0  # rewinding is enough: a step masks out every slot past pos
+        return self.model(idx, cache=self.cache)[0][:, -1]  # (B, vocab)
+
+    def decode_step(self, tok):
+        return self.model(tok, cache=self.cache)[0][:, -1]  # (B, 1) -> (B, vocab)
+
+
+def make_decoder(path, model, batch_size, dtype, max_len):
+    """The decoder a path times, for up to max_len tokens. A model the fused kernels refuse raises
+    UserError with the reason."""
+    if path == "fused":
+        dec, why = fused_decoder_for(model, batch_size, dtype, max_len)
+        if dec is None:
+            raise UserError(why)
+        return dec
+    return EagerDecoder(model, batch_size, max_len)
+
+
+def fill_cache(dec, context, seed=0):
+    """Stand in for a prefill of `context` tokens (minutes on a CPU at P = 8): random keys and values
+    of unit scale in the decoder's cache, whose next step then runs at position `context`."""
+    block = torch.randn(2**20, generator=torch.Generator().manual_seed(seed)).to(dec.cache.k.device, dec.cache.k.dtype)
+    tile_(dec.cache.k, block)
+    tile_(dec.cache.v, block)
+    dec.cache.pos = context
+    if isinstance(dec, FusedDecoder):
+        dec.pos.fill_(context)  # the fused decoder keeps the position on the device too
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# the lesson: one shape, one batch, a short and a long context (the default run)
+
+def kv_bytes(cfg, batch_size, context, itemsize):
+    """Keys and values of `context` cached tokens in every layer and row: what a KV cache must hold."""
+    return 2 * cfg.n_layer * cfg.n_streams * batch_size * cfg.n_kv_head * context * cfg.head_dim * itemsize
+
+
+def floor_bytes(cfg, counts, batch_size, context, itemsize):
+    """Bytes one decode step must read: every weight once for all P*B rows (the tied LM head too, the
+    prefixes in N), and the cached keys and values (README, bench.py section)."""
+    weights = counts["non_embedding"] + cfg.vocab_size * cfg.n_embd
+    return weights * itemsize + kv_bytes(cfg, batch_size, context, itemsize)
+
+
+def memory_mark(device):
+    """Start a phase: the peak that memory_peak reports is from here on (CUDA) or process-wide (CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_peak(device):
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+
+
+def backbone_of(model):
+    """The P = 1 model inside a P-stream model: the very same backbone tensors, no copy (no memory)."""
+    with torch.device("meta"):
+        base = GPT(dataclasses.replace(model.config, n_streams=1))
+    base.load_state_dict(model.state_dict(), strict=False, assign=True)
+    base.lm_head.weight = base.transformer.wte.weight
+    return base.eval()
+
+
+def start(dec, prompt, device, context=None):
+    """Begin a run: prefill the prompt, or with `context` rewind to a cache filled to that many tokens.
+    Returns (prefill seconds or None, the first token to decode, (B, 1))."""
+    if context is not None:
+        dec.cache.pos = context
+        if isinstance(dec, FusedDecoder):
+            dec.pos.fill_(context)  # the fused decoder keeps the position on the device too
+        return None, prompt[:, -1:]
+    synchronize(device)
+    t0 = time.perf_counter()
+    tok = dec.prefill(prompt).argmax(dim=-1, keepdim=True)
+    synchronize(device)
+    return time.perf_counter() - t0, tok
+
+
+def step(dec, tok, device):
+    """One timed greedy decode step: (seconds, the next token)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    tok = dec.decode_step(tok).argmax(dim=-1, keepdim=True)
+    synchronize(device)
+    return time.perf_counter() - t0, tok
+
+
+@torch.no_grad()
+def measure_model(spec):
+    """
+    One model's measurements for the lesson, in this process (on a CPU, a process of its own). spec: a
+    dict of plain values (it crosses a process boundary). Two phases:
+      short: prefill the prompt, then decode spec["steps"] tokens after it;
+      long:  a cache filled to spec["long_context"] tokens (fill_cache), then decode spec["steps"] tokens.
+    Each phase makes its decoder, runs a warm-up step, reads the peak memory (the model alone), then
+    times spec["repeats"] runs (a run: the prefill or rewind, then its steps, each timed). With
+    spec["pair"] (a P-stream model) the model's own backbone runs as P = 1 beside it (backbone_of:
+    shared tensors, only its cache is extra), step for step in turn, so that ParScale's small increase
+    is measured against a base in the same process, at the same moment.
+    Returns the runs' seconds ("prefill_s", "step_short_s", "step_long_s"; "base_..." for the paired
+    backbone) and the peak memory of each phase.
+    """
+    torch.set_num_threads(spec["threads"])
+    device, dtype, B = torch.device(spec["device"]), getattr(torch, spec["dtype"]), spec["batch"]
+    cfg = GPTConfig(**spec["config"])
+    T, L, steps = spec["prompt"], spec["long_context"], spec["steps"]
+    t0 = time.perf_counter()
+    model = build_model(cfg, device, dtype, spec["seed"])
+    base = backbone_of(model) if spec["pair"] else None
+    out = dict(build_s=time.perf_counter() - t0)
+    prompt = torch.randint(cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(spec["seed"])).to(device)
+    for phase, context, max_len in (("short", None, T + steps), ("long", L, L + steps)):
+        memory_mark(device)
+        decs = {"": make_decoder(spec["path"], model, B, dtype, max_len)}
+        if base is not None:
+            decs = {"base_": make_decoder(spec["path"], base, B, dtype, max_len), **decs}  # the paired base first
+        for who, dec in decs.items():
+            if context is not None:
+                fill_cache(dec, context, spec["seed"])
+            step(dec, start(dec, prompt, device, context)[1], device)  # warm-up: kernel choice, graph capture
+            if who == "":
+                out[f"peak_{phase}"] = memory_peak(device)  # the paired base's cache is made, not yet touched
+        for _ in range(spec["repeats"]):
+            toks, times = {}, {who: [] for who in decs}
+            for who, dec in decs.items():
+                prefill, toks[who] = start(dec, prompt, device, context)
+                if prefill is not None:
+                    out.setdefault(f"{who}prefill_s", []).append(prefill)
+            for _ in range(steps):  # one step each in turn: drift in the machine's speed hits both alike
+                for who, dec in decs.items():
+                    t, toks[who] = step(dec, toks[who], device)
+                    times[who].append(t)
+            for who in decs:
+                out.setdefault(f"{who}step_{phase}_s", []).append(statistics.mean(times[who]))
+        del decs
+        free_memory(device)
+    return out
+
+
+def measure_isolated(spec):
+    """measure_model in a fresh process, so that its peak resident memory is this model's alone."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure_model, (spec,))
+
+
+def ratio_spread(width_inc, parscale_inc):
+    """
+    Width scaling's increase over P = 1 divided by ParScale's, from lists of measured increases: (the
+    ratio of the medians, the smallest and the largest over every pair). inf where ParScale's increase
+    is not above zero. The spread matters: the ratio divides by a small difference.
+    """
+    def ratio(w, p):
+        return w / p if p > 0 else math.inf
+
+    pairs = [ratio(w, p) for w in width_inc for p in parscale_inc]
+    return ratio(statistics.median(width_inc), statistics.median(parscale_inc)), min(pairs), max(pairs)
+
+
+def increases(m, pool, key):
+    """A model's increase over P = 1 in every run. ParScale: against its own backbone's run beside it
+    (same process, step for step). Width: against every P = 1 run in `pool` (the base's own process and
+    every ParScale process's backbone), so that no single process's luck sets the base."""
+    if f"base_{key}" in m:
+        return [a - b for a, b in zip(m[key], m[f"base_{key}"])]
+    return [a - b for a in m[key] for b in pool[key]]
+
+
+def lesson_rows(family, args):
+    """
+    Every model's derived numbers (MB, floor, increase) and, for each P > 1, width's increase over
+    ParScale's. family: model_family's list, each model with measure_model's results merged in (its
+    peaks less the baseline process's). Pure arithmetic: the tests feed it fixed timings.
+    """
+    item = args.dtype.itemsize
+    base = family[0]
+    for m in family:
+        cfg, counts = m["cfg"], param_counts(m["cfg"])
+        m["weights_mb"] = (counts["embedding"] + counts["non_embedding"]) * item / 2**20
+        m["prefix_mb"] = counts["prefixes"] * item / 2**20
+        for ctx, phase in ((args.prompt, "short"), (args.long_context, "long")):
+            m[f"kv_{phase}_mb"] = kv_bytes(cfg, args.batch, ctx, item) / 2**20
+            m[f"counted_{phase}"] = m["weights_mb"] + m[f"kv_{phase}_mb"]
+            step = statistics.median(m[f"step_{phase}_s"])  # the floor at the runs' mean context
+            m[f"floor_{phase}"] = floor_bytes(cfg, counts, args.batch, ctx + args.steps / 2, item) / args.bandwidth / step
+        # the paper's protocol: a 64-token prefill, then 64 decode steps (timed at the short context)
+        for who in ("", "base_"):
+            if f"{who}prefill_s" in m:
+                m[f"{who}total_s"] = [p + 64 * s for p, s in zip(m[f"{who}prefill_s"], m[f"{who}step_short_s"])]
+    keys = ("prefill_s", "step_short_s", "step_long_s", "total_s")
+    pool = {key: base[key] + [t for m in family for t in m.get(f"base_{key}", [])] for key in keys}
+    for m in family[1:]:
+        m["step_increase"] = statistics.median(increases(m, pool, "step_short_s")) / statistics.median(
+            m.get("base_step_short_s", pool["step_short_s"]))
+    ratios = []
+    for P in sorted({m["P"] for m in family} - {1}):
+        par = next(m for m in family if m["side"] == "parscale" and m["P"] == P)
+        wid = next(m for m in family if m["side"] == "width" and m["P"] == P)
+        r = dict(P=P, target=par["target"], width_N=wid["non_embedding"])
+        for key in ("peak_short", "peak_long", "counted_short", "counted_long"):
+            r[f"memory_{key}"] = None if base[key] is None else ratio_spread([wid[key] - base[key]], [par[key] - base[key]])[0]
+        for key in keys:
+            r[key] = ratio_spread(increases(wid, pool, key), increases(par, pool, key))
+        ratios.append(r)
+    return ratios, pool
+
+
+def print_lesson(family, ratios, args):
+    """The lesson's table: at most 25 lines (what a student reads), each timing with its spread."""
+    def mb(b):
+        return "n/a" if b is None else f"{b / 2**20:,.0f}"
+
+    def spread(v, scale, fmt):
+        return f"{scale * statistics.median(v):{fmt}} [{scale * min(v):{fmt}}, {scale * max(v):{fmt}}]"
+
+    def x(r):
+        return "n/a" if r is None else "inf" if r == math.inf else f"{r:.1f}x"
+
+    def n(v):
+        return f"{v / 1e9:.3f}B" if v >= 1e9 else f"{v / 1e6:.1f}M" if v >= 1e6 else f"{v / 1e3:.0f}k"
+
+    base, T, L = family[0], args.prompt, args.long_context
+    print(f"{'model':10} {'width':>5} {'N':>7} {'weights':>8} {'KV+prefix MB':>13} {'peak MB':>13} | {f'prefill {T} tok, s':>19} | "
+          f"{f'decode step @{T}, ms':>24} {'floor':>5} | {f'decode step @{L}, ms':>19} {'floor':>5}")
+    print(f"{'':10} {'':>5} {'':>7} {'MB':>8} {f'@{T} / @{L}':>13} {f'@{T} / @{L}':>13} | {'median [min, max]':>19} | "
+          f"{'median [min, max] +base':>24} {'':>5} | {'median [min, max]':>19}")
+    for m in family:
+        kv = f"{m['kv_short_mb'] + m['prefix_mb']:,.1f} / {m['kv_long_mb'] + m['prefix_mb']:,.1f}"
+        peak = f"{mb(m['peak_short'])} / {mb(m['peak_long'])}"
+        short = spread(m["step_short_s"], 1e3, ",.0f") + ("" if m is base else f" {100 * m['step_increase']:+.0f}%")
+        print(f"{m['label']:10} {m['cfg'].n_embd:5d} {n(m['non_embedding']):>7} {m['weights_mb']:8,.1f} {kv:>13} {peak:>13} | "
+              f"{spread(m['prefill_s'], 1, '.2f'):>19} | {short:>24} {100 * m['floor_short']:4.0f}% | "
+              f"{spread(m['step_long_s'], 1e3, ',.0f'):>19} {100 * m['floor_long']:4.0f}%")
+    paper = PAPER_RATIOS.get(args.batch)
+    print(f"width scaling's increase over P=1 / ParScale's (> 1: ParScale cheaper); latency: ratio of the median increases "
+          f"[min, max over every pair of runs]; the paper (analytic, A100, P=8, batch {args.batch}): "
+          + (f"{paper[0]}x memory, {paper[1]}x latency" if paper else "not given for this batch"))
+    print(f"{'P':>2} {'target N':>8} {'width N':>8} | {f'memory peak @{T} / @{L}':>22} {f'counted @{T} / @{L}':>19} | "
+          f"{f'decode @{T}':>22} {f'decode @{L}':>22} {'prefill + 64 steps':>22}")
+    for r in ratios:
+        peak = f"{x(r['memory_peak_short'])} / {x(r['memory_peak_long'])}"
+        counted = f"{x(r['memory_counted_short'])} / {x(r['memory_counted_long'])}"
+        lat = [f"{x(t[0])} [{x(t[1])}, {x(t[2])}]" for t in (r["step_short_s"], r["step_long_s"], r["total_s"])]
+        print(f"{r['P']:2d} {n(r['target']):>8} {n(r['width_N']):>8} | {peak:>22} {counted:>19} | "
+              f"{lat[0]:>22} {lat[1]:>22} {lat[2]:>22}")
+
+
+def plot_lesson(family, ratios, pool, args):
+    """Memory and decode-latency increase over P = 1 against P, both ways of scaling, and their ratio
+    beside the paper's analytic points."""
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    ax_mem, ax_lat, ax_ratio = fig.subplots(1, 3)
+    base = family[0]
+    for side, style, name in (("parscale", "-o", "ParScale (P streams)"), ("width", "--s", "width (N_base(1 + k ln P))")):
+        ms = [m for m in family if m["side"] == side]
+        Ps = [1] + [m["P"] for m in ms]
+        if base["peak_short"] is not None:
+            ax_mem.plot(Ps, [0] + [(m["peak_short"] - base["peak_short"]) / 2**20 for m in ms], style, label=name)
+        ax_lat.plot(Ps, [0] + [1e3 * statistics.median(increases(m, pool, "step_short_s")) for m in ms], style, label=name)
+    Ps = [r["P"] for r in ratios]
+    if ratios[0]["memory_peak_short"] is not None:
+        ax_ratio.plot(Ps, [r["memory_peak_short"] for r in ratios], "-o", label="memory (peak), measured")
+    cap = 100.0  # a ratio whose ParScale increase was not above zero (inf) is drawn at the cap
+    lat = [[min(v, cap) for v in r["step_short_s"]] for r in ratios]
+    ax_ratio.errorbar(Ps, [t[0] for t in lat], yerr=[[t[0] - t[1] for t in lat], [t[2] - t[0] for t in lat]],
+                      fmt="-s", capsize=3, label=f"decode step, measured [min, max]; inf drawn at {cap:.0f}")
+    paper = PAPER_RATIOS.get(args.batch)
+    if paper:
+        ax_ratio.plot([8, 8], paper, "k*", markersize=10, label=f"paper, analytic ({paper[0]}x, {paper[1]}x)")
+    for ax, title, unit in ((ax_mem, f"peak memory increase, context {args.prompt}", "MB"),
+                            (ax_lat, f"decode step increase, context {args.prompt}", "ms"),
+                            (ax_ratio, "width's increase / ParScale's", "x")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("P")
+        ax.set_ylabel(unit)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    ax_ratio.set_yscale("log")
+    fig.suptitle(f"ParScale vs width scaling, measured: {args.preset_name} preset, batch {args.batch}, {args.device_name}, "
+                 f"{str(args.dtype).removeprefix('torch.')}", fontsize=10)
+    fig.savefig(args.plot, dpi=120)
+
+
+def lesson(args):
+    """The default run: measure every model of the family, print the table; returns the JSON's dict."""
+    kv = args.n_kv_head or args.n_head
+    base_cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, n_kv_head=kv, vocab_size=args.vocab_size,
+                         n_prefix=args.n_prefix, dropout=0.0, block_size=args.long_context + args.steps)
+    family = model_family(base_cfg, args.streams, args.k)
+    args.bandwidth, bw_how = read_bandwidth(args.device)
+    isolate = args.device.type == "cpu" and resource is not None
+    spec = dict(device=str(args.device), dtype=str(args.dtype).removeprefix("torch."), batch=args.batch, prompt=args.prompt,
+                long_context=args.long_context, steps=args.steps, repeats=args.repeats, seed=args.seed,
+                threads=torch.get_num_threads(), path=args.paths[0])
+    print(f"ParScale vs width scaling at the {args.preset_name} preset: {args.n_layer} layers, width {args.n_embd}, "
+          f"{args.n_head}/{kv} heads of {args.n_embd // args.n_head}, vocab {args.vocab_size}, {args.n_prefix} prefix slots; "
+          f"k = {args.k}")
+    print(f"{args.device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype_why}, "
+          f"{args.paths[0]} path ({args.fused_reason}); read bandwidth {args.bandwidth / 1e9:.1f} GB/s ({bw_how})")
+    print(f"batch {args.batch}; prompt {args.prompt} tokens, prefilled; decode steps after it (@{args.prompt}) and at "
+          f"@{args.long_context} (that cache filled directly with random keys/values, not prefilled); "
+          f"{args.repeats} runs x {args.steps} steps; ParScale's increase is paired with its own backbone run as P=1 beside it, "
+          f"width's is against every P=1 run; peak = "
+          + ("CUDA allocator peak" if args.device.type == "cuda" else
+             "peak RSS of the model's own process above a baseline process's" if isolate else "n/a (no resource module)"))
+    baseline = 0
+    if isolate:
+        tiny = dataclasses.replace(base_cfg, n_layer=1, n_embd=64, n_head=1, n_kv_head=1, vocab_size=256, n_streams=1, n_prefix=0)
+        baseline = measure_isolated({**spec, "config": dataclasses.asdict(tiny), "pair": False})["peak_long"]
+    t_start = time.time()
+    for i, m in enumerate(family):
+        print(f"[bench] {i + 1}/{len(family)}: {m['label']} (width {m['cfg'].n_embd}), {time.time() - t_start:.0f} s so far",
+              file=sys.stderr, flush=True)
+        run = (measure_isolated if isolate else measure_model)({**spec, "config": dataclasses.asdict(m["cfg"]),
+                                                                "pair": m["side"] == "parscale"})
+        for key in ("peak_short", "peak_long"):
+            if run[key] is not None:
+                run[key] -= baseline
+        m.update(run)
+        free_memory(args.device)
+    ratios, pool = lesson_rows(family, args)
+    print_lesson(family, ratios, args)
+    if args.plot:
+        plot_lesson(family, ratios, pool, args)
+    models = [{k: v for k, v in m.items() if k != "cfg"} | dict(n_embd=m["cfg"].n_embd, n_head=m["cfg"].n_head,
+                                                                    n_kv_head=m["cfg"].n_kv_head) for m in family]
+    return dict(preset=args.preset_name, batch=args.batch, prompt=args.prompt, long_context=args.long_context, steps=args.steps,
+                repeats=args.repeats, dtype=str(args.dtype), dtype_why=args.dtype_why, bandwidth=args.bandwidth,
+                bandwidth_how=bw_how, path=args.paths[0], baseline_peak=baseline, models=models, ratios=ratios, base_pool=pool,
+                paper=PAPER_RATIOS.get(args.batch))
+
+
+# -----------------------------------------------------------------------------
+# --mode=step: the reference decode step of P = 8 against P = 1, with its targets
+
+STEP_TARGETS = {128: 1.25, 960: 2.1}  # P = 8 / P = 1 per decode step at these contexts (README, bench.py section)
+
+
+def step_allocations(model, dec):
+    """Bytes of every allocation one decode step makes, from torch.profiler's CPU memory events."""
+    from torch.profiler import ProfilerActivity, profile  # here, not at import: the profiler is heavy
+    pos, tok = dec.cache.pos, torch.zeros(dec.cache.k.size(1) // model.config.n_streams, 1, dtype=torch.long)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        dec.decode_step(tok)
+    dec.cache.pos = pos
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+@torch.no_grad()
+def step_check(args):
+    """
+    P = 8 against P = 1 per decode step on the reference path (model.py + KVCache), batch 1, at the
+    contexts of STEP_TARGETS, with the two models' steps interleaved so that the machine's drift hits
+    both alike. Each cache holds exactly the context plus the new token, filled directly. Prints the
+    ratio (median of per-round ratios, [min, max]) beside the bytes ratio (the floor) and the target.
+    """
+    kv = args.n_kv_head or args.n_head
+    cfgs = {P: GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, n_kv_head=kv, vocab_size=args.vocab_size,
+                         n_prefix=args.n_prefix, n_streams=P, dropout=0.0, block_size=max(STEP_TARGETS) + 1) for P in (1, 8)}
+    models = {P: build_model(cfg, args.device, args.dtype, args.seed) for P, cfg in cfgs.items()}
+    rounds = args.steps * args.repeats
+    print(f"decode step, reference path (model.py + KVCache), {args.device_name}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.dtype_why}")
+    print(f"shape: {args.n_layer} layers, width {args.n_embd}, {args.n_head}/{kv} heads, vocab {args.vocab_size}, "
+          f"{args.n_prefix} prefix slots; batch 1; {rounds} rounds of one P=1 step then one P=8 step per context")
+    print(f"{'ctx':>5} | {'P=1 ms':>18} | {'P=8 ms':>18} | {'P=8 / P=1':>18} {'bytes':>5} {'target':>6} | alloc/step KiB P=1, P=8")
+    out = []
+    for ctx, target in STEP_TARGETS.items():
+        decs = {P: EagerDecoder(m, 1, max_len=ctx + 1) for P, m in models.items()}
+        for dec in decs.values():
+            fill_cache(dec, ctx, args.seed)
+        alloc = {P: step_allocations(models[P], dec) for P, dec in decs.items()}
+        times = {1: [], 8: []}
+        tok = torch.zeros(1, 1, dtype=torch.long, device=args.device)
+        for i in range(rounds + 2):  # two warm-up rounds
+            for P, dec in decs.items():
+                dec.cache.pos = ctx
+                t = step(dec, tok, args.device)[0]
+                if i >= 2:
+                    times[P].append(t)
+        per_round = [b / a for a, b in zip(times[1], times[8])]
+        counts = {P: param_counts(cfg) for P, cfg in cfgs.items()}
+        floor = (floor_bytes(cfgs[8], counts[8], 1, ctx + 1, args.dtype.itemsize)
+                 / floor_bytes(cfgs[1], counts[1], 1, ctx + 1, args.dtype.itemsize))
+        r = dict(context=ctx, p1_ms=[1e3 * t for t in times[1]], p8_ms=[1e3 * t for t in times[8]],
+                 ratio=statistics.median(per_round), ratio_min=min(per_round), ratio_max=max(per_round),
+                 bytes_ratio=floor, target=target, ok=statistics.median(per_round) <= target,
+                 alloc_p1=alloc[1], alloc_p8=alloc[8])
+        out.append(r)
+        ms = lambda v: f"{statistics.median(v):6.1f} [{min(v):4.1f}, {max(v):4.1f}]"  # noqa: E731
+        print(f"{ctx:5d} | {ms(r['p1_ms']):>18} | {ms(r['p8_ms']):>18} | {r['ratio']:6.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] "
+              f"{floor:5.2f} {'<= ' + str(target):>6} | {alloc[1] / 2**10:,.0f}, {alloc[8] / 2**10:,.0f}")
+    print("targets: " + ", ".join(f"P=8/P=1 at ctx {r['context']} = {r['ratio']:.2f} ({'OK' if r['ok'] else 'MISSED'}, <= {r['target']})"
+                                  for r in out))
+    return dict(step=out)
+
+
+# -----------------------------------------------------------------------------
+# the sweep (--mode=sweep): batches x contexts x attention kinds x paths
 
 def generate_once(dec, prompt, n_steps, device):
     """Prefill the prompt, then n_steps greedy decode steps. Returns (prefill seconds, decode seconds)."""
@@ -214,7 +712,7 @@ def measure(model, path, batch_size, context, args, resident):
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    dec = make_decoder(path, model, batch_size, args.dtype)
+    dec = make_decoder(path, model, batch_size, args.dtype, model.config.block_size)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if cuda:
         state = torch.cuda.memory_allocated(device) - before  # KV cache and whatever else the decoder holds
@@ -237,19 +735,6 @@ def measure(model, path, batch_size, context, args, resident):
         ms=statistics.median(totals), ms_min=min(totals), ms_max=max(totals),
         prefill_ms=statistics.median(a for a, _ in runs) * 1e3,
         ms_per_token=statistics.median(b for _, b in runs) * 1e3 / args.l_out)
-
-
-def build(cfg, device, dtype):
-    torch.manual_seed(0)  # random weights are fine for cost; the same ones every run
-    with torch.device(device):
-        model = GPT(cfg)  # built in place on the device: no host init, no copy
-    return model.to(dtype).eval()
-
-
-def free_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def cuda_still_works(device):
@@ -291,7 +776,7 @@ def bench_decode(args, base_cfgs):
                     free_memory(args.device)
                     baseline = torch.cuda.memory_allocated(args.device) if cuda else 0
                     cfg = dataclasses.replace(m["cfg"], block_size=context + args.l_out)  # the cache fits this run exactly
-                    model = build(cfg, args.device, args.dtype)
+                    model = build_model(cfg, args.device, args.dtype, args.seed)
                     resident = torch.cuda.memory_allocated(args.device) - baseline if cuda else 0
                     for batch_size in args.batches:
                         if out_of_time():
@@ -538,9 +1023,9 @@ def bench_train(args, base_cfgs):
 # -----------------------------------------------------------------------------
 
 def rounded(obj):
-    """Floats to 5 significant digits, for a JSON line that stays readable."""
+    """Floats to 5 significant digits (inf as None), for a JSON line that stays readable and valid."""
     if isinstance(obj, float):
-        return float(f"{obj:.5g}")
+        return float(f"{obj:.5g}") if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: rounded(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -556,7 +1041,7 @@ def int_list(s):
 
 
 def bench_device(name):
-    """--device as a torch.device, checked against this machine: the sweep runs on cpu or cuda."""
+    """--device as a torch.device, checked against this machine: bench.py measures on cpu or cuda."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -575,12 +1060,15 @@ def bench_device(name):
 
 def check_args(args):
     """Values argparse cannot check, after the preset filled the gaps: one `error:` line each, naming the flag."""
-    for flag, low in [("n_layer", 1), ("n_embd", 1), ("n_head", 1), ("vocab_size", 1), ("n_prefix", 0), ("l_out", 1),
-                      ("repeats", 1), ("train_batch", 1), ("train_seq", 1), ("train_steps", 1)]:
+    for flag, low in [("n_layer", 1), ("n_embd", 1), ("n_head", 1), ("n_kv_head", 0), ("vocab_size", 1), ("n_prefix", 0),
+                      ("l_out", 1), ("repeats", 1), ("batch", 1), ("prompt", 1), ("long_context", 1), ("steps", 1),
+                      ("train_batch", 1), ("train_seq", 1), ("train_steps", 1)]:
         if getattr(args, flag) < low:
             raise UserError(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
     if args.n_embd % args.n_head:
         raise UserError(f"--n_embd={args.n_embd} must be a multiple of --n_head={args.n_head} (head_dim = n_embd / n_head)")
+    if args.n_kv_head and args.n_head % args.n_kv_head:
+        raise UserError(f"--n_kv_head={args.n_kv_head} must divide --n_head={args.n_head} (0 = n_head, multi-head attention)")
     for flag, low in [("batches", 1), ("contexts", 1), ("streams", 1), ("kv_heads", 0)]:
         values = getattr(args, flag)
         if not values or min(values) < low:
@@ -595,7 +1083,7 @@ def check_args(args):
     if not (args.time_limit > 0 or args.time_limit == -1):
         raise UserError(f"--time_limit must be a number of seconds > 0, or -1 for never; got {args.time_limit}")
     if args.threads == 0 or args.threads < -1:
-        raise UserError(f"--threads must be >= 1, or -1 for the default; got {args.threads}")
+        raise UserError(f"--threads must be >= 1, or -1 for all cores; got {args.threads}")
     if not (math.isfinite(args.peak_flops) and args.peak_flops > 0 or args.peak_flops == -1):
         raise UserError(f"--peak_flops must be a positive number of FLOP/s, or -1 to look up the GPU; got {args.peak_flops}")
     if not (math.isfinite(args.peak_bw) and args.peak_bw > 0):
@@ -603,62 +1091,76 @@ def check_args(args):
     if args.plot:
         if Figure is None:
             raise UserError(f"--plot={args.plot} needs matplotlib, which is not importable here; pip install matplotlib, or drop --plot")
-        if args.mode == "train":
-            raise UserError("--plot draws the decode sweep's cost figure; use it with --mode=decode or --mode=all")
+        if args.mode in ("train", "step"):
+            raise UserError(f"--plot draws the lesson's or the sweep's cost figure; --mode={args.mode} has none")
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
             raise UserError(f"--plot={args.plot}: its folder does not exist; create it or choose another path")
 
 
+def all_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["decode", "train", "all"], default="decode", help="decode sweep, training step, or both")
-    p.add_argument("--preset", choices=["auto", "gpt2", "tiny"], default="auto",
-                   help="shapes and sweep sizes; auto = gpt2 on CUDA, tiny on CPU; flags below override it")
+    p.add_argument("--mode", choices=["lesson", "step", "sweep", "train", "all"], default="lesson",
+                   help="lesson: the cost claim at one shape (default); step: the reference decode step, P=8 vs P=1; "
+                        "sweep: batches x contexts x attention kinds x paths; train: training cost; all: sweep + train")
+    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
+                   help="shapes and sizes; auto = paper for the lesson, gpt2 for step, and for sweep/train gpt2 on CUDA, tiny on CPU; "
+                        "flags below override it")
     # model
     p.add_argument("--n_layer", type=int, default=None, help="None = preset")
     p.add_argument("--n_embd", type=int, default=None, help="None = preset")
     p.add_argument("--n_head", type=int, default=None, help="None = preset; head_dim = n_embd / n_head stays fixed when width scales")
-    p.add_argument("--vocab_size", type=int, default=None, help="None = preset (gpt2: 50257)")
-    p.add_argument("--n_prefix", type=int, default=None, help="prefix slots per layer per stream; None = preset (gpt2: 48, the paper's)")
-    p.add_argument("--kv_heads", type=int_list, default=[0, 2], help="attention kinds, comma-separated n_kv_head; 0 = n_head (multi-head attention)")
+    p.add_argument("--n_kv_head", type=int, default=None, help="lesson and step: kv heads, 0 = n_head (MHA); None = preset (paper: 2)")
+    p.add_argument("--vocab_size", type=int, default=None, help="None = preset (paper: 151936, gpt2: 50257)")
+    p.add_argument("--n_prefix", type=int, default=None, help="prefix slots per layer per stream; None = preset (48, the paper's)")
     p.add_argument("--streams", type=int_list, default=[1, 2, 4, 8], help="P values, comma-separated; P=1 is the base")
     p.add_argument("--k", type=float, default=0.39, help="scaling-law k: P streams are worth N_base(1 + k ln P) (0.39 code, 0.33 Pile)")
-    # decode sweep
-    p.add_argument("--batches", type=int_list, default=None, help="batch sizes, comma-separated; None = preset")
-    p.add_argument("--contexts", type=int_list, default=None, help="prompt lengths prefilled before decoding; None = preset")
-    p.add_argument("--l_out", type=int, default=None, help="decode steps after the prefill; None = preset (gpt2: 64, the paper's)")
+    p.add_argument("--seed", type=int, default=0, help="the random weights' seed (their values do not matter for cost)")
+    # the lesson (and step)
+    p.add_argument("--batch", type=int, default=1, help="lesson: batch size (the paper's claim is for batch 1)")
+    p.add_argument("--prompt", type=int, default=None, help="lesson: prompt tokens, prefilled; None = preset (paper: 64, the paper's L_in)")
+    p.add_argument("--long_context", type=int, default=None, help="lesson: the long context, its cache filled directly; None = preset (1000)")
+    p.add_argument("--steps", type=int, default=None, help="lesson: decode steps per run; step: rounds = steps x repeats; None = preset")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median, min, max reported); None = preset")
     p.add_argument("--paths", default="auto", choices=["auto", "fused", "eager"],
-                   help="auto = fused (when kernels/fused.py works here) then eager; fused errors out if unavailable")
-    p.add_argument("--time_limit", type=float, default=-1, help="seconds after which remaining decode measurements are skipped (loudly); -1 = never")
+                   help="auto = fused (when kernels/fused.py works here), then eager in the sweep; fused errors out if unavailable")
     p.add_argument("--plot", default="", help="write the cost figure to this PNG (needs matplotlib); empty = no figure")
+    # the sweep
+    p.add_argument("--kv_heads", type=int_list, default=[0, 2], help="sweep: attention kinds, comma-separated n_kv_head; 0 = n_head (MHA)")
+    p.add_argument("--batches", type=int_list, default=None, help="sweep: batch sizes, comma-separated; None = preset")
+    p.add_argument("--contexts", type=int_list, default=None, help="sweep: prompt lengths prefilled before decoding; None = preset")
+    p.add_argument("--l_out", type=int, default=None, help="sweep: decode steps after the prefill; None = preset (gpt2: 64, the paper's)")
+    p.add_argument("--time_limit", type=float, default=-1, help="sweep: seconds after which remaining measurements are skipped (loudly); -1 = never")
+    p.add_argument("--peak_bw", type=float, default=H200_HBM_BYTES, help="sweep: stated memory bandwidth for its floor, bytes/s (H200: 4.8e12)")
     # training cost
     p.add_argument("--train_batch", type=int, default=None, help="sequences per step; None = preset")
     p.add_argument("--train_seq", type=int, default=None, help="tokens per sequence; None = preset")
     p.add_argument("--train_steps", type=int, default=None, help="timed steps per P; None = preset")
-    # system
-    p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
-    p.add_argument("--threads", type=int, default=-1, help="torch CPU threads; -1 = 1 on CPU (toy shapes gain nothing from more, "
-                   "and on shared cores OpenMP threads stall each other), torch's default on CUDA")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="decode dtype; auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--peak_flops", type=float, default=-1,
                    help="peak FLOP/s for MFU; -1 = the GPU's datasheet bf16 peak (model.peak_flops: H100/H200 989e12), none on CPU")
-    p.add_argument("--peak_bw", type=float, default=H200_HBM_BYTES, help="stated memory bandwidth for the decode floor, bytes/s (H200: 4.8e12)")
+    # system
+    p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
+    p.add_argument("--threads", type=int, default=-1, help="torch CPU threads; -1 = every core this process may use")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="decode dtype; auto = bfloat16 on CUDA; on CPU bfloat16 where a start-up probe finds torch's bf16 "
+                        "matmul at least as fast as fp32, else float32")
     args = p.parse_args(argv)
 
     args.device = bench_device(args.device)
     cuda = args.device.type == "cuda"
-    preset = PRESETS[args.preset if args.preset != "auto" else "gpt2" if cuda else "tiny"]
-    for key, value in preset.items():
+    args.preset_name = args.preset if args.preset != "auto" else {"lesson": "paper", "step": "gpt2"}.get(args.mode, "gpt2" if cuda else "tiny")
+    for key, value in PRESETS[args.preset_name].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     check_args(args)
     if args.dtype == "float16" and not cuda:
         raise UserError("--dtype=float16 is for GPUs: on CPU torch runs it slowly and with float16's narrow range; "
-                        "use --dtype=float32 (the default there) or bfloat16")
+                        "use --dtype=bfloat16 or float32")
     if args.dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
         raise UserError(f"--dtype=bfloat16, but {torch.cuda.get_device_name(args.device)} has no bfloat16; use float16 or float32")
-    args.dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if cuda else torch.float32
     args.device_name = torch.cuda.get_device_name(args.device) if cuda else "CPU"
     # MFU's denominator: the flag, else model.py's datasheet table (None on CPU or an unlisted GPU)
     args.peak_flops_source = "--peak_flops" if args.peak_flops > 0 else f"datasheet bf16 peak of {args.device_name}"
@@ -675,8 +1177,17 @@ def parse_args(argv):
     return args
 
 
+def resolve_dtype(args):
+    """--dtype as a torch dtype and why; on a CPU `auto` runs choose_cpu_dtype's probe (threads must be set)."""
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype), f"{args.dtype} (--dtype)"
+    if args.device.type == "cuda":
+        return torch.bfloat16, "bfloat16 (auto on CUDA)"
+    return choose_cpu_dtype()
+
+
 def base_configs(args):
-    """One base config per attention kind in --kv_heads, block_size set per run."""
+    """The sweep: one base config per attention kind in --kv_heads, block_size set per run."""
     return [GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size,
                       n_kv_head=kv or args.n_head, n_prefix=args.n_prefix, dropout=0.0) for kv in args.kv_heads]
 
@@ -684,8 +1195,9 @@ def base_configs(args):
 def main(argv=None):
     args = parse_args(argv)
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads if args.threads > 0 else 1 if args.device.type == "cpu" else threads)
+    torch.set_num_threads(args.threads if args.threads > 0 else all_cores())
     try:
+        args.dtype, args.dtype_why = resolve_dtype(args)
         return run(args)
     finally:
         torch.set_num_threads(threads)  # main() is also called from tests: leave the process as found
@@ -693,16 +1205,32 @@ def main(argv=None):
 
 def run(args):
     t0 = time.time()
+    result = dict(mode=args.mode, device=args.device_name, torch=torch.__version__, threads=torch.get_num_threads(),
+                  dtype=str(args.dtype).removeprefix("torch."), paths=args.paths, fused_reason=args.fused_reason,
+                  shape=dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size,
+                             n_prefix=args.n_prefix), streams=args.streams, k=args.k)
+    if args.mode == "lesson":
+        result.update(lesson(args))
+    elif args.mode == "step":
+        result.update(step_check(args))
+    else:
+        result.update(sweep(args))
+    result["elapsed_s"] = time.time() - t0
+    print(f"elapsed {result['elapsed_s']:.1f} s")
+    print(json.dumps(rounded(result)), flush=True)
+    return result
+
+
+def sweep(args):
+    """--mode=sweep, train or all: the research sweep and the training cost."""
     cfgs = base_configs(args)
     print(f"device {args.device} ({args.device_name}), torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), "
-          f"decode dtype {str(args.dtype).removeprefix('torch.')}")
+          f"decode dtype {args.dtype_why}")
     print(f"shape: {args.n_layer} layers, width {args.n_embd}, {args.n_head} heads (head_dim {args.n_embd // args.n_head}), "
           f"vocab {args.vocab_size}, {args.n_prefix} prefix slots; attention kinds: {', '.join(attn_label(c) for c in cfgs)}")
     print(f"decode paths: {', '.join(args.paths)} (fused path: {args.fused_reason})")
-    result = dict(mode=args.mode, device=args.device_name, torch=torch.__version__, paths=args.paths,
-                  fused_reason=args.fused_reason, shape=dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
-                  vocab_size=args.vocab_size, n_prefix=args.n_prefix), kv_heads=args.kv_heads, streams=args.streams, k=args.k)
-    if args.mode in ("decode", "all"):
+    result = dict(kv_heads=args.kv_heads)
+    if args.mode in ("sweep", "all"):
         rows, families, notes = bench_decode(args, cfgs)
         headline, crossovers = summarise(rows, args)
         print_summary(headline, crossovers, args)
@@ -718,9 +1246,6 @@ def run(args):
             print(f"!!! {note}")
     if args.mode in ("train", "all"):
         result.update(train=bench_train(args, cfgs), peak_flops=args.peak_flops)
-    result["elapsed_s"] = time.time() - t0
-    print(f"\nelapsed {result['elapsed_s']:.1f} s")
-    print(json.dumps(rounded(result)), flush=True)
     return result
 
 
