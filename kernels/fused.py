@@ -1,6 +1,6 @@
 """
 The fused GPU decode path for ParScale: hand-written CUDA kernels (kernels/*.cu) for the single-token
-decode step, built at first use with NVRTC through PyTorch, and CUDA-graph replay of the whole step.
+decode step, built at first use with NVRTC through ctypes, and CUDA-graph replay of the whole step.
 Everything else runs through model.py itself, so there is one model, not two:
 
     from kernels.fused import fused_decoder_for
@@ -24,11 +24,14 @@ Before a decoder is made, two checks decide whether the kernels can stand in for
 A refusal is a reason string ("fused decode disagrees with model.py by 1.3 at step 2"); sample.py and
 bench.py print it and decode on the reference path.
 
-Build. torch.cuda._compile_kernel (a PRIVATE PyTorch API: NVRTC, no nvcc needed) compiles one program per
-(dtype, head_dim): a #define preamble plus common.cuh and every .cu file, concatenated (NVRTC gets no
-#include of our own files and no CUDA headers, so bf16 is handled as raw bits, see common.cuh). With
-torch 2.13 it also calls torch's CUDA include-path lookup, which raises when CUDA_HOME is unset: on a
-machine with a pip-only torch and no CUDA toolkit the build fails, and the path reports that and stays off.
+Build (kernels/nvrtc.py): no CUDA toolkit and no private PyTorch API. One program per (dtype, head_dim),
+a #define preamble plus common.cuh and every .cu file concatenated (NVRTC gets no #include of our own files
+and no CUDA headers, so bf16 is handled as raw bits, see common.cuh), is compiled by NVRTC through ctypes
+into a cubin for the device's compute capability, once per (dtype, head_dim, architecture), and loaded
+into each device with the driver's cuModuleLoadData. libnvrtc comes from the nvidia wheels that a CUDA
+build of torch from pip installs, else from $CUDA_HOME, else from the loader path; the build line says
+which. A CPU can compile (the tests do, for sm_80 and sm_90); only a GPU can load, launch and compare.
+Any failure (no libnvrtc, no libcuda, a compile error) is the reason string the path reports.
 Kernels are launched by our own cuLaunchKernel call through ctypes, with every argument marshalled to an
 explicit C type from the signature table SIGNATURES below (torch's own launcher turns a Python float into
 a C double), on torch's current stream, so the launches are recorded by CUDA-graph capture. Tensor
@@ -53,6 +56,7 @@ the decoder's dtype (bf16 or fp32). README, "The fused GPU decode path", has the
 import copy
 import ctypes
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -61,6 +65,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kernels import nvrtc
 from model import GPT, MLP, Block, CausalSelfAttention, KVCache, UserError, sample_next
 
 KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -94,9 +99,9 @@ def kernel_source(dtype, head_dim):
     """The one NVRTC program for a (dtype, head_dim): preamble + common.cuh + every .cu file."""
     preamble = f"#define {DTYPES[dtype]}\n#define HEAD_DIM {head_dim}\n#define RMAX {RMAX}\n"
     parts = [preamble]
-    for name in SOURCES:
+    for name in SOURCES:  # #line: NVRTC's errors and warnings name the real file and line
         with open(os.path.join(KERNEL_DIR, name)) as fh:
-            parts.append(f"// ---- {name} ----\n" + fh.read())
+            parts.append(f"// ---- {name} ----\n#line 1 \"kernels/{name}\"\n" + fh.read())
     return "\n".join(parts)
 
 
@@ -143,24 +148,28 @@ class _Kernel:
 
 
 class _Module:
-    """All kernels of one (dtype, head_dim) build, as attributes: mod.embed(grid, block, *args)."""
+    """All kernels of one build, loaded into the current device, as attributes: mod.embed(grid, block, *args)."""
 
-    def __init__(self, dtype, head_dim):
-        libcuda = ctypes.CDLL("libcuda.so.1")
+    def __init__(self, compiled, dtype):
         t0 = time.perf_counter()
-        src = kernel_source(dtype, head_dim)
-        # PRIVATE API: torch.cuda._compile_kernel may change or vanish in any PyTorch release. We use it
-        # only to compile with NVRTC and load the module; `.module` and `.func` are its attributes in
-        # torch 2.9-2.13. The first kernel comes from it, the others from the same CUmodule.
-        first = torch.cuda._compile_kernel(src, "embed")
-        module = first.module
-        for name in SIGNATURES:
-            func = ctypes.c_void_p()
-            rc = libcuda.cuModuleGetFunction(ctypes.byref(func), module, name.encode())
-            if rc != 0:
-                raise RuntimeError(f"kernel {name} not found in the NVRTC module (CUresult {rc})")
-            setattr(self, name, _Kernel(libcuda, func, name, dtype))
-        self.build_s = time.perf_counter() - t0
+        for name, func in nvrtc.load_module(compiled.cubin, SIGNATURES).items():
+            setattr(self, name, _Kernel(nvrtc.libcuda(), func, name, dtype))
+        self.compiled, self.load_s = compiled, time.perf_counter() - t0
+
+
+def device_arch(index):
+    """NVRTC's name for the architecture of CUDA device `index`: "sm_90" on an H100/H200."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+@functools.lru_cache(maxsize=None)
+def compile_kernels(dtype, head_dim, arch, options=()):
+    """kernel_source(dtype, head_dim) compiled by NVRTC for `arch` (no GPU needed) -> nvrtc.Compiled.
+    Cached per (dtype, head_dim, arch): devices of one architecture share the cubin."""
+    cuda_major = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None
+    return nvrtc.compile_program(kernel_source(dtype, head_dim), arch, options, name="fused.cu",
+                                 nvrtc=nvrtc.default_nvrtc(cuda_major))
 
 
 _MODULES = {}
@@ -168,16 +177,22 @@ _REPORTED = set()
 
 
 def build(dtype, head_dim, device=None):
-    """Build (once per process and device) and return the kernels for this dtype and head size."""
-    with torch.cuda.device(device if device is not None else torch.cuda.current_device()):
-        key = (dtype, head_dim, torch.cuda.current_device())
-        if key not in _MODULES:
-            mod = _Module(dtype, head_dim)
-            cc = "".join(map(str, torch.cuda.get_device_capability()))
-            _say(f"built kernels/*.cu with NVRTC (torch.cuda._compile_kernel) for sm_{cc}, "
-                 f"{str(dtype).removeprefix('torch.')}, head_dim {head_dim}, in {mod.build_s:.2f} s")
-            _MODULES[key] = mod
-        return _MODULES[key]
+    """Compile (once per architecture) and load (once per device) the kernels for this dtype and head size."""
+    dev = torch.device(device if device is not None else "cuda")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    key = (dtype, head_dim, index)
+    if key not in _MODULES:
+        compiled = compile_kernels(dtype, head_dim, device_arch(index))
+        if compiled.log:  # NVRTC warned: the build goes on, but says so (the CPU tests fail on it)
+            _say(f"NVRTC warnings for {compiled.arch}:\n{compiled.log}")
+        with torch.cuda.device(index):  # cuModuleLoadData loads into the current context: make it this device's
+            torch.cuda.synchronize(index)  # a runtime call, so torch's primary context exists and is current
+            mod = _Module(compiled, dtype)
+        _say(f"built kernels/*.cu with {compiled.nvrtc} for {compiled.arch}, {str(dtype).removeprefix('torch.')}, "
+             f"head_dim {head_dim}: compiled in {compiled.seconds:.2f} s ({len(compiled.cubin) // 1024} KiB cubin), "
+             f"loaded in {mod.load_s:.2f} s")
+        _MODULES[key] = mod
+    return _MODULES[key]
 
 
 def _report(ok, reason):
@@ -199,11 +214,8 @@ def fused_status(device=None):
             return _report(False, "torch.cuda.is_available() is False (no GPU or a CPU-only torch build)")
         if torch.version.hip is not None:
             return _report(False, "ROCm build of torch: the kernels are written for CUDA/NVRTC")
-        if not hasattr(torch.cuda, "_compile_kernel"):
-            return _report(False, f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC route)")
-        build(torch.bfloat16, 64, dev)  # probe build: proves NVRTC, module loading and symbol lookup work
-        name = torch.cuda.get_device_name(dev)
-        return _report(True, f"NVRTC build OK on {name}")
+        mod = build(torch.bfloat16, 64, dev)  # probe build: proves NVRTC, module loading and symbol lookup work
+        return _report(True, f"kernels built with {mod.compiled.nvrtc} and loaded on {torch.cuda.get_device_name(dev)}")
     except Exception as e:  # the point of this function: any failure becomes a loud, explained fallback
         return _report(False, f"kernel build failed: {type(e).__name__}: {e}")
 

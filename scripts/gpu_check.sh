@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check in one command, for one lent GPU (each stage under a timeout, 13 minutes at most in all):
+# Every GPU check in one command, for one lent GPU (each stage under a timeout, 13 min 40 s at most in all):
+#   0. the toolkit-free build: the kernels built with CUDA_HOME unset, saying which libnvrtc was loaded
 #   1. the GPU tests (fused kernels vs the reference model, graph vs no graph, bench on CUDA)
 #   2. the decode-latency table (scripts/decode_bench.py)
 #   3. train.py + sample.py on CUDA: a short bf16 run at the README's GPU preset shape, then fused sampling
@@ -16,6 +17,15 @@ stage() { echo; echo "=== $1 ($(date +%T))"; }
 stage "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/env.txt"
+
+stage "toolkit-free kernel build (CUDA_HOME and CUDA_PATH unset)"
+env -u CUDA_HOME -u CUDA_PATH timeout 40 "$PY" -c "
+from kernels import fused
+print(fused.fused_status('cuda'))  # the probe build, bf16 / head_dim 64: ON or OFF with the reason
+for dtype in fused.DTYPES:
+    for head_dim in (64, 128):
+        fused.build(dtype, head_dim)  # each prints the libnvrtc it was compiled with, the arch and the times
+" 2>&1 | tee "$OUT/build.txt"
 
 stage "GPU tests"
 timeout 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_bench.py --tb=short --maxfail=20 > "$OUT/tests.log" 2>&1
