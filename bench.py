@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fused import FusedDecoder, fused_decoder_for, fused_status  # the hand-written CUDA path
-from model import GPT, GPTConfig, KVCache, UserError, peak_flops
+from common import UserError, peak_flops, resolve_device, resolve_dtype
+from model import GPT, GPTConfig, KVCache
 
 try:  # peak resident memory of a process; absent on Windows, where the CPU peak is not measured
     import resource
@@ -152,30 +153,6 @@ def attn_label(cfg):
 
 # -----------------------------------------------------------------------------
 # machine facts: the CPU decode dtype, the read bandwidth, a process's peak memory
-
-def linear_ms(dtype, rows=8, width=2048, reps=15):
-    """Median ms of an (rows x width) @ (width x width) Linear: the shape of a decode step's cost."""
-    x, w = torch.randn(rows, width, dtype=dtype), torch.randn(width, width, dtype=dtype) * 0.02
-    times = []
-    for _ in range(reps + 3):
-        t0 = time.perf_counter()
-        F.linear(x, w)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[3:]) * 1e3
-
-
-def choose_cpu_dtype(probe=linear_ms):
-    """
-    (dtype, why) for decoding on this CPU: bfloat16 where torch's bf16 matmul is at least as fast as
-    fp32 here (it reads half the bytes, and with bf16 instructions 1 to 8 rows cost about the same),
-    else float32. In fp32, 8 rows can cost several times one row, which makes P streams look
-    expensive for a reason that is not ParScale's. Measured at start-up; --dtype overrides it.
-    """
-    bf16, fp32 = probe(torch.bfloat16), probe(torch.float32)
-    dtype = torch.bfloat16 if bf16 <= fp32 else torch.float32
-    return dtype, (f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}, measured: an 8-row 2048x2048 Linear "
-                   f"takes {bf16:.2f} ms in bf16, {fp32:.2f} ms in fp32 here")
-
 
 def last_cache_bytes(device):
     """The last cache level's size (CPU: from /sys, Linux only; CUDA: the L2), or None when unknown."""
@@ -1040,24 +1017,6 @@ def int_list(s):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {s!r}") from None
 
 
-def bench_device(name):
-    """--device as a torch.device, checked against this machine: bench.py measures on cpu or cuda."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device={name}: bench.py measures on cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name}, but torch.cuda.is_available() is False (no GPU, or a CPU-only torch build); "
-                        "use --device=cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} GPU(s), cuda:0 and up")
-    return dev
-
-
 def check_args(args):
     """Values argparse cannot check, after the preset filled the gaps: one `error:` line each, naming the flag."""
     for flag, low in [("n_layer", 1), ("n_embd", 1), ("n_head", 1), ("n_kv_head", 0), ("vocab_size", 1), ("n_prefix", 0),
@@ -1140,7 +1099,7 @@ def parse_args(argv):
     p.add_argument("--train_seq", type=int, default=None, help="tokens per sequence; None = preset")
     p.add_argument("--train_steps", type=int, default=None, help="timed steps per P; None = preset")
     p.add_argument("--peak_flops", type=float, default=-1,
-                   help="peak FLOP/s for MFU; -1 = the GPU's datasheet bf16 peak (model.peak_flops: H100/H200 989e12), none on CPU")
+                   help="peak FLOP/s for MFU; -1 = the GPU's datasheet bf16 peak (common.peak_flops: H100/H200 989e12), none on CPU")
     # system
     p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=-1, help="torch CPU threads; -1 = every core this process may use")
@@ -1149,18 +1108,15 @@ def parse_args(argv):
                         "matmul at least as fast as fp32, else float32")
     args = p.parse_args(argv)
 
-    args.device = bench_device(args.device)
+    args.device = torch.device(resolve_device(args.device, allowed=("cpu", "cuda"), who="bench.py"))
     cuda = args.device.type == "cuda"
     args.preset_name = args.preset if args.preset != "auto" else {"lesson": "paper", "step": "gpt2"}.get(args.mode, "gpt2" if cuda else "tiny")
     for key, value in PRESETS[args.preset_name].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     check_args(args)
-    if args.dtype == "float16" and not cuda:
-        raise UserError("--dtype=float16 is for GPUs: on CPU torch runs it slowly and with float16's narrow range; "
-                        "use --dtype=bfloat16 or float32")
-    if args.dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--dtype=bfloat16, but {torch.cuda.get_device_name(args.device)} has no bfloat16; use float16 or float32")
+    if args.dtype != "auto":  # checked before anything is measured; auto is resolved in main, threads set
+        resolve_dtype(args.dtype, args.device)
     args.device_name = torch.cuda.get_device_name(args.device) if cuda else "CPU"
     # MFU's denominator: the flag, else model.py's datasheet table (None on CPU or an unlisted GPU)
     args.peak_flops_source = "--peak_flops" if args.peak_flops > 0 else f"datasheet bf16 peak of {args.device_name}"
@@ -1177,15 +1133,6 @@ def parse_args(argv):
     return args
 
 
-def resolve_dtype(args):
-    """--dtype as a torch dtype and why; on a CPU `auto` runs choose_cpu_dtype's probe (threads must be set)."""
-    if args.dtype != "auto":
-        return getattr(torch, args.dtype), f"{args.dtype} (--dtype)"
-    if args.device.type == "cuda":
-        return torch.bfloat16, "bfloat16 (auto on CUDA)"
-    return choose_cpu_dtype()
-
-
 def base_configs(args):
     """The sweep: one base config per attention kind in --kv_heads, block_size set per run."""
     return [GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size,
@@ -1197,7 +1144,8 @@ def main(argv=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads if args.threads > 0 else all_cores())
     try:
-        args.dtype, args.dtype_why = resolve_dtype(args)
+        # the bench decodes, so auto on a CPU measures: bf16 where torch's bf16 matmul is fast here (common.py)
+        args.dtype, args.dtype_why = resolve_dtype(args.dtype, args.device, cpu_auto="probe")
         return run(args)
     finally:
         torch.set_num_threads(threads)  # main() is also called from tests: leave the process as found

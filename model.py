@@ -13,15 +13,14 @@ plain nanoGPT-style GPT, and a nanoGPT checkpoint loads into it unchanged.
 Stream layout, used everywhere below: the P streams are folded into the batch dimension,
 stream-major, so row r = s * B + b holds stream s of batch element b, shape (P*B, T, C).
 
-Read top to bottom: config -> attention, MLP -> Block -> Aggregator -> GPT ->
-KVCache and sampling -> checkpoints and the two-stage / dynamic-P helpers.
+Read top to bottom: config -> attention, MLP -> Block -> Aggregator -> GPT -> KVCache and
+sampling -> the paper's recipes (two-stage, frozen backbone) -> the config's checks.
+Checkpoints and streams files are in checkpoint.py.
 """
 
-import hashlib
 import math
-import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,13 +28,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common import UserError
+
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-class UserError(ValueError):
-    """A mistake the user can fix: a bad flag or config value, a missing or wrong file. Every entry
-    point prints it as one `error: ...` line and exits 1; any other exception is a bug and keeps its
-    traceback."""
 
 
 @dataclass
@@ -57,22 +52,7 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        for name in ["block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_streams"]:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UserError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        rules = [  # (holds, what is wrong)
-            (self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
-            (self.n_head % self.n_kv_head == 0, f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})"),
-            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
-            (self.n_prefix >= 0, f"n_prefix must be >= 0, got {self.n_prefix}"),
-            # without prefixes every stream would compute exactly the same thing
-            (self.n_streams == 1 or self.n_prefix >= 1, f"n_prefix must be >= 1 when n_streams > 1, got {self.n_prefix}"),
-            (0.0 <= self.agg_smoothing <= 1.0, f"agg_smoothing must be in [0, 1], got {self.agg_smoothing}"),
-            (self.prefix_init_std >= 0, f"prefix_init_std must be >= 0, got {self.prefix_init_std}"),
-        ]
-        for holds, wrong in rules:
-            if not holds:
-                raise UserError(f"GPTConfig.{wrong}")
+        check_config(self)  # UserError naming the field: the rules are at the end of this file
 
     @property
     def head_dim(self):
@@ -314,12 +294,17 @@ class GPT(nn.Module):
         x = self.stream_hidden(idx, cache)
         return self.aggregator(x) if self.config.n_streams > 1 else x  # the LM head then runs on B rows, not P*B
 
-    def forward(self, idx, targets=None, cache=None):
-        x = self.hidden(idx, cache)
+    def forward(self, idx, targets=None, cache=None, streams=False):
+        """Logits and the loss (None without targets). streams=True also returns each stream's own
+        logits, (P, B, T, vocab): a loss on them is part of this forward, so it trains under DDP too."""
+        h = self.stream_hidden(idx, cache)  # (P*B, T, C)
+        x = self.aggregator(h) if self.config.n_streams > 1 else h  # the LM head then runs on B rows, not P*B
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position's logits
         logits = self.lm_head(x)  # mixing hidden states before this linear head mixes logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        if streams:
+            return logits, loss, self.lm_head(h).view(self.config.n_streams, *logits.shape)
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -395,15 +380,6 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-# dense bf16 peak FLOP/s from the vendors' datasheets, for MFU; matched against the device name
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device_name):
-    """The datasheet bf16 peak of a GPU named like 'NVIDIA H200', or None when it is not in PEAK_FLOPS."""
-    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
-
-
 def sample_next(logits, temperature=1.0, top_k=None):
     """Next tokens (B, 1) from last-position logits (B, V): temperature 0 = greedy, top_k keeps the k best."""
     logits = logits.float()
@@ -417,43 +393,7 @@ def sample_next(logits, temperature=1.0, top_k=None):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints and the two-stage recipe
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True and errors that say what is wrong."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first (python train.py), or check the path")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise UserError(f"checkpoint {path} lacks 'model' or 'model_args': is it a training checkpoint?")
-    return ckpt
-
-
-def save_checkpoint(ckpt, out_dir, name="ckpt.pt"):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a half checkpoint."""
-    path = os.path.join(out_dir, name)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def clean_state_dict(state_dict):
-    """Accept nanoGPT's checkpoints as they are: drop the `_orig_mod.` prefix torch.compile adds
-    and the causal-mask buffers (`attn.bias`) that nanoGPT saves when flash attention is off."""
-    return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
-
-
-def model_from_checkpoint(ckpt, **overrides):
-    """Rebuild the model a checkpoint (ours or nanoGPT's) describes and load its weights."""
-    model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))
-    try:
-        model.load_state_dict(clean_state_dict(ckpt["model"]))
-    except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not match its model_args: {e}") from e
-    return model
-
+# the paper's recipes: two-stage training and dynamic P (checkpoint.py saves and loads them)
 
 def convert_to_streams(model, n_streams, **parscale_args):
     """
@@ -493,41 +433,32 @@ def prefixes_from_kv(model, snippets):
         block.attn.prefix_v.copy_(cache.v[i, :, :, :cfg.n_prefix])
 
 
-def backbone_fingerprint(model):
-    """A short hash of the backbone's weights: ties a streams file to the backbone it was trained on."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if not GPT.is_parscale_param(name):
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float32).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def streams_state(model):
-    """
-    Dynamic parallel scaling (arXiv 2505.10475, section 4): with a frozen backbone, all that a given P
-    adds is its prefixes and aggregator. This is that small set, as a checkpoint-like dict.
-    """
-    return dict(kind="streams", model_args=asdict(model.config), backbone=backbone_fingerprint(model),
-                model={k: v for k, v in model.state_dict().items() if GPT.is_parscale_param(k)})
-
-
-def attach_streams(backbone, streams):
-    """A P=1 model + a streams_state dict -> a P-stream model sharing the backbone's tensors."""
-    if streams.get("kind") != "streams":
-        raise UserError("not a streams file (expected kind='streams'); a full checkpoint goes to --ckpt")
-    if backbone_fingerprint(backbone) != streams["backbone"]:
-        raise UserError("these streams were trained on a different backbone (weight fingerprints differ)")
-    args = streams["model_args"]
-    model = convert_to_streams(backbone, args["n_streams"], n_prefix=args["n_prefix"],
-                               agg_smoothing=args["agg_smoothing"], prefix_init_std=args["prefix_init_std"])
-    model.load_state_dict(streams["model"], strict=False)
-    return model
-
-
 def freeze_backbone(model):
     """Train only the prefixes and the aggregator ("dynamic parallel scaling", arXiv 2505.10475, section 4)."""
     if model.config.n_streams == 1:
         raise ValueError("freeze_backbone needs n_streams > 1: with one stream nothing would train")
     for name, p in model.named_parameters():
         p.requires_grad = GPT.is_parscale_param(name)
+
+
+# -----------------------------------------------------------------------------
+# the config's checks (GPTConfig.__post_init__ calls them)
+
+def check_config(cfg):
+    """UserError naming the first field of cfg that is out of range."""
+    for name in ["block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_streams"]:
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            raise UserError(f"GPTConfig.{name} must be a positive integer, got {getattr(cfg, name)!r}")
+    rules = [  # (holds, what is wrong)
+        (cfg.n_embd % cfg.n_head == 0, f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})"),
+        (cfg.n_head % cfg.n_kv_head == 0, f"n_kv_head ({cfg.n_kv_head}) must divide n_head ({cfg.n_head})"),
+        (0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}"),
+        (cfg.n_prefix >= 0, f"n_prefix must be >= 0, got {cfg.n_prefix}"),
+        # without prefixes every stream would compute exactly the same thing
+        (cfg.n_streams == 1 or cfg.n_prefix >= 1, f"n_prefix must be >= 1 when n_streams > 1, got {cfg.n_prefix}"),
+        (0.0 <= cfg.agg_smoothing <= 1.0, f"agg_smoothing must be in [0, 1], got {cfg.agg_smoothing}"),
+        (cfg.prefix_init_std >= 0, f"prefix_init_std must be >= 0, got {cfg.prefix_init_std}"),
+    ]
+    for holds, wrong in rules:
+        if not holds:
+            raise UserError(f"GPTConfig.{wrong}")

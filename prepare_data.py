@@ -58,7 +58,7 @@ import tiktoken.load
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 from tqdm import tqdm
 
-from model import UserError
+from common import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")

@@ -21,7 +21,6 @@ naming the flag, exit status 1.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -30,28 +29,9 @@ import time
 import torch
 
 from kernels.fused import fused_decoder_for
-from model import UserError, attach_streams, load_checkpoint, model_from_checkpoint
+from checkpoint import attach_streams, load_checkpoint, model_from_checkpoint
+from common import UserError, load_meta, resolve_device, resolve_dtype
 from prepare_data import load_tokenizer
-
-
-def resolve_device(name):
-    """--device as a torch device string, checked against this machine."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name}, but torch.cuda.is_available() is False (no GPU, or a CPU-only torch build); "
-                        "use --device=cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} GPU(s), cuda:0 and up")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device={name}, but MPS is not available here; use --device=cpu")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device={name}: sample.py runs on cpu, cuda or mps")
-    return str(dev)
 
 
 def get_args(argv=None):
@@ -84,15 +64,10 @@ def get_args(argv=None):
         raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if args.top_k == 0 or args.top_k < -1:
         raise UserError(f"--top_k must be >= 1, or -1 for all tokens; got {args.top_k}")
-    args.device = resolve_device(args.device)
-    cuda = args.device.startswith("cuda")
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
-    if args.dtype == "float16" and args.device == "cpu":
-        raise UserError("--dtype=float16 is for GPUs: on CPU torch runs it slowly and with float16's narrow range; "
-                        "use --dtype=float32 (the default there) or bfloat16")
-    if args.dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--dtype=bfloat16, but {torch.cuda.get_device_name(args.device)} has no bfloat16; use float16 or float32")
+    args.device = resolve_device(args.device, who="sample.py")
+    # auto: float32 on a CPU, the dtype a CPU-trained checkpoint was trained in, so that a seeded
+    # sample is the same everywhere; a toy's decode step is Python overhead there whatever the dtype
+    args.dtype, _ = resolve_dtype(args.dtype, args.device)
     args.prompt = read_prompt(args.start)
     return args
 
@@ -119,21 +94,6 @@ def load_for(flag, path):
         raise UserError(f"{flag}: {e}") from None
 
 
-def load_meta(data_dir):
-    """The meta.json prepare_data.py wrote into data_dir."""
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise UserError(f"--data_dir={data_dir} has no meta.json; pass the folder prepare_data.py wrote (e.g. data/stdlib_bytes)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"--data_dir: {path} is not readable JSON ({e}); rerun prepare_data.py") from None
-    if not isinstance(meta, dict) or not {"tokenizer", "vocab_size"} <= meta.keys():
-        raise UserError(f"--data_dir: {path} lacks 'tokenizer' or 'vocab_size'; rerun prepare_data.py")
-    return meta
-
-
 def load_model(args):
     """The model to sample from (with --streams attached) and the data meta that names its tokenizer."""
     flag, path = ("--ckpt", args.ckpt) if args.ckpt else ("--out_dir", os.path.join(args.out_dir, "ckpt.pt"))
@@ -143,7 +103,7 @@ def load_model(args):
                         "pass it as --streams, with the P=1 checkpoint it was trained on as --ckpt")
     meta = ckpt.get("meta")
     if args.data_dir:
-        data_meta = load_meta(args.data_dir)
+        data_meta = load_meta(args.data_dir, files=("meta.json",))
         if meta and (meta.get("tokenizer"), meta.get("vocab_size")) != (data_meta["tokenizer"], data_meta["vocab_size"]):
             raise UserError(f"--data_dir: vocabulary mismatch: the checkpoint was trained on {meta.get('tokenizer')} "
                             f"({meta.get('vocab_size')}), {args.data_dir} holds {data_meta['tokenizer']} ({data_meta['vocab_size']})")
@@ -168,7 +128,7 @@ def load_model(args):
 def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
-    device, ptdtype = args.device, getattr(torch, args.dtype)
+    device, ptdtype = args.device, args.dtype
     model, meta = load_model(args)
     model.eval().to(device=device, dtype=ptdtype)
     tok = load_tokenizer(meta, args.gpt2_vocab or None)
@@ -192,7 +152,7 @@ def main(argv=None):
     elif device.startswith("cuda"):
         why = "--fused=0"
     path = f"fused CUDA kernels + CUDA graph ({why})" if decoder else f"reference PyTorch with KV cache ({why})"
-    print(f"device {device}, dtype {args.dtype}, P={model.config.n_streams}, decoding: {path}", file=sys.stderr)
+    print(f"device {device}, dtype {str(ptdtype).removeprefix('torch.')}, P={model.config.n_streams}, decoding: {path}", file=sys.stderr)
 
     top_k = None if args.top_k == -1 else args.top_k
     t0 = time.time()

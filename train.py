@@ -16,7 +16,7 @@ Frozen backbone (train only prefixes and aggregator): add --freeze_backbone.
 
 The file in reading order: the flags (get_args, each value checked as it is parsed) -> setup (DDP, device,
 dtype, seeds) -> the data (load_meta, get_batch) -> the model for each --init_from -> evaluate, save ->
-run, then train: the loop. A mistake the user can fix raises model.UserError, which `python train.py`
+run, then train: the loop. A mistake the user can fix raises common.UserError, which `python train.py`
 prints as one `error: ...` line; everything that can refuse a run does so before out_dir is written.
 """
 
@@ -41,8 +41,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
-from model import (GPT, GPTConfig, UserError, attach_streams, convert_to_streams, freeze_backbone, load_checkpoint,
-                   model_from_checkpoint, peak_flops, prefixes_from_kv, save_checkpoint, streams_state)
+from checkpoint import attach_streams, load_checkpoint, model_from_checkpoint, save_checkpoint, streams_state
+from common import UserError, peak_flops
+from model import GPT, GPTConfig, convert_to_streams, freeze_backbone, prefixes_from_kv
 
 # The GPTConfig fields a checkpoint fixes. Converting a P=1 checkpoint keeps its backbone's and takes the
 # stream fields from the command line; a resume, or a checkpoint of the same P, fixes both.

@@ -56,7 +56,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import GPT, GPTConfig, UserError, load_checkpoint, peak_flops  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from common import UserError, peak_flops  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the paper's grid (arXiv 2505.10475, the Stack-V2-Python loss grid): 42B tokens, depth 36, final training loss
@@ -395,7 +397,7 @@ def plan(pre, data_dir, runs):
     """
     What a sweep will cost, run by run: tokens and FLOPs (model.flops_per_token, evaluations counted as
     forward passes, a third of a training step's FLOPs per token), and for a GPU an estimate of the time from
-    three assumptions: ASSUMED_MFU of the H200's datasheet bf16 peak (model.peak_flops; the one measurement,
+    three assumptions: ASSUMED_MFU of the H200's datasheet bf16 peak (common.peak_flops; the one measurement,
     scripts/results/h200_train.txt, got 18.8% at 11M parameters, and smaller models get less),
     ASSUMED_STEP_OVERHEAD seconds per step (kernel launches, optimizer, logging) and ASSUMED_RUN_OVERHEAD
     seconds per run (starting Python, torch and CUDA; the first steps). runs: sweep_runs' list.

@@ -10,7 +10,8 @@ import torch
 from util import HAS_CUDA, tiny_config
 
 import bench
-from model import GPT, GPTConfig, KVCache, UserError
+from common import UserError
+from model import GPT, GPTConfig, KVCache
 
 # one layer, a handful of tokens: the whole sweep runs in about a second on CPU
 TOY = ["--mode=sweep", "--n_layer=1", "--n_embd=32", "--n_head=4", "--vocab_size=64", "--n_prefix=2", "--streams=1,2",
@@ -138,7 +139,7 @@ def test_train_mode(capsys):
 def test_peak_flops_comes_from_model_py():
     assert bench.parse_args(["--device=cpu"]).peak_flops is None  # no datasheet peak for a CPU: MFU n/a
     assert bench.parse_args(["--device=cpu", "--peak_flops=5e12"]).peak_flops == 5e12
-    assert not hasattr(bench, "H200_BF16_FLOPS")  # one table, model.PEAK_FLOPS
+    assert not hasattr(bench, "H200_BF16_FLOPS")  # one table, common.PEAK_FLOPS
 
 
 # -----------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def test_peak_flops_comes_from_model_py():
     (["--peak_bw=0"], r"--peak_bw must be a positive number of bytes/s"),
     (["--dtype=float16"], r"--dtype=float16 is for GPUs"),
     (["--device=tpu"], r"--device=tpu is not a device"),
-    (["--device=meta"], r"--device=meta: bench.py measures on cpu or cuda"),
+    (["--device=meta"], r"--device=meta: bench.py runs on cpu, cuda"),
     (["--mode=train", "--plot=x.png"], r"--plot draws the lesson's or the sweep's cost figure; --mode=train has none"),
     (["--mode=step", "--plot=x.png"], r"--mode=step has none"),
     (["--batch=0"], r"--batch must be >= 1"),
@@ -281,19 +282,6 @@ def test_floor_counts_the_bytes_of_the_tensors_a_step_reads(P, kv, B):
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "transformer.wpe.weight")
     cache = KVCache(model, B, max_len=20)
     assert bench.floor_bytes(cfg, bench.param_counts(cfg), B, 20, 2) == weights + cache.k.nbytes + cache.v.nbytes
-
-
-def test_cpu_dtype_follows_the_probe():
-    fast_bf16 = bench.choose_cpu_dtype(probe=lambda dtype: 0.2 if dtype == torch.bfloat16 else 0.5)
-    slow_bf16 = bench.choose_cpu_dtype(probe=lambda dtype: 3.0 if dtype == torch.bfloat16 else 0.5)
-    assert fast_bf16[0] == torch.bfloat16 and "0.20 ms in bf16, 0.50 ms in fp32" in fast_bf16[1]
-    assert slow_bf16[0] == torch.float32 and slow_bf16[1].startswith("fp32")
-
-
-def test_dtype_flag_overrides_the_probe(monkeypatch):
-    monkeypatch.setattr(bench, "choose_cpu_dtype", lambda: pytest.fail("--dtype given: no probe"))
-    args = bench.parse_args(["--device=cpu", "--dtype=float32"])
-    assert bench.resolve_dtype(args) == (torch.float32, "float32 (--dtype)")
 
 
 def test_built_models_are_cheap_tied_finite_and_in_their_dtype():

@@ -19,7 +19,9 @@ from util import HAS_CUDA, ROOT, tiny_config
 
 import prepare_data
 import sample
-from model import GPT, UserError, convert_to_streams, streams_state
+from checkpoint import streams_state
+from common import UserError
+from model import GPT, convert_to_streams
 
 NO_MATPLOTLIB = importlib.util.find_spec("matplotlib") is None
 BYTES_META = {"tokenizer": "bytes", "vocab_size": 256}
@@ -123,21 +125,21 @@ def test_long_prompt_is_said(results):
     (["--temperature=-0.5"], "--temperature must be a finite number >= 0"),
     (["--temperature=inf"], "--temperature must be a finite number >= 0"),
     (["--device=tpu"], "--device=tpu is not a device"),
-    (["--device=meta"], "--device=meta: sample.py runs on cpu, cuda or mps"),
+    (["--device=meta"], "--device=meta: sample.py runs on cpu, cuda, mps"),
     (["--start=FILE:{tmp}"], r"--start=FILE:.*: cannot read it"),
     (["--start=FILE:{tmp}/latin1.txt"], r"--start=FILE:.*latin1.txt is not valid UTF-8"),
     (["--start="], "--start is empty"),
     (["--ckpt={tmp}/streams.pt"], r"--ckpt: .*streams.pt is a streams file .* pass it as --streams"),
     (["--streams={tmp}/p1.pt"], r"--streams=.*: not a streams file"),
     (["--streams={tmp}/nope.pt"], r"--streams: no checkpoint at"),
-    (["--data_dir={tmp}/bad.json"], r"--data_dir: .*meta.json is not readable JSON"),
+    (["--data_dir={tmp}/bad.json"], r"--data_dir=.*meta.json is not readable JSON"),
     (["--data_dir={tmp}/gpt2"], r"--data_dir: vocabulary mismatch: the checkpoint was trained on bytes \(256\)"),
     (["--ckpt={tmp}/no_meta.pt"], r"--ckpt: the checkpoint records no tokenizer; pass --data_dir="),
     (["--ckpt={tmp}/p2.pt", "--streams={tmp}/streams.pt"], r"--streams attaches streams to a P=1 backbone, but .* is already P=2"),
     (["--out_dir={tmp}/nowhere"], r"--out_dir: no checkpoint at .*nowhere/ckpt.pt"),
     (["--start=FILE:{tmp}/nope.txt"], r"--start=FILE:.*nope.txt: cannot read it \(No such file or directory\)"),
-    (["--data_dir={tmp}"], r"--data_dir=.* has no meta.json; pass the folder prepare_data.py wrote"),
-    pytest.param(["--device=cuda"], r"--device=cuda, but torch.cuda.is_available\(\) is False",
+    (["--data_dir={tmp}"], r"--data_dir=.* has no meta.json: run python prepare_data.py"),
+    pytest.param(["--device=cuda"], r"--device=cuda, but this torch .* sees no CUDA GPU \(torch.cuda.is_available\(\) is False\)",
                  marks=pytest.mark.skipif(HAS_CUDA, reason="a GPU is here")),
 ])
 def test_sample_flag_errors(flags, match, files):

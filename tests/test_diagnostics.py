@@ -9,7 +9,8 @@ from util import assert_close, tiny_config
 
 import sample
 import train
-from model import GPT, model_from_checkpoint
+from checkpoint import model_from_checkpoint
+from model import GPT
 
 
 def test_diversity_by_hand():

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from util import assert_close, tiny_config
 
-from model import GPT, GPTConfig, KVCache, attach_streams, clean_state_dict, convert_to_streams, freeze_backbone, streams_state
+from checkpoint import attach_streams, clean_state_dict, streams_state
+from model import GPT, GPTConfig, KVCache, convert_to_streams, freeze_backbone
 
 
 def make(seed=0, **kw):

@@ -16,7 +16,8 @@ from util import ROOT
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import scaling  # noqa: E402
 
-from model import UserError, attach_streams, load_checkpoint, model_from_checkpoint  # noqa: E402
+from checkpoint import attach_streams, load_checkpoint, model_from_checkpoint  # noqa: E402
+from common import UserError  # noqa: E402
 
 ONE_THREAD = "--threads=1"  # tiny models on a shared CPU run ~10x faster on one thread
 

@@ -12,7 +12,9 @@ from util import ROOT, assert_close
 
 import sample
 import train
-from model import GPT, GPTConfig, UserError, convert_to_streams, load_checkpoint, streams_state
+from checkpoint import load_checkpoint, streams_state
+from common import UserError
+from model import GPT, GPTConfig, convert_to_streams
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--n_prefix=2",
         "--eval_iters=2", "--log_interval=5", "--device=cpu", "--warmup_iters=5",
