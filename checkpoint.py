@@ -10,6 +10,7 @@ P = 1 backbone: its prefixes and aggregator, tied to that backbone by a fingerpr
 import errno
 import hashlib
 import os
+import shutil
 from dataclasses import asdict
 
 import torch
@@ -24,18 +25,23 @@ def save_checkpoint(ckpt, out_dir, name="ckpt.pt"):
     path = os.path.join(out_dir, name)
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:  # a file object: a failed write raises OSError with its errno
+        with open(tmp, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch's writer can report a full disk as RuntimeError("... unexpected pos ..."), without an
+        # errno: then the free space, read before the temporary file is removed, says what happened
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(out_dir).free < 2**20
         if os.path.exists(tmp):
             os.remove(tmp)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if full:
             raise UserError(f"no space left on the device to save {path}: free some space, or choose another "
                             f"--out_dir; the earlier {name} there is unchanged") from None
-        raise UserError(f"could not save {path}: {e}") from None
+        if isinstance(e, OSError):
+            raise UserError(f"could not save {path}: {e}") from None
+        raise  # not a full disk: a bug, with its traceback
 
 
 def load_checkpoint(path):

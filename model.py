@@ -88,12 +88,9 @@ class CausalSelfAttention(nn.Module):
             self.prefix_v = nn.Parameter(torch.empty(shape))
 
     def keys_values(self, k, v, cache):
-        """
-        k, v of the T new tokens (R, n_kv_head, T, hd) -> everything their queries attend to,
-        [stream prefix | cached tokens | new tokens]: (R, n_kv_head, n_prefix_slots + pos + T, hd).
-        The cache holds real tokens only; the prefix is put in front here, the same way in
-        training, prefill and decoding, and is stored once per stream, never once per row.
-        """
+        """k, v of the T new tokens (R, n_kv_head, T, hd) -> what their queries attend to, [stream prefix |
+        cached tokens | new tokens], (R, n_kv_head, n_prefix_slots + pos + T, hd). The cache holds real
+        tokens only: the prefix exists once per stream (the parameter), never once per row."""
         if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)  # (R, n_kv_head, pos + T, hd)
         if self.n_streams > 1:
@@ -104,14 +101,12 @@ class CausalSelfAttention(nn.Module):
 
     def decode_attention(self, q, cache):
         """
-        Attention of one new token per row (a decode step), written out so that nothing the size of
-        the cache is copied, as keys_values + SDPA would (the prefix concatenated in front, kv heads
-        repeated for GQA). q: (R, n_head, 1, hd); its key/value are already appended to `cache`.
-        - Keys and values are this layer's whole preallocated buffer, (R, n_kv_head, max_len, hd):
-          contiguous, so no matmul copies it (torch's bf16 CPU matmul copies a strided view such as
-          [..., :pos + 1, :] first). The slots not filled yet are masked out.
-        - GQA: the g = n_head / n_kv_head query heads of a kv head are stacked against it.
-        - The stream's prefix is scored straight from the parameter, (P, n_kv_head, n_prefix, hd).
+        One new token per row (a decode step), written out so that nothing the size of the cache is
+        copied, as keys_values + SDPA would (prefix concatenated, kv heads repeated for GQA). q: (R,
+        n_head, 1, hd), its key/value already in `cache`. Keys and values are this layer's whole buffer,
+        (R, n_kv_head, max_len, hd): contiguous, so no matmul copies it (torch's bf16 CPU matmul copies a
+        strided [..., :pos + 1, :] first); empty slots are masked. GQA stacks the g = n_head / n_kv_head
+        query heads of a kv head against it; the prefix is scored straight from the parameter.
         """
         R, Hkv, hd = q.size(0), self.n_kv_head, self.head_dim
         g = self.n_head // Hkv
@@ -185,12 +180,9 @@ class Block(nn.Module):
 
 
 class Aggregator(nn.Module):
-    """
-    ParScale's output aggregation (arXiv 2505.10475, section 2): for every position, concatenate the
-    P streams' final hidden states, (B, T, P*C) -> Linear -> SiLU -> Linear -> softmax over P in
-    float32 -> label smoothing -> weighted sum of the P hidden states, (B, T, C).
-    Both Linears have biases: that is what the paper's parameter counts imply.
-    """
+    """ParScale's output aggregation (arXiv 2505.10475, section 2), per position: the P streams' final
+    hidden states concatenated, (B, T, P*C) -> Linear -> SiLU -> Linear -> softmax over P in float32 ->
+    label smoothing -> their weighted sum, (B, T, C). Both Linears have biases, as the paper's N implies."""
 
     def __init__(self, config):
         super().__init__()
@@ -243,12 +235,9 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def reset_parscale_parameters(self):
-        """
-        Fresh ParScale parameters. Prefixes: N(0, prefix_init_std), drawn from the global torch
-        RNG (so torch.manual_seed makes them reproducible); each stream gets its own draw, which
-        is the only thing that makes the streams differ. Aggregator: its output layer starts at
-        zero, so the streams start out exactly averaged (weights 1/P) and the mix is learned.
-        """
+        """Prefixes: N(0, prefix_init_std) from the global torch RNG, each stream its own draw (the only
+        thing that makes the streams differ). Aggregator: its output layer starts at zero, so the
+        streams start exactly averaged (weights 1/P) and the mix is learned."""
         for block in self.transformer.h:
             torch.nn.init.normal_(block.attn.prefix_k, std=self.config.prefix_init_std)
             torch.nn.init.normal_(block.attn.prefix_v, std=self.config.prefix_init_std)
@@ -351,12 +340,10 @@ class GPT(nn.Module):
 
 class KVCache:
     """
-    Preallocated keys and values of the real tokens, for incremental decoding; one buffer for all
-    layers, k, v: (n_layer, P*B, n_kv_head, max_len, head_dim), max_len = block_size unless given.
-    The prefix is not stored here: attention reads it from the parameter, so it exists once per
-    stream (the fused decoder reads it the same way). `pos` counts the tokens cached so far; it is
-    also the next token's position. A decode step reads the whole buffer (decode_attention), so size
-    it to the run: prompt + new tokens.
+    Preallocated keys and values of the real tokens for all layers, k, v: (n_layer, P*B, n_kv_head,
+    max_len, head_dim), max_len = block_size unless given: a decode step reads the whole buffer, so
+    size it to the run. No prefix: attention (and the fused decoder) reads it from the parameter.
+    `pos` counts the tokens cached so far; it is also the next token's position.
     """
 
     def __init__(self, model, batch_size, device=None, dtype=None, max_len=None):
@@ -396,11 +383,8 @@ def sample_next(logits, temperature=1.0, top_k=None):
 # the paper's recipes: two-stage training and dynamic P (checkpoint.py saves and loads them)
 
 def convert_to_streams(model, n_streams, **parscale_args):
-    """
-    Two-stage ParScale (arXiv 2505.10475, section 4): a P-stream model whose backbone is a copy of a
-    trained P=1 model's, with fresh prefixes and aggregator. parscale_args may set n_prefix,
-    agg_smoothing, prefix_init_std.
-    """
+    """Two-stage ParScale (arXiv 2505.10475, section 4): a P-stream model around a trained P=1 model's
+    backbone, with fresh prefixes and aggregator; parscale_args may set n_prefix, agg_smoothing, prefix_init_std."""
     if model.config.n_streams != 1:
         raise ValueError(f"convert_to_streams needs a P=1 model, got n_streams={model.config.n_streams}")
     cfg = GPTConfig(**{**vars(model.config), **parscale_args, "n_streams": n_streams})
@@ -414,12 +398,9 @@ def convert_to_streams(model, n_streams, **parscale_args):
 
 @torch.no_grad()
 def prefixes_from_kv(model, snippets):
-    """
-    Prefix init for the two-stage recipe (our own; the paper leaves it open), measured in the README's Results:
-    stream s's prefix becomes the backbone's own keys and values on snippets[s], (P, n_prefix) token
-    ids from the training data. Each stream then starts as the trained model reading a short real
-    context, not random vectors, and conversion no longer makes the loss jump.
-    """
+    """Prefix init for the two-stage recipe (ours; the paper leaves it open; docs/results.md): stream s's
+    prefix becomes the backbone's own keys and values on snippets[s], (P, n_prefix) training token ids,
+    so each stream starts as the trained model reading a short real context and the loss does not jump."""
     cfg = model.config
     if tuple(snippets.shape) != (cfg.n_streams, cfg.n_prefix):
         raise ValueError(f"snippets must be (n_streams, n_prefix) = {(cfg.n_streams, cfg.n_prefix)}, got {tuple(snippets.shape)}")
