@@ -3,6 +3,7 @@ Turn text into the token files train.py reads: train.bin, val.bin (np.uint16 tok
 
     python prepare_data.py                          # this Python's stdlib source, bytes -> data/stdlib_bytes
     python prepare_data.py --max_files=50           # a quick toy subset of the same corpus
+    python prepare_data.py --max_train_tokens=200000 --out_dir=data/stdlib_200k   # small train split, full val
     bash scripts/get_gpt2_vocab.sh                  # once, fetches data/gpt2.tiktoken (no tiktoken download)
     python prepare_data.py --tokenizer=gpt2         # GPT-2 BPE -> data/stdlib_gpt2
     python prepare_data.py --input=my_texts/ --tokenizer=gpt2   # any UTF-8 file or folder -> data/my_texts_gpt2
@@ -20,7 +21,9 @@ order of relative path, except hidden ones (names starting with "."), so a git c
 
 Train/val split, by file and deterministic: of n sorted files, n // 10 (at least 1) go to val, spread
 evenly through the list (the last file of every run of ~10). A single file (or a corpus of one file)
-is split by text instead: its last 10% of characters is val.
+is split by text instead: its last 10% of characters is val. --max_train_tokens keeps only the first N
+tokens of the train split and leaves val as it is, so that a small training set repeated for many
+epochs is measured on the same validation set as the full one.
 
 Tokenizers:
   bytes  every UTF-8 byte is a token, vocab 256. The default, because it needs nothing provisioned.
@@ -307,6 +310,8 @@ def get_args(argv=None):
                         help="UTF-8 text file or folder; '' = this Python's stdlib source")
     parser.add_argument("--max_files", type=int, default=-1,
                         help="use only the first N files in sorted order (a folder or the stdlib); -1 = all")
+    parser.add_argument("--max_train_tokens", type=int, default=-1,
+                        help="keep only the first N tokens of the train split (val unchanged); -1 = all")
     parser.add_argument("--out_dir", type=str, default="",
                         help="'' = data/stdlib_<tokenizer> or data/<input name>_<tokenizer>, next to this script")
     # tokenizer
@@ -321,6 +326,8 @@ def get_args(argv=None):
     # values argparse cannot check: one `error:` line each, naming the flag
     if args.max_files == 0 or args.max_files < -1:
         raise UserError(f"--max_files must be a number of files >= 1, or -1 for all; got {args.max_files}")
+    if args.max_train_tokens == 0 or args.max_train_tokens < -1:
+        raise UserError(f"--max_train_tokens must be a number of tokens >= 1, or -1 for all; got {args.max_train_tokens}")
     if args.block_size < 1:
         raise UserError(f"--block_size must be >= 1 (use train.py's --block_size), got {args.block_size}")
     if args.gpt2_vocab and args.tokenizer != "gpt2":
@@ -352,6 +359,10 @@ def main(argv=None):
     arrays = [encode_doc(tok, text) for _, text in docs_bar]
     train = np.concatenate(arrays[: len(train_docs)])
     val = np.concatenate(arrays[len(train_docs):])
+    train_cap = None
+    if args.max_train_tokens != -1 and args.max_train_tokens < len(train):
+        train_cap = dict(max_train_tokens=args.max_train_tokens, uncapped_train_tokens=len(train))
+        train = train[:args.max_train_tokens]  # the first N tokens, in file order; val is left whole
     for split, ids in [("train", train), ("val", val)]:
         if len(ids) < args.block_size + 1:
             raise UserError(f"too little data for one block: the {split} split of {where} has {len(ids)} tokens, "
@@ -363,6 +374,8 @@ def main(argv=None):
         meta.update(gpt2_encoding="r50k_base", gpt2_vocab_sha256=GPT2_VOCAB_SHA256)
     meta.update(source=source, train_tokens=len(train), val_tokens=len(val),
                 train_files=len(train_docs), val_files=len(val_docs))
+    if train_cap:
+        meta.update(train_cap)
     out_dir = args.out_dir or default_out_dir(args.input, args.tokenizer)
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -375,7 +388,8 @@ def main(argv=None):
 
     n_chars = sum(len(text) for _, text in docs)
     print(f"wrote {out_dir} in {time.time() - t0:.1f}s: {n_chars / 1e6:.2f}M chars -> "
-          f"train {len(train):,} tokens ({len(train_docs)} files, {train.nbytes / 1e6:.1f} MB), "
+          f"train {len(train):,} tokens ({len(train_docs)} files, {train.nbytes / 1e6:.1f} MB"
+          + (f", capped from {train_cap['uncapped_train_tokens']:,} by --max_train_tokens" if train_cap else "") + "), "
           f"val {len(val):,} tokens ({len(val_docs)} files, {val.nbytes / 1e6:.1f} MB)")
     return meta
 

@@ -207,6 +207,7 @@ def test_bad_input(case, match, tmp_path):
     (["--max_files=0"], "--max_files must be .* >= 1, or -1"),
     (["--max_files=-2"], "--max_files must be .* >= 1, or -1"),
     (["--block_size=0"], "--block_size must be >= 1"),
+    (["--max_train_tokens=0"], "--max_train_tokens must be a number of tokens >= 1, or -1"),
     (["--gpt2_vocab=x.tiktoken"], "--gpt2_vocab is only read with --tokenizer=gpt2"),
     (["--out_dir=FILE"], "--out_dir=.* exists and is not a folder"),
 ])
@@ -242,3 +243,16 @@ def test_stdlib_subset(tmp_path):
     assert len(want) == len(train) + len(val)  # every byte of the 20 files went into one split or the other
     for name in ["train.bin", "val.bin", "meta.json"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_max_train_tokens_caps_the_train_split_alone(tmp_path):
+    args = ["--max_files=20", "--block_size=8"]
+    full = prep.main(args + [f"--out_dir={tmp_path / 'full'}"])
+    capped = prep.main(args + ["--max_train_tokens=5000", f"--out_dir={tmp_path / 'capped'}"])
+    _, train_full, val_full = read_bins(tmp_path / "full")
+    _, train, val = read_bins(tmp_path / "capped")
+    assert len(train) == capped["train_tokens"] == 5000 and np.array_equal(train, train_full[:5000])
+    assert np.array_equal(val, val_full), "the validation split must not shrink with the training split"
+    assert capped["uncapped_train_tokens"] == full["train_tokens"] and capped["max_train_tokens"] == 5000
+    with pytest.raises(UserError, match="the train split .* has 5 tokens, fewer than --block_size=8 \\+ 1"):
+        prep.main(args + ["--max_train_tokens=5", f"--out_dir={tmp_path / 'tiny'}"])
