@@ -3,7 +3,9 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from util import assert_close, tiny_config
 
 from checkpoint import attach_streams, clean_state_dict, streams_state
@@ -266,3 +268,26 @@ def test_dynamic_p_streams_share_one_backbone():
         assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="different backbone"):
         attach_streams(make(11), sets[2])
+
+
+def test_forward_returns_each_streams_logits_for_a_per_stream_loss(tmp_path):
+    """Exercise 5's hook: model(X, Y, streams=True) gives every stream's own logits, from the same forward,
+    so that lambda * mean(per-stream loss) trains the prefixes, also inside DistributedDataParallel."""
+    model = make(13, n_streams=3, n_kv_head=2)
+    P, (B, T) = 3, (2, 10)
+    idx = torch.randint(0, model.config.vocab_size, (B, T))
+    logits, loss, stream_logits = model(idx, idx, streams=True)
+    assert stream_logits.shape == (P, B, T, model.config.vocab_size)
+    h = model.stream_hidden(idx).view(P, B, T, -1)
+    assert_close(stream_logits, model.lm_head(h), what="each stream through the LM head")
+    assert torch.equal(logits, model(idx, idx)[0]) and torch.equal(loss, model(idx, idx)[1])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(model)
+        _, loss, stream_logits = ddp(idx, idx, streams=True)
+        aux = F.cross_entropy(stream_logits.flatten(0, 2), idx.repeat(P, 1).flatten())  # the mean per-stream loss
+        (loss + 0.5 * aux).backward()
+    finally:
+        dist.destroy_process_group()
+    prefix_grad = model.transformer.h[0].attn.prefix_k.grad
+    assert prefix_grad is not None and prefix_grad.abs().sum() > 0
