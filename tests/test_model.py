@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import ProfilerActivity, profile
 from util import assert_close, tiny_config
 
 from checkpoint import attach_streams, clean_state_dict, streams_state
@@ -154,7 +155,6 @@ def test_cached_decoding_equals_full_recompute(P, B, kv):
 
 def step_allocations(model, cache, pos):
     """Bytes of every allocation one decode step makes (torch.profiler's CPU memory events), from pos."""
-    from torch.profiler import ProfilerActivity, profile
     cache.pos = pos
     tok = torch.zeros(cache.k.size(1) // model.config.n_streams, 1, dtype=torch.long)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
