@@ -15,7 +15,7 @@ Two-stage (train P=1, then continue as P=4 with fresh prefixes and aggregator):
 Frozen backbone (train only prefixes and aggregator): add --freeze_backbone.
 
 The file in reading order: the flags (get_args, each value checked as it is parsed) -> setup (DDP, device,
-dtype, seeds) -> the data (load_meta, get_batch) -> the model for each --init_from -> evaluate, save ->
+dtype, seeds) -> the data (get_batch) -> the model for each --init_from -> evaluate, save ->
 run, then train: the loop. A mistake the user can fix raises common.UserError, which `python train.py`
 prints as one `error: ...` line; everything that can refuse a run does so before out_dir is written.
 """
@@ -42,7 +42,7 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from checkpoint import attach_streams, load_checkpoint, model_from_checkpoint, save_checkpoint, streams_state
-from common import UserError, peak_flops
+from common import UserError, check, load_meta, peak_flops, resolve_device, resolve_dtype
 from model import GPT, GPTConfig, convert_to_streams, freeze_backbone, prefixes_from_kv
 
 # The GPTConfig fields a checkpoint fixes. Converting a P=1 checkpoint keeps its backbone's and takes the
@@ -100,7 +100,7 @@ def get_args(argv=None):
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto = bfloat16 on capable CUDA, else float32; float16 only off the CPU")
+                   help="auto = bfloat16 on capable CUDA, else float32; float16 only on CUDA")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=-1, help="CPU threads for torch; -1 = torch's default")
     p.add_argument("--peak_flops", type=float, default=-1, help="peak FLOP/s for MFU; -1 = the GPU's datasheet bf16 peak if known")
@@ -111,12 +111,6 @@ def get_args(argv=None):
     if args.lr_decay_iters == -1:
         args.lr_decay_iters = args.max_iters
     return args, given
-
-
-def check(ok, message):
-    """Refuse a run the user can fix: `python train.py` prints one `error: message` line and exits 1."""
-    if not ok:
-        raise UserError(message)
 
 
 def check_args(args):
@@ -172,45 +166,20 @@ class System:
         return nullcontext() if self.dtype == "float32" else torch.autocast(self.device_type, dtype=getattr(torch, self.dtype))
 
 
-def pick_device(name):
-    """--device -> a torch device; refuses one this machine does not have."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind, _, index = name.partition(":")
-    check(kind in ("cpu", "cuda", "mps") and (not index or (kind == "cuda" and index.isdigit())),
-          f"--device={name} is not a device: use auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda":
-        check(torch.cuda.is_available(), f"--device={name}, but this torch ({torch.__version__}) sees no CUDA GPU: "
-                                         "use --device=cpu, or install a CUDA build of torch")
-        check(not index or int(index) < torch.cuda.device_count(), f"--device={name}, but there are {torch.cuda.device_count()} GPUs")
-    check(kind != "mps" or torch.backends.mps.is_available(),
-          f"--device={name}, but MPS is not available (it needs Apple silicon and macOS): use --device=cpu")
-    return name
-
-
-def pick_dtype(name, device_type):
-    """--dtype -> the dtype autocast computes in; auto = bfloat16 where the GPU supports it, else float32."""
-    if name == "auto":
-        return "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    check(name != "float16" or device_type != "cpu",
-          "--dtype=float16 on the CPU runs, but far slower than float32 (CPUs have no fast float16 matmuls): use float32 or bfloat16")
-    check(name != "bfloat16" or device_type != "cuda" or torch.cuda.is_bf16_supported(),
-          "--dtype=bfloat16, but this GPU does not support it: use --dtype=float16 or float32")
-    return name
-
-
 def setup(args):
     """DDP, device, dtype and seeds. Writes no file."""
     ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    device = pick_device(args.device)
-    if ddp and device.startswith("cuda"):
+    device = resolve_device(args.device, who="train.py")
+    if ddp and device.startswith("cuda"):  # one GPU per process: the local rank's
         check(local_rank < torch.cuda.device_count(), f"torchrun started more processes per node than the "
                                                       f"{torch.cuda.device_count()} GPUs: lower --nproc_per_node")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     device_type = device.split(":")[0]
-    dtype = pick_dtype(args.dtype, device_type)
+    # auto = bfloat16 on a CUDA GPU that supports it, else float32 (resolve_dtype's CPU rule, cpu_auto="float32"):
+    # on the CPU, bf16 autocast does not speed up training at the quickstart's width (measured: see the README's reference)
+    dtype = str(resolve_dtype(args.dtype, device)[0]).removeprefix("torch.")
     peak = args.peak_flops if args.peak_flops > 0 else peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
     if ddp:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
@@ -225,23 +194,6 @@ def setup(args):
 
 # -----------------------------------------------------------------------------
 # the data: train.bin and val.bin are uint16 token ids, meta.json says which tokenizer
-
-def load_meta(data_dir):
-    """meta.json of a folder prepare_data.py wrote; refuses a folder without train.bin, val.bin, meta.json."""
-    todo = "run python prepare_data.py first (it writes train.bin, val.bin and meta.json), or point --data_dir at its output"
-    check(os.path.isdir(data_dir), f"--data_dir={data_dir} does not exist: {todo}")
-    for name in ("meta.json", "train.bin", "val.bin"):
-        check(os.path.isfile(os.path.join(data_dir, name)), f"--data_dir={data_dir} has no {name}: {todo}")
-    path = os.path.join(data_dir, "meta.json")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not JSON ({e}): {todo}") from e
-    check(isinstance(meta, dict) and isinstance(meta.get("vocab_size"), int) and meta["vocab_size"] > 0,
-          f"{path} has no positive integer vocab_size: {todo}")
-    return meta
-
 
 def count_tokens(args):
     """Tokens per split; refuses a split shorter than one block plus its last target."""
@@ -575,7 +527,7 @@ def main(argv=None):
 def run(args, given):
     """Set up, build, check, then train (or evaluate). Nothing is written to out_dir before every check has passed."""
     system = setup(args)
-    meta = load_meta(args.data_dir)
+    meta = load_meta(args.data_dir)  # and checks that train.bin and val.bin are there
     model, ckpt, how, overridden = build_model(args, given, meta)
     tokens = count_tokens(args)  # after the model: a checkpoint may set block_size
     check(not args.freeze_backbone or model.config.n_streams > 1,
