@@ -15,8 +15,8 @@ Two-stage (train P=1, then continue as P=4 with fresh prefixes and aggregator):
 Frozen backbone (train only prefixes and aggregator): add --freeze_backbone.
 
 The file in reading order: the flags (get_args, each value checked as it is parsed) -> setup (DDP, device,
-dtype, seeds) -> the data (get_batch) -> the model for each --init_from -> evaluate, save ->
-run, then train: the loop. A mistake the user can fix raises common.UserError, which `python train.py`
+dtype, seeds) -> the data (get_batch) -> the model for each --init_from -> evaluate (the stream diagnostics
+are in diagnostics.py), save -> run, then train: the loop. A mistake the user can fix raises common.UserError, which `python train.py`
 prints as one `error: ...` line; everything that can refuse a run does so before out_dir is written.
 """
 
@@ -36,13 +36,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from checkpoint import attach_streams, load_checkpoint, model_from_checkpoint, save_checkpoint, streams_state
 from common import UserError, check, load_meta, peak_flops, resolve_device, resolve_dtype
+from diagnostics import diversity, stream_losses
 from model import GPT, GPTConfig, convert_to_streams, freeze_backbone, prefixes_from_kv
 
 # The GPTConfig fields a checkpoint fixes. Converting a P=1 checkpoint keeps its backbone's and takes the
@@ -337,47 +337,6 @@ def two_stage(base, args):
 
 
 # -----------------------------------------------------------------------------
-# evaluation, checkpoints, log lines
-
-# -----------------------------------------------------------------------------
-# stream diagnostics: why P streams do or do not beat one (arXiv 2505.10475, Proposition 1)
-
-def diversity(nll, mix_nll):
-    """
-    nll: (P, N) per-token losses of each stream alone; mix_nll: (N,) of the aggregated model.
-    Proposition 1's two premises, measured: each stream alone as good as P = 1 (stream_loss), and
-    errors less than perfectly correlated (rho: the Pearson correlation over tokens of two streams'
-    per-token losses, averaged over all pairs). gain = mean stream loss - mixture loss.
-    """
-    P = nll.size(0)
-    stream = nll.mean(dim=1)
-    rho = torch.corrcoef(nll.double())[torch.triu_indices(P, P, offset=1).unbind()].mean().item()
-    return dict(stream_loss=[round(x, 4) for x in stream.tolist()], mix_loss=mix_nll.mean().item(),
-                gain=stream.mean().item() - mix_nll.mean().item(), rho=rho)
-
-
-@torch.no_grad()
-def stream_losses(model, X, Y):
-    """
-    Per-token losses of each stream alone, (P, N): its hidden state through ln_f and the LM head, no
-    aggregator; of the mixture, (N,); and the mean over ordered pairs i != j of KL(p_i || p_j), per token.
-    The LM head runs on chunks of tokens, so P * chunk * vocab stays near 2^26 floats.
-    """
-    P, V = model.config.n_streams, model.config.vocab_size
-    h = model.stream_hidden(X)  # (P*B, T, C), after ln_f
-    mixed = model.aggregator(h).flatten(0, 1)  # (N, C), N = B*T
-    h, y = h.view(P, -1, h.size(-1)), Y.reshape(-1)  # (P, N, C): rows are stream-major
-    nlls, mixes, kl, chunk = [], [], 0.0, max(1, 2**26 // (P * V))
-    for i in range(0, y.numel(), chunk):
-        logp = F.log_softmax(model.lm_head(h[:, i:i + chunk]).float(), dim=-1)  # (P, n, V)
-        nlls.append(-logp.gather(-1, y[i:i + chunk].view(1, -1, 1).expand(P, -1, 1)).squeeze(-1))
-        mixes.append(F.cross_entropy(model.lm_head(mixed[i:i + chunk]).float(), y[i:i + chunk], reduction="none"))
-        p = logp.exp()  # sum over ordered pairs of sum_x p_a (log p_a - log p_b) = P sum_a p_a log p_a - (sum_a p_a)(sum_b log p_b)
-        kl += (P * (p * logp).sum() - (p.sum(0) * logp.sum(0)).sum()).item()
-    return torch.cat(nlls, dim=1), torch.cat(mixes), kl / (P * (P - 1) * y.numel())
-
-
-# -----------------------------------------------------------------------------
 # --prefix_reparam: Li & Liang's prefix reparameterisation, used only while training
 
 class PrefixMLP(nn.Module):
@@ -425,10 +384,13 @@ def reparam_state(model):
     return {k: v for k, v in model.state_dict().items() if ".parametrizations." in k}
 
 
+# -----------------------------------------------------------------------------
+# evaluation, checkpoints, log lines
+
 @torch.no_grad()
 def evaluate(model, args, system):
     """Mean loss on the same eval_iters batches of each split every time; for P > 1 also how the
-    aggregator mixes the streams and, on val, the stream diagnostics (diversity, stream_losses).
+    aggregator mixes the streams and, on val, the stream diagnostics (diagnostics.py).
     Runs on the raw model on rank 0 alone, so it triggers no DDP collective."""
     model.eval()
     out, weights, hook, P = {}, [], None, model.config.n_streams
