@@ -8,6 +8,7 @@ from test_train import TINY, evals, run, write_corpus
 from util import assert_close, tiny_config
 
 import diagnostics
+import model_init
 import sample
 import train
 from checkpoint import model_from_checkpoint
@@ -77,7 +78,7 @@ def test_prefix_reparam_resumes_exactly_and_exports_folded(data_dir, tmp_path, c
     assert set(plain.state_dict()) == set(GPT(plain.config).state_dict())
     # ... and it computes what the reparameterised model computed
     model = model_from_checkpoint(full)
-    train.add_prefix_reparam(model, 16)
+    model_init.add_prefix_reparam(model, 16)
     model.load_state_dict(full["prefix_reparam"], strict=False)
     idx = torch.randint(0, plain.config.vocab_size, (2, 16))
     with torch.no_grad():
