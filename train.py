@@ -14,11 +14,14 @@ Two-stage (train P=1, then continue as P=4 with fresh prefixes and aggregator):
     python train.py --init_from=out/p1/ckpt.pt --n_streams=4 --out_dir=out/p1to4 --max_iters=500
 Frozen backbone (train only prefixes and aggregator): add --freeze_backbone.
 
-The file in reading order: the flags (get_args, each value checked as it is parsed) -> setup (DDP, device,
-dtype, seeds) -> the data (get_batch) -> evaluate (the stream diagnostics are in diagnostics.py), save ->
-run, then train: the loop. model_init.py builds the model for each --init_from. A mistake the user can fix
-raises common.UserError, which `python train.py` prints as one `error: ...` line; everything that can
-refuse a run does so before out_dir is written.
+The file in reading order: the flags (get_args) -> the run (main -> run -> train, the loop) -> what the
+run calls, each a short function a reader can skip: setup (DDP, device, dtype, seeds), the data, evaluation,
+checkpoints, log lines, signals, then the checks on the flags. nanoGPT's order leaves the loop at the end;
+here it follows the flags, as the loop is what a reader opens this file for. Beside it: model_init.py (the
+model for each --init_from, --prefix_reparam, --freeze_backbone), diagnostics.py (the stream diagnostics),
+common.py (device, dtype and meta.json rules shared with sample.py and bench.py), checkpoint.py. A mistake
+the user can fix raises common.UserError, which `python train.py` prints as one `error: ...` line;
+everything that can refuse a run does so before out_dir is written.
 """
 
 import argparse
@@ -49,7 +52,7 @@ from model_init import build_model, folded_state_dict, plain_model, prepare_for_
 # the command line
 
 def get_args(argv=None):
-    """The command line -> (args, the names of the flags it gave). Every value is checked here."""
+    """The command line -> (args, the names of the flags it gave). Every value is checked (check_args, at the end)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # I/O
     p.add_argument("--out_dir", default="out", help="where ckpt.pt and log.jsonl go")
@@ -107,34 +110,118 @@ def get_args(argv=None):
     return args, given
 
 
-def check_args(args):
-    """Refuse flag values that cannot work, naming the flag, before anything is built or written."""
-    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
-                 "n_layer", "n_head", "n_embd", "block_size", "n_streams"):
-        check(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_iters", "warmup_iters", "n_prefix", "min_lr", "weight_decay", "grad_clip", "prefix_init_std", "seed", "prefix_reparam"):
-        check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
-    for name in ("lr_decay_iters", "threads", "peak_flops"):  # -1 = not set
-        check(getattr(args, name) == -1 or getattr(args, name) > 0, f"--{name} must be -1 or > 0, got {getattr(args, name)}")
-    check(args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}")
-    check(args.min_lr <= args.learning_rate, f"--min_lr ({args.min_lr}) must not exceed --learning_rate ({args.learning_rate})")
-    check(0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, f"--beta1 and --beta2 must be in [0, 1), got {args.beta1} and {args.beta2}")
-    check(0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}")
-    check(0 <= args.agg_smoothing <= 1, f"--agg_smoothing must be in [0, 1], got {args.agg_smoothing}")
-    check(args.bias in (0, 1), f"--bias must be 1 (biases) or 0 (none), got {args.bias}")
-    check(args.n_embd % args.n_head == 0, f"--n_embd ({args.n_embd}) must be a multiple of --n_head ({args.n_head})")
-    check(args.n_kv_head == -1 or (args.n_kv_head >= 1 and args.n_head % args.n_kv_head == 0),
-          f"--n_kv_head ({args.n_kv_head}) must divide --n_head ({args.n_head}); -1 = as many as --n_head")
-    check(args.n_streams == 1 or args.n_prefix >= 1,
-          f"--n_prefix must be >= 1 when --n_streams > 1 (got {args.n_prefix}): without a prefix every stream computes the same")
-    check(not args.streams or args.init_from not in ("scratch", "resume"),
-          "--streams attaches streams to a P=1 backbone: give that backbone's checkpoint as --init_from=PATH")
-    check(args.prefix_init == "random" or args.init_from != "scratch",
-          "--prefix_init=kv takes the prefixes from a trained P=1 model: give its checkpoint as --init_from=PATH")
-    check(not os.path.exists(args.out_dir) or os.path.isdir(args.out_dir), f"--out_dir={args.out_dir} is a file, not a folder")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    check(args.gradient_accumulation_steps % world == 0,
-          f"--gradient_accumulation_steps ({args.gradient_accumulation_steps}) must be a multiple of the {world} DDP ranks")
+# -----------------------------------------------------------------------------
+# the run and its training loop
+
+def main(argv=None):
+    args, given = get_args(argv)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run(args, given)
+    finally:  # callers in the same process (the tests) get their own handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(args, given):
+    """Set up, build, check, then train (or evaluate). Nothing is written to out_dir before every check has passed."""
+    system = setup(args)
+    meta = load_meta(args.data_dir)  # and checks that train.bin and val.bin are there
+    model, ckpt, how, overridden = build_model(args, given, meta)  # scratch, resume or a checkpoint: model_init.py
+    tokens = count_tokens(args)  # after the model: a checkpoint may set block_size
+    prepare_for_training(model, ckpt, args)  # --prefix_reparam, --freeze_backbone
+    model.to(system.device)
+    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), system.device_type)
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:  # resume
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])  # dropout's RNG continues where it stopped
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    ckpt = None  # free memory
+    if system.master:
+        report(args, system, model, how, overridden, meta, tokens)
+    if args.eval_only:
+        if system.master:
+            print(json.dumps(evaluate(model, args, system)))
+        return
+    train(args, system, model, optimizer, meta, iter_num, best_val_loss)
+
+
+def get_lr(args, it):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, as nanoGPT."""
+    if it < args.warmup_iters:
+        return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
+    if it >= args.lr_decay_iters:
+        return args.min_lr
+    ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.learning_rate - args.min_lr)
+
+
+def train(args, system, model, optimizer, meta, iter_num, best_val_loss):
+    """The loop: lr -> (eval, checkpoint on schedule and at the last step) -> forward/backward with gradient
+    accumulation -> clip -> step -> log."""
+    raw_model = model
+    if system.ddp:
+        model = DDP(model, device_ids=[system.local_rank] if system.device_type == "cuda" else None)
+    accum = args.gradient_accumulation_steps // system.world  # micro-batches per rank
+    scaler = torch.amp.GradScaler(system.device_type, enabled=(system.dtype == "float16"))
+    stop = stop_on_signal()
+    log = None
+    if system.master:  # the first write to out_dir
+        os.makedirs(args.out_dir, exist_ok=True)
+        log = open(os.path.join(args.out_dir, "log.jsonl"), "a")
+    # disable=None: a bar only on a terminal, so a redirected log is plain lines
+    bar = tqdm(total=args.max_iters, initial=iter_num, disable=None if system.master else True, dynamic_ncols=True)
+    t0 = time.time()
+    while True:
+        lr = get_lr(args, iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        if system.master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
+            ev = evaluate(raw_model, args, system)
+            check(math.isfinite(ev["train"]) and math.isfinite(ev["val"]), f"non-finite eval loss at step {iter_num} ({ev}): "
+                  f"lower --learning_rate? The last good checkpoint in {args.out_dir} is kept")
+            best_val_loss = min(best_val_loss, ev["val"])
+            log_eval(ev, iter_num, log)
+            if iter_num > 0:
+                save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
+        if iter_num >= args.max_iters:
+            break
+
+        # forward / backward with gradient accumulation
+        for micro in range(accum):
+            X, Y = get_batch(args, system, "train", 1, iter_num, micro * system.world + system.rank)
+            if system.ddp:  # all-reduce gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == accum - 1
+            with system.autocast():
+                # the forward. model(X, Y, streams=True) also returns each stream's logits, (P, B, T, vocab):
+                # an extra loss on them belongs here, before the division, and trains under DDP as this one does
+                logits, loss = model(X, Y)
+                loss = loss / accum
+            scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        bar.update(1)
+
+        if iter_num % args.log_interval == 0 and system.master:
+            dt, t0 = (time.time() - t0) / args.log_interval, time.time()
+            log_step(raw_model, loss.item() * accum, lr, dt, iter_num, args, system, bar, log)  # .item(): a sync, so only here
+        if agreed_stop(stop, iter_num, args, system):
+            if system.master:
+                save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
+                tqdm.write(f"interrupted: saved step {iter_num} to {args.out_dir}/ckpt.pt; continue with --init_from=resume")
+            break
+    bar.close()
+    if log:
+        log.close()
+    if system.ddp:
+        dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +301,7 @@ def get_batch(args, system, split, *key):
 
 
 # -----------------------------------------------------------------------------
-# evaluation, checkpoints, log lines
+# evaluation, checkpoints, log lines, signals
 
 @torch.no_grad()
 def evaluate(model, args, system):
@@ -298,53 +385,6 @@ def report(args, system, model, how, overridden, meta, tokens):
           f"{args.gradient_accumulation_steps * args.batch_size * args.block_size:,} tokens per step")
 
 
-# -----------------------------------------------------------------------------
-# the run and its training loop
-
-def main(argv=None):
-    args, given = get_args(argv)
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        run(args, given)
-    finally:  # callers in the same process (the tests) get their own handlers back
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def run(args, given):
-    """Set up, build, check, then train (or evaluate). Nothing is written to out_dir before every check has passed."""
-    system = setup(args)
-    meta = load_meta(args.data_dir)  # and checks that train.bin and val.bin are there
-    model, ckpt, how, overridden = build_model(args, given, meta)  # scratch, resume or a checkpoint: model_init.py
-    tokens = count_tokens(args)  # after the model: a checkpoint may set block_size
-    prepare_for_training(model, ckpt, args)  # --prefix_reparam, --freeze_backbone
-    model.to(system.device)
-    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), system.device_type)
-    iter_num, best_val_loss = 0, float("inf")
-    if ckpt is not None:  # resume
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])  # dropout's RNG continues where it stopped
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    ckpt = None  # free memory
-    if system.master:
-        report(args, system, model, how, overridden, meta, tokens)
-    if args.eval_only:
-        if system.master:
-            print(json.dumps(evaluate(model, args, system)))
-        return
-    train(args, system, model, optimizer, meta, iter_num, best_val_loss)
-
-
-def get_lr(args, it):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, as nanoGPT."""
-    if it < args.warmup_iters:
-        return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
-    if it >= args.lr_decay_iters:
-        return args.min_lr
-    ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
-    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.learning_rate - args.min_lr)
-
-
 def stop_on_signal():
     """SIGINT / SIGTERM only raise a flag: the loop finishes its step, saves and exits cleanly."""
     stop = threading.Event()
@@ -364,69 +404,37 @@ def agreed_stop(stop, iter_num, args, system):
     return flag.item() > 0
 
 
-def train(args, system, model, optimizer, meta, iter_num, best_val_loss):
-    """The loop: lr -> (eval, checkpoint on schedule and at the last step) -> forward/backward with gradient
-    accumulation -> clip -> step -> log."""
-    raw_model = model
-    if system.ddp:
-        model = DDP(model, device_ids=[system.local_rank] if system.device_type == "cuda" else None)
-    accum = args.gradient_accumulation_steps // system.world  # micro-batches per rank
-    scaler = torch.amp.GradScaler(system.device_type, enabled=(system.dtype == "float16"))
-    stop = stop_on_signal()
-    log = None
-    if system.master:  # the first write to out_dir
-        os.makedirs(args.out_dir, exist_ok=True)
-        log = open(os.path.join(args.out_dir, "log.jsonl"), "a")
-    # disable=None: a bar only on a terminal, so a redirected log is plain lines
-    bar = tqdm(total=args.max_iters, initial=iter_num, disable=None if system.master else True, dynamic_ncols=True)
-    t0 = time.time()
-    while True:
-        lr = get_lr(args, iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+# -----------------------------------------------------------------------------
+# the checks on the flags (get_args calls them)
 
-        if system.master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
-            ev = evaluate(raw_model, args, system)
-            check(math.isfinite(ev["train"]) and math.isfinite(ev["val"]), f"non-finite eval loss at step {iter_num} ({ev}): "
-                  f"lower --learning_rate? The last good checkpoint in {args.out_dir} is kept")
-            best_val_loss = min(best_val_loss, ev["val"])
-            log_eval(ev, iter_num, log)
-            if iter_num > 0:
-                save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
-        if iter_num >= args.max_iters:
-            break
-
-        # forward / backward with gradient accumulation
-        for micro in range(accum):
-            X, Y = get_batch(args, system, "train", 1, iter_num, micro * system.world + system.rank)
-            if system.ddp:  # all-reduce gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == accum - 1
-            with system.autocast():
-                _, loss = model(X, Y)
-                loss = loss / accum
-            scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        bar.update(1)
-
-        if iter_num % args.log_interval == 0 and system.master:
-            dt, t0 = (time.time() - t0) / args.log_interval, time.time()
-            log_step(raw_model, loss.item() * accum, lr, dt, iter_num, args, system, bar, log)  # .item(): a sync, so only here
-        if agreed_stop(stop, iter_num, args, system):
-            if system.master:
-                save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
-                tqdm.write(f"interrupted: saved step {iter_num} to {args.out_dir}/ckpt.pt; continue with --init_from=resume")
-            break
-    bar.close()
-    if log:
-        log.close()
-    if system.ddp:
-        dist.destroy_process_group()
+def check_args(args):
+    """Refuse flag values that cannot work, naming the flag, before anything is built or written."""
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+                 "n_layer", "n_head", "n_embd", "block_size", "n_streams"):
+        check(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_iters", "warmup_iters", "n_prefix", "min_lr", "weight_decay", "grad_clip", "prefix_init_std", "seed", "prefix_reparam"):
+        check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("lr_decay_iters", "threads", "peak_flops"):  # -1 = not set
+        check(getattr(args, name) == -1 or getattr(args, name) > 0, f"--{name} must be -1 or > 0, got {getattr(args, name)}")
+    check(args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}")
+    check(args.min_lr <= args.learning_rate, f"--min_lr ({args.min_lr}) must not exceed --learning_rate ({args.learning_rate})")
+    check(0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, f"--beta1 and --beta2 must be in [0, 1), got {args.beta1} and {args.beta2}")
+    check(0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}")
+    check(0 <= args.agg_smoothing <= 1, f"--agg_smoothing must be in [0, 1], got {args.agg_smoothing}")
+    check(args.bias in (0, 1), f"--bias must be 1 (biases) or 0 (none), got {args.bias}")
+    check(args.n_embd % args.n_head == 0, f"--n_embd ({args.n_embd}) must be a multiple of --n_head ({args.n_head})")
+    check(args.n_kv_head == -1 or (args.n_kv_head >= 1 and args.n_head % args.n_kv_head == 0),
+          f"--n_kv_head ({args.n_kv_head}) must divide --n_head ({args.n_head}); -1 = as many as --n_head")
+    check(args.n_streams == 1 or args.n_prefix >= 1,
+          f"--n_prefix must be >= 1 when --n_streams > 1 (got {args.n_prefix}): without a prefix every stream computes the same")
+    check(not args.streams or args.init_from not in ("scratch", "resume"),
+          "--streams attaches streams to a P=1 backbone: give that backbone's checkpoint as --init_from=PATH")
+    check(args.prefix_init == "random" or args.init_from != "scratch",
+          "--prefix_init=kv takes the prefixes from a trained P=1 model: give its checkpoint as --init_from=PATH")
+    check(not os.path.exists(args.out_dir) or os.path.isdir(args.out_dir), f"--out_dir={args.out_dir} is a file, not a folder")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check(args.gradient_accumulation_steps % world == 0,
+          f"--gradient_accumulation_steps ({args.gradient_accumulation_steps}) must be a multiple of the {world} DDP ranks")
 
 
 if __name__ == "__main__":
