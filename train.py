@@ -166,60 +166,58 @@ def train(args, system, model, optimizer, meta, iter_num, best_val_loss):
     accum = args.gradient_accumulation_steps // system.world  # micro-batches per rank
     scaler = torch.amp.GradScaler(system.device_type, enabled=(system.dtype == "float16"))
     stop = stop_on_signal()
-    log = None
-    if system.master:  # the first write to out_dir
+    log = os.path.join(args.out_dir, "log.jsonl") if system.master else None  # rank 0 logs
+    if log:  # the first write to out_dir
         os.makedirs(args.out_dir, exist_ok=True)
-        log = open(os.path.join(args.out_dir, "log.jsonl"), "a")
-    # disable=None: a bar only on a terminal, so a redirected log is plain lines
-    bar = tqdm(total=args.max_iters, initial=iter_num, disable=None if system.master else True, dynamic_ncols=True)
-    t0 = time.time()
-    while True:
-        lr = get_lr(args, iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        open(log, "a").close()
+    # disable=None: a bar only on a terminal, so a redirected log is plain lines. `with`: the bar ends its line
+    # even when a check or a save (a full disk) raises, so main's `error:` line is a line of its own
+    with tqdm(total=args.max_iters, initial=iter_num, disable=None if system.master else True, dynamic_ncols=True) as bar:
+        t0 = time.time()
+        while True:
+            lr = get_lr(args, iter_num)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        if system.master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
-            ev = evaluate(raw_model, args, system)
-            check(math.isfinite(ev["train"]) and math.isfinite(ev["val"]), f"non-finite eval loss at step {iter_num} ({ev}): "
-                  f"lower --learning_rate? The last good checkpoint in {args.out_dir} is kept")
-            best_val_loss = min(best_val_loss, ev["val"])
-            log_eval(ev, iter_num, log)
-            if iter_num > 0:
-                save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
-        if iter_num >= args.max_iters:
-            break
+            if system.master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
+                ev = evaluate(raw_model, args, system)
+                check(math.isfinite(ev["train"]) and math.isfinite(ev["val"]), f"non-finite eval loss at step {iter_num} ({ev}): "
+                      f"lower --learning_rate? The last good checkpoint in {args.out_dir} is kept")
+                best_val_loss = min(best_val_loss, ev["val"])
+                log_eval(ev, iter_num, log)
+                if iter_num > 0:
+                    save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
+            if iter_num >= args.max_iters:
+                break
 
-        # forward / backward with gradient accumulation
-        for micro in range(accum):
-            X, Y = get_batch(args, system, "train", 1, iter_num, micro * system.world + system.rank)
-            if system.ddp:  # all-reduce gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == accum - 1
-            with system.autocast():
-                # the forward. model(X, Y, streams=True) also returns each stream's logits, (P, B, T, vocab):
-                # an extra loss on them belongs here, before the division, and trains under DDP as this one does
-                logits, loss = model(X, Y)
-                loss = loss / accum
-            scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        bar.update(1)
+            # forward / backward with gradient accumulation
+            for micro in range(accum):
+                X, Y = get_batch(args, system, "train", 1, iter_num, micro * system.world + system.rank)
+                if system.ddp:  # all-reduce gradients only on the last micro-step
+                    model.require_backward_grad_sync = micro == accum - 1
+                with system.autocast():
+                    # the forward. model(X, Y, streams=True) also returns each stream's logits, (P, B, T, vocab):
+                    # an extra loss on them belongs here, before the division, and trains under DDP as this one does
+                    logits, loss = model(X, Y)
+                    loss = loss / accum
+                scaler.scale(loss).backward()
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            bar.update(1)
 
-        if iter_num % args.log_interval == 0 and system.master:
-            dt, t0 = (time.time() - t0) / args.log_interval, time.time()
-            log_step(raw_model, loss.item() * accum, lr, dt, iter_num, args, system, bar, log)  # .item(): a sync, so only here
-        if agreed_stop(stop, iter_num, args, system):
-            if system.master:
-                save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
-                tqdm.write(f"interrupted: saved step {iter_num} to {args.out_dir}/ckpt.pt; continue with --init_from=resume")
-            break
-    bar.close()
-    if log:
-        log.close()
+            if iter_num % args.log_interval == 0 and system.master:
+                dt, t0 = (time.time() - t0) / args.log_interval, time.time()
+                log_step(raw_model, loss.item() * accum, lr, dt, iter_num, args, system, bar, log)  # .item(): a sync, so only here
+            if agreed_stop(stop, iter_num, args, system):
+                if system.master:
+                    save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
+                    tqdm.write(f"interrupted: saved step {iter_num} to {args.out_dir}/ckpt.pt; continue with --init_from=resume")
+                break
     if system.ddp:
         dist.destroy_process_group()
 
@@ -336,7 +334,7 @@ def evaluate(model, args, system):
 
 def save(model, optimizer, iter_num, best_val_loss, args, meta):
     """ckpt.pt, a plain dict that loads with weights_only=True; with a frozen backbone also streams_p{P}.pt,
-    the small file dynamic P needs."""
+    the small file dynamic P needs. A full disk is a UserError (checkpoint.save_checkpoint)."""
     folded = folded_state_dict(model)  # plain prefixes: what sample.py and the fused path read
     save_checkpoint(dict(model=folded, optimizer=optimizer.state_dict(), model_args=asdict(model.config),
                          iter_num=iter_num, best_val_loss=best_val_loss, args=vars(args), meta=meta,
@@ -346,9 +344,13 @@ def save(model, optimizer, iter_num, best_val_loss, args, meta):
 
 
 def write_log(log, **record):
+    """Append a JSON line to log.jsonl (None off rank 0): opened per record, a full disk leaves one UserError."""
     if log:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        try:
+            with open(log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"could not write {log} ({e.strerror or e}): free some space, or choose another --out_dir") from None
 
 
 def log_eval(ev, iter_num, log):
