@@ -20,6 +20,12 @@ class UserError(ValueError):
     keeps its traceback."""
 
 
+def check(ok, message):
+    """Refuse what the user can fix: raise UserError(message) unless ok."""
+    if not ok:
+        raise UserError(message)
+
+
 # -----------------------------------------------------------------------------
 # device
 

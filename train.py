@@ -14,10 +14,14 @@ Two-stage (train P=1, then continue as P=4 with fresh prefixes and aggregator):
     python train.py --init_from=out/p1/ckpt.pt --n_streams=4 --out_dir=out/p1to4 --max_iters=500
 Frozen backbone (train only prefixes and aggregator): add --freeze_backbone.
 
-The file in reading order: the flags (get_args, each value checked as it is parsed) -> setup (DDP, device,
-dtype, seeds) -> the data (load_meta, get_batch) -> the model for each --init_from -> evaluate, save ->
-run, then train: the loop. A mistake the user can fix raises common.UserError, which `python train.py`
-prints as one `error: ...` line; everything that can refuse a run does so before out_dir is written.
+The file in reading order: the flags (get_args) -> the run (main -> run -> train, the loop) -> what the
+run calls, each a short function a reader can skip: setup (DDP, device, dtype, seeds), the data, evaluation,
+checkpoints, log lines, signals, then the checks on the flags. nanoGPT's order leaves the loop at the end;
+here it follows the flags, as the loop is what a reader opens this file for. Beside it: model_init.py (the
+model for each --init_from, --prefix_reparam, --freeze_backbone), diagnostics.py (the stream diagnostics),
+common.py (device, dtype and meta.json rules shared with sample.py and bench.py), checkpoint.py. A mistake
+the user can fix raises common.UserError, which `python train.py` prints as one `error: ...` line;
+everything that can refuse a run does so before out_dir is written.
 """
 
 import argparse
@@ -35,27 +39,20 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.nn.utils import parametrize
 from tqdm import tqdm
 
-from checkpoint import attach_streams, load_checkpoint, model_from_checkpoint, save_checkpoint, streams_state
-from common import UserError, peak_flops
-from model import GPT, GPTConfig, convert_to_streams, freeze_backbone, prefixes_from_kv
-
-# The GPTConfig fields a checkpoint fixes. Converting a P=1 checkpoint keeps its backbone's and takes the
-# stream fields from the command line; a resume, or a checkpoint of the same P, fixes both.
-BACKBONE_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "bias")
-STREAM_FIELDS = ("n_streams", "n_prefix", "agg_smoothing", "prefix_init_std")
+from checkpoint import save_checkpoint, streams_state
+from common import UserError, check, load_meta, peak_flops, resolve_device, resolve_dtype
+from diagnostics import diversity, stream_losses
+from model_init import build_model, folded_state_dict, plain_model, prepare_for_training, reparam_state
 
 
 # -----------------------------------------------------------------------------
 # the command line
 
 def get_args(argv=None):
-    """The command line -> (args, the names of the flags it gave). Every value is checked here."""
+    """The command line -> (args, the names of the flags it gave). Every value is checked (check_args, at the end)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # I/O
     p.add_argument("--out_dir", default="out", help="where ckpt.pt and log.jsonl go")
@@ -100,7 +97,7 @@ def get_args(argv=None):
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto = bfloat16 on capable CUDA, else float32; float16 only off the CPU")
+                   help="auto = bfloat16 on capable CUDA, else float32; float16 only on CUDA")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=-1, help="CPU threads for torch; -1 = torch's default")
     p.add_argument("--peak_flops", type=float, default=-1, help="peak FLOP/s for MFU; -1 = the GPU's datasheet bf16 peak if known")
@@ -113,40 +110,116 @@ def get_args(argv=None):
     return args, given
 
 
-def check(ok, message):
-    """Refuse a run the user can fix: `python train.py` prints one `error: message` line and exits 1."""
-    if not ok:
-        raise UserError(message)
+# -----------------------------------------------------------------------------
+# the run and its training loop
+
+def main(argv=None):
+    args, given = get_args(argv)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run(args, given)
+    finally:  # callers in the same process (the tests) get their own handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def check_args(args):
-    """Refuse flag values that cannot work, naming the flag, before anything is built or written."""
-    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
-                 "n_layer", "n_head", "n_embd", "block_size", "n_streams"):
-        check(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_iters", "warmup_iters", "n_prefix", "min_lr", "weight_decay", "grad_clip", "prefix_init_std", "seed", "prefix_reparam"):
-        check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
-    for name in ("lr_decay_iters", "threads", "peak_flops"):  # -1 = not set
-        check(getattr(args, name) == -1 or getattr(args, name) > 0, f"--{name} must be -1 or > 0, got {getattr(args, name)}")
-    check(args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}")
-    check(args.min_lr <= args.learning_rate, f"--min_lr ({args.min_lr}) must not exceed --learning_rate ({args.learning_rate})")
-    check(0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, f"--beta1 and --beta2 must be in [0, 1), got {args.beta1} and {args.beta2}")
-    check(0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}")
-    check(0 <= args.agg_smoothing <= 1, f"--agg_smoothing must be in [0, 1], got {args.agg_smoothing}")
-    check(args.bias in (0, 1), f"--bias must be 1 (biases) or 0 (none), got {args.bias}")
-    check(args.n_embd % args.n_head == 0, f"--n_embd ({args.n_embd}) must be a multiple of --n_head ({args.n_head})")
-    check(args.n_kv_head == -1 or (args.n_kv_head >= 1 and args.n_head % args.n_kv_head == 0),
-          f"--n_kv_head ({args.n_kv_head}) must divide --n_head ({args.n_head}); -1 = as many as --n_head")
-    check(args.n_streams == 1 or args.n_prefix >= 1,
-          f"--n_prefix must be >= 1 when --n_streams > 1 (got {args.n_prefix}): without a prefix every stream computes the same")
-    check(not args.streams or args.init_from not in ("scratch", "resume"),
-          "--streams attaches streams to a P=1 backbone: give that backbone's checkpoint as --init_from=PATH")
-    check(args.prefix_init == "random" or args.init_from != "scratch",
-          "--prefix_init=kv takes the prefixes from a trained P=1 model: give its checkpoint as --init_from=PATH")
-    check(not os.path.exists(args.out_dir) or os.path.isdir(args.out_dir), f"--out_dir={args.out_dir} is a file, not a folder")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    check(args.gradient_accumulation_steps % world == 0,
-          f"--gradient_accumulation_steps ({args.gradient_accumulation_steps}) must be a multiple of the {world} DDP ranks")
+def run(args, given):
+    """Set up, build, check, then train (or evaluate). Nothing is written to out_dir before every check has passed."""
+    system = setup(args)
+    meta = load_meta(args.data_dir)  # and checks that train.bin and val.bin are there
+    model, ckpt, how, overridden = build_model(args, given, meta)  # scratch, resume or a checkpoint: model_init.py
+    tokens = count_tokens(args)  # after the model: a checkpoint may set block_size
+    prepare_for_training(model, ckpt, args)  # --prefix_reparam, --freeze_backbone
+    model.to(system.device)
+    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), system.device_type)
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:  # resume
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])  # dropout's RNG continues where it stopped
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    ckpt = None  # free memory
+    if system.master:
+        report(args, system, model, how, overridden, meta, tokens)
+    if args.eval_only:
+        if system.master:
+            print(json.dumps(evaluate(model, args, system)))
+        return
+    train(args, system, model, optimizer, meta, iter_num, best_val_loss)
+
+
+def get_lr(args, it):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, as nanoGPT."""
+    if it < args.warmup_iters:
+        return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
+    if it >= args.lr_decay_iters:
+        return args.min_lr
+    ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.learning_rate - args.min_lr)
+
+
+def train(args, system, model, optimizer, meta, iter_num, best_val_loss):
+    """The loop: lr -> (eval, checkpoint on schedule and at the last step) -> forward/backward with gradient
+    accumulation -> clip -> step -> log."""
+    raw_model = model
+    if system.ddp:
+        model = DDP(model, device_ids=[system.local_rank] if system.device_type == "cuda" else None)
+    accum = args.gradient_accumulation_steps // system.world  # micro-batches per rank
+    scaler = torch.amp.GradScaler(system.device_type, enabled=(system.dtype == "float16"))
+    stop = stop_on_signal()
+    log = os.path.join(args.out_dir, "log.jsonl") if system.master else None  # rank 0 logs
+    if log:  # the first write to out_dir
+        os.makedirs(args.out_dir, exist_ok=True)
+        open(log, "a").close()
+    # disable=None: a bar only on a terminal, so a redirected log is plain lines. `with`: the bar ends its line
+    # even when a check or a save (a full disk) raises, so main's `error:` line is a line of its own
+    with tqdm(total=args.max_iters, initial=iter_num, disable=None if system.master else True, dynamic_ncols=True) as bar:
+        t0 = time.time()
+        while True:
+            lr = get_lr(args, iter_num)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            if system.master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
+                ev = evaluate(raw_model, args, system)
+                check(math.isfinite(ev["train"]) and math.isfinite(ev["val"]), f"non-finite eval loss at step {iter_num} ({ev}): "
+                      f"lower --learning_rate? The last good checkpoint in {args.out_dir} is kept")
+                best_val_loss = min(best_val_loss, ev["val"])
+                log_eval(ev, iter_num, log)
+                if iter_num > 0:
+                    save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
+            if iter_num >= args.max_iters:
+                break
+
+            # forward / backward with gradient accumulation
+            for micro in range(accum):
+                X, Y = get_batch(args, system, "train", 1, iter_num, micro * system.world + system.rank)
+                if system.ddp:  # all-reduce gradients only on the last micro-step
+                    model.require_backward_grad_sync = micro == accum - 1
+                with system.autocast():
+                    # the forward. model(X, Y, streams=True) also returns each stream's logits, (P, B, T, vocab):
+                    # an extra loss on them belongs here, before the division, and trains under DDP as this one does
+                    logits, loss = model(X, Y)
+                    loss = loss / accum
+                scaler.scale(loss).backward()
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            bar.update(1)
+
+            if iter_num % args.log_interval == 0 and system.master:
+                dt, t0 = (time.time() - t0) / args.log_interval, time.time()
+                log_step(raw_model, loss.item() * accum, lr, dt, iter_num, args, system, bar, log)  # .item(): a sync, so only here
+            if agreed_stop(stop, iter_num, args, system):
+                if system.master:
+                    save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
+                    tqdm.write(f"interrupted: saved step {iter_num} to {args.out_dir}/ckpt.pt; continue with --init_from=resume")
+                break
+    if system.ddp:
+        dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -172,45 +245,20 @@ class System:
         return nullcontext() if self.dtype == "float32" else torch.autocast(self.device_type, dtype=getattr(torch, self.dtype))
 
 
-def pick_device(name):
-    """--device -> a torch device; refuses one this machine does not have."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind, _, index = name.partition(":")
-    check(kind in ("cpu", "cuda", "mps") and (not index or (kind == "cuda" and index.isdigit())),
-          f"--device={name} is not a device: use auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda":
-        check(torch.cuda.is_available(), f"--device={name}, but this torch ({torch.__version__}) sees no CUDA GPU: "
-                                         "use --device=cpu, or install a CUDA build of torch")
-        check(not index or int(index) < torch.cuda.device_count(), f"--device={name}, but there are {torch.cuda.device_count()} GPUs")
-    check(kind != "mps" or torch.backends.mps.is_available(),
-          f"--device={name}, but MPS is not available (it needs Apple silicon and macOS): use --device=cpu")
-    return name
-
-
-def pick_dtype(name, device_type):
-    """--dtype -> the dtype autocast computes in; auto = bfloat16 where the GPU supports it, else float32."""
-    if name == "auto":
-        return "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    check(name != "float16" or device_type != "cpu",
-          "--dtype=float16 on the CPU runs, but far slower than float32 (CPUs have no fast float16 matmuls): use float32 or bfloat16")
-    check(name != "bfloat16" or device_type != "cuda" or torch.cuda.is_bf16_supported(),
-          "--dtype=bfloat16, but this GPU does not support it: use --dtype=float16 or float32")
-    return name
-
-
 def setup(args):
     """DDP, device, dtype and seeds. Writes no file."""
     ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    device = pick_device(args.device)
-    if ddp and device.startswith("cuda"):
+    device = resolve_device(args.device, who="train.py")
+    if ddp and device.startswith("cuda"):  # one GPU per process: the local rank's
         check(local_rank < torch.cuda.device_count(), f"torchrun started more processes per node than the "
                                                       f"{torch.cuda.device_count()} GPUs: lower --nproc_per_node")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     device_type = device.split(":")[0]
-    dtype = pick_dtype(args.dtype, device_type)
+    # auto = bfloat16 on a CUDA GPU that supports it, else float32 (resolve_dtype's CPU rule, cpu_auto="float32"):
+    # on the CPU, bf16 autocast does not speed up training at the quickstart's width (measured: see the README's reference)
+    dtype = str(resolve_dtype(args.dtype, device)[0]).removeprefix("torch.")
     peak = args.peak_flops if args.peak_flops > 0 else peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
     if ddp:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
@@ -225,23 +273,6 @@ def setup(args):
 
 # -----------------------------------------------------------------------------
 # the data: train.bin and val.bin are uint16 token ids, meta.json says which tokenizer
-
-def load_meta(data_dir):
-    """meta.json of a folder prepare_data.py wrote; refuses a folder without train.bin, val.bin, meta.json."""
-    todo = "run python prepare_data.py first (it writes train.bin, val.bin and meta.json), or point --data_dir at its output"
-    check(os.path.isdir(data_dir), f"--data_dir={data_dir} does not exist: {todo}")
-    for name in ("meta.json", "train.bin", "val.bin"):
-        check(os.path.isfile(os.path.join(data_dir, name)), f"--data_dir={data_dir} has no {name}: {todo}")
-    path = os.path.join(data_dir, "meta.json")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not JSON ({e}): {todo}") from e
-    check(isinstance(meta, dict) and isinstance(meta.get("vocab_size"), int) and meta["vocab_size"] > 0,
-          f"{path} has no positive integer vocab_size: {todo}")
-    return meta
-
 
 def count_tokens(args):
     """Tokens per split; refuses a split shorter than one block plus its last target."""
@@ -268,215 +299,12 @@ def get_batch(args, system, split, *key):
 
 
 # -----------------------------------------------------------------------------
-# the model, for each --init_from
-
-def model_args(args, vocab_size):
-    """The GPTConfig fields the flags describe."""
-    return dict(n_layer=args.n_layer, n_head=args.n_head, n_kv_head=None if args.n_kv_head == -1 else args.n_kv_head,
-                n_embd=args.n_embd, block_size=args.block_size, bias=bool(args.bias), vocab_size=vocab_size,
-                dropout=args.dropout, n_streams=args.n_streams, n_prefix=args.n_prefix, agg_smoothing=args.agg_smoothing,
-                prefix_init_std=args.prefix_init_std)
-
-
-def build_model(args, given, meta):
-    """The model --init_from asks for. Returns (model, the checkpoint a resume continues or None,
-    how the model began, the given flags a checkpoint overrode)."""
-    if args.init_from == "scratch":
-        vocab_size = math.ceil(meta["vocab_size"] / 64) * 64  # pad to a multiple of 64 for fast matmuls
-        return GPT(GPTConfig(**model_args(args, vocab_size))), None, "from scratch", []
-    if args.init_from == "resume":
-        return resumed_model(args, given, meta)
-    return model_from_path(args, given, meta)
-
-
-def checkpoint_model(path, args, meta):
-    """A checkpoint and the model it describes; refuses one trained on another vocabulary."""
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, dropout=args.dropout)  # the architecture comes from the checkpoint
-    vocab_size, tokenizer = model.config.vocab_size, ckpt.get("meta", {}).get("tokenizer")
-    check(vocab_size >= meta["vocab_size"] and tokenizer in (None, meta.get("tokenizer")),
-          f"vocabulary mismatch: {path} holds a model of {vocab_size} tokens ({tokenizer or 'tokenizer unknown'}), "
-          f"the data in --data_dir={args.data_dir} has {meta['vocab_size']} ({meta.get('tokenizer')}): use the data it was trained on")
-    return model, ckpt
-
-
-def adopt_shape(args, given, config, fields):
-    """A checkpoint fixes these fields: copy them into args (so the args saved with the next checkpoint
-    are true) and return "--flag=given -> used" for every flag the command line gave that it overrides,
-    as nanoGPT takes the model shape from the checkpoint on resume."""
-    asked = GPTConfig(**model_args(args, config.vocab_size))  # what the flags alone describe
-    overridden = []
-    for name in fields:
-        if name == "block_size" and name in given:  # a shorter context than the model's is fine, a longer one is not
-            check(args.block_size <= config.block_size, f"--block_size={args.block_size} exceeds the checkpoint's block_size "
-                                                        f"{config.block_size}: the model has no positions past it")
-            continue
-        used = getattr(config, name)
-        if name in given and getattr(asked, name) != used:
-            overridden.append(f"--{name}={getattr(asked, name)} -> {used}")
-        setattr(args, name, type(getattr(args, name))(used))  # keep the flag's type: --bias is 1 or 0
-    return overridden
-
-
-def resumed_model(args, given, meta):
-    """--init_from=resume: out_dir/ckpt.pt with its shape, step and optimizer state, continued as if never stopped."""
-    path = os.path.join(args.out_dir, "ckpt.pt")
-    check(os.path.isfile(path), f"--init_from=resume, but there is no checkpoint at {path}: train into --out_dir first, or check --out_dir")
-    model, ckpt = checkpoint_model(path, args, meta)
-    check(all(k in ckpt for k in ("optimizer", "iter_num", "best_val_loss", "rng", "args")),
-          f"{path} is not a train.py checkpoint that can resume (no optimizer state): start from it with --init_from={path}")
-    overridden = adopt_shape(args, given, model.config, BACKBONE_FIELDS + STREAM_FIELDS)
-    args.freeze_backbone = args.freeze_backbone or ckpt["args"].get("freeze_backbone", False)
-    args.prefix_reparam = ckpt["args"].get("prefix_reparam", 0)  # the run's own choice: its MLP is in the checkpoint
-    return model, ckpt, f"resumed at step {ckpt['iter_num']}", overridden
-
-
-def model_from_path(args, given, meta):
-    """--init_from=PATH, a fresh start at step 0 from a checkpoint: a P=1 model converted to --n_streams
-    (two-stage), a P=1 backbone with --streams attached (dynamic P), or a model of the same P."""
-    path = args.init_from
-    check(os.path.isfile(path), f"--init_from={path}: no checkpoint at that path (use scratch, resume, or the path of a ckpt.pt)")
-    model, _ = checkpoint_model(path, args, meta)
-    src = model.config
-    overridden = adopt_shape(args, given, src, BACKBONE_FIELDS)
-    check(args.prefix_init == "random" or (src.n_streams == 1 and args.n_streams > 1 and not args.streams),
-          "--prefix_init=kv sets the prefixes of a P=1 checkpoint converted to P > 1: give --n_streams > 1 and a P=1 --init_from")
-    check(not args.prefix_reparam or (src.n_streams == 1 and not args.streams),
-          f"--prefix_reparam starts the prefixes afresh from an MLP: it would throw away the trained prefixes of "
-          f"{'--streams=' + args.streams if args.streams else '--init_from=' + path}; use it from scratch or with a P=1 --init_from")
-    if args.streams:
-        check(src.n_streams == 1, f"--streams attaches to a P=1 backbone, but --init_from={path} holds a P={src.n_streams} model")
-        model = attach(model, args.streams)
-        overridden += adopt_shape(args, given, model.config, STREAM_FIELDS)
-        return model, None, f"backbone {path} + streams {args.streams}", overridden
-    if src.n_streams > 1:
-        check("n_streams" not in given or args.n_streams == src.n_streams, f"cannot start P={args.n_streams} from a "
-              f"P={src.n_streams} checkpoint ({path}): convert a P=1 checkpoint, or drop --n_streams to go on at P={src.n_streams}")
-        return model, None, f"initialised from {path}", overridden + adopt_shape(args, given, src, STREAM_FIELDS)
-    if args.n_streams == 1:
-        return model, None, f"initialised from {path}", overridden
-    how = f"converted P=1 -> P={args.n_streams} from {path}, {args.prefix_init} prefixes"
-    return two_stage(model, args), None, how, overridden
-
-
-def attach(backbone, path):
-    """Dynamic P: a P=1 backbone plus a streams_p{P}.pt file (prefixes and aggregator, trained on that backbone frozen)."""
-    streams = load_checkpoint(path)
-    check(streams.get("kind") == "streams", f"--streams={path} is a full checkpoint, not a streams_p{{P}}.pt file "
-                                            "(train.py --freeze_backbone writes one); a full checkpoint goes to --init_from")
-    try:
-        return attach_streams(backbone, streams)
-    except UserError as e:  # name the flag: "trained on a different backbone" alone does not say which file
-        raise UserError(f"--streams={path}: {e}") from e
-
-
-def two_stage(base, args):
-    """P=1 -> P, the paper's two-stage recipe (README, "Walk-through"): the trained backbone's very tensors
-    with fresh prefixes and aggregator. With --prefix_init=kv each stream's prefix becomes the backbone's
-    own keys and values on a training snippet, so the loss does not jump at conversion."""
-    model = convert_to_streams(base, args.n_streams, n_prefix=args.n_prefix, agg_smoothing=args.agg_smoothing,
-                               prefix_init_std=args.prefix_init_std)
-    if args.prefix_init == "kv":  # one training snippet per stream, fixed by the seed
-        data = np.memmap(os.path.join(args.data_dir, "train.bin"), dtype=np.uint16, mode="r")
-        ix = np.random.default_rng([args.seed, 2]).integers(0, len(data) - args.n_prefix, size=args.n_streams)
-        snippets = torch.from_numpy(np.stack([data[i:i + args.n_prefix] for i in ix]).astype(np.int64))  # (P, n_prefix)
-        prefixes_from_kv(model, snippets)
-    return model
-
-
-# -----------------------------------------------------------------------------
-# evaluation, checkpoints, log lines
-
-# -----------------------------------------------------------------------------
-# stream diagnostics: why P streams do or do not beat one (arXiv 2505.10475, Proposition 1)
-
-def diversity(nll, mix_nll):
-    """
-    nll: (P, N) per-token losses of each stream alone; mix_nll: (N,) of the aggregated model.
-    Proposition 1's two premises, measured: each stream alone as good as P = 1 (stream_loss), and
-    errors less than perfectly correlated (rho: the Pearson correlation over tokens of two streams'
-    per-token losses, averaged over all pairs). gain = mean stream loss - mixture loss.
-    """
-    P = nll.size(0)
-    stream = nll.mean(dim=1)
-    rho = torch.corrcoef(nll.double())[torch.triu_indices(P, P, offset=1).unbind()].mean().item()
-    return dict(stream_loss=[round(x, 4) for x in stream.tolist()], mix_loss=mix_nll.mean().item(),
-                gain=stream.mean().item() - mix_nll.mean().item(), rho=rho)
-
-
-@torch.no_grad()
-def stream_losses(model, X, Y):
-    """
-    Per-token losses of each stream alone, (P, N): its hidden state through ln_f and the LM head, no
-    aggregator; of the mixture, (N,); and the mean over ordered pairs i != j of KL(p_i || p_j), per token.
-    The LM head runs on chunks of tokens, so P * chunk * vocab stays near 2^26 floats.
-    """
-    P, V = model.config.n_streams, model.config.vocab_size
-    h = model.stream_hidden(X)  # (P*B, T, C), after ln_f
-    mixed = model.aggregator(h).flatten(0, 1)  # (N, C), N = B*T
-    h, y = h.view(P, -1, h.size(-1)), Y.reshape(-1)  # (P, N, C): rows are stream-major
-    nlls, mixes, kl, chunk = [], [], 0.0, max(1, 2**26 // (P * V))
-    for i in range(0, y.numel(), chunk):
-        logp = F.log_softmax(model.lm_head(h[:, i:i + chunk]).float(), dim=-1)  # (P, n, V)
-        nlls.append(-logp.gather(-1, y[i:i + chunk].view(1, -1, 1).expand(P, -1, 1)).squeeze(-1))
-        mixes.append(F.cross_entropy(model.lm_head(mixed[i:i + chunk]).float(), y[i:i + chunk], reduction="none"))
-        p = logp.exp()  # sum over ordered pairs of sum_x p_a (log p_a - log p_b) = P sum_a p_a log p_a - (sum_a p_a)(sum_b log p_b)
-        kl += (P * (p * logp).sum() - (p.sum(0) * logp.sum(0)).sum()).item()
-    return torch.cat(nlls, dim=1), torch.cat(mixes), kl / (P * (P - 1) * y.numel())
-
-
-# -----------------------------------------------------------------------------
-# --prefix_reparam: Li & Liang's prefix reparameterisation, used only while training
-
-class PrefixMLP(nn.Module):
-    """
-    One layer's prefix keys (or values), (P, n_kv_head, n_prefix, hd), as MLP(E): E a learned
-    (P, n_prefix, C) embedding, the MLP Linear(C, H) -> tanh -> Linear(H, n_kv_head * hd). The ParScale
-    authors trained their prefixes through such a reparameterisation (QwenLM/ParScale issue #1), as
-    prefix tuning does (Li & Liang 2021). Registered with torch.nn.utils.parametrize, so the attention
-    code reads `self.prefix_k` unchanged; exports fold it into the plain tensor (fold_prefix_reparam).
-    """
-
-    def __init__(self, cfg, hidden):
-        super().__init__()
-        self.shape, self.width = (cfg.n_streams, cfg.n_kv_head, cfg.n_prefix, cfg.head_dim), cfg.n_embd
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, hidden), nn.Tanh(), nn.Linear(hidden, cfg.n_kv_head * cfg.head_dim))
-
-    def forward(self, emb):  # (P, n_prefix, C) -> (P, n_kv_head, n_prefix, hd)
-        P, H, S, hd = self.shape
-        return self.mlp(emb).view(P, S, H, hd).transpose(1, 2)
-
-    def right_inverse(self, prefix):  # at registration: a fresh N(0, 1) embedding takes the plain prefix's place
-        P, _, S, _ = self.shape
-        return torch.randn(P, S, self.width, device=prefix.device, dtype=prefix.dtype)
-
-
-def add_prefix_reparam(model, hidden):
-    for block in model.transformer.h:
-        for name in ("prefix_k", "prefix_v"):
-            parametrize.register_parametrization(block.attn, name, PrefixMLP(model.config, hidden), unsafe=True)
-
-
-def folded_state_dict(model):
-    """model.state_dict() with every reparameterised prefix folded into the plain tensor it produces:
-    what the sampling checkpoint and the streams file hold, so sample.py and the fused path never see the MLP."""
-    sd = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
-    for i, block in enumerate(model.transformer.h):
-        if parametrize.is_parametrized(block.attn):
-            sd[f"transformer.h.{i}.attn.prefix_k"] = block.attn.prefix_k.detach().clone()
-            sd[f"transformer.h.{i}.attn.prefix_v"] = block.attn.prefix_v.detach().clone()
-    return sd
-
-
-def reparam_state(model):
-    """The reparameterisation's own tensors (embeddings and MLPs), for the training checkpoint."""
-    return {k: v for k, v in model.state_dict().items() if ".parametrizations." in k}
-
+# evaluation, checkpoints, log lines, signals
 
 @torch.no_grad()
 def evaluate(model, args, system):
     """Mean loss on the same eval_iters batches of each split every time; for P > 1 also how the
-    aggregator mixes the streams and, on val, the stream diagnostics (diversity, stream_losses).
+    aggregator mixes the streams and, on val, the stream diagnostics (diagnostics.py).
     Runs on the raw model on rank 0 alone, so it triggers no DDP collective."""
     model.eval()
     out, weights, hook, P = {}, [], None, model.config.n_streams
@@ -506,23 +334,23 @@ def evaluate(model, args, system):
 
 def save(model, optimizer, iter_num, best_val_loss, args, meta):
     """ckpt.pt, a plain dict that loads with weights_only=True; with a frozen backbone also streams_p{P}.pt,
-    the small file dynamic P needs."""
+    the small file dynamic P needs. A full disk is a UserError (checkpoint.save_checkpoint)."""
     folded = folded_state_dict(model)  # plain prefixes: what sample.py and the fused path read
     save_checkpoint(dict(model=folded, optimizer=optimizer.state_dict(), model_args=asdict(model.config),
                          iter_num=iter_num, best_val_loss=best_val_loss, args=vars(args), meta=meta,
                          rng=dict(torch=torch.get_rng_state()), prefix_reparam=reparam_state(model)), args.out_dir)
     if args.freeze_backbone:
-        if args.prefix_reparam:
-            with torch.device("meta"):
-                model = GPT(model.config)
-            model.load_state_dict(folded, assign=True)
-        save_checkpoint(streams_state(model), args.out_dir, f"streams_p{model.config.n_streams}.pt")
+        save_checkpoint(streams_state(plain_model(model, folded)), args.out_dir, f"streams_p{model.config.n_streams}.pt")
 
 
 def write_log(log, **record):
+    """Append a JSON line to log.jsonl (None off rank 0): opened per record, a full disk leaves one UserError."""
     if log:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        try:
+            with open(log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"could not write {log} ({e.strerror or e}): free some space, or choose another --out_dir") from None
 
 
 def log_eval(ev, iter_num, log):
@@ -559,65 +387,6 @@ def report(args, system, model, how, overridden, meta, tokens):
           f"{args.gradient_accumulation_steps * args.batch_size * args.block_size:,} tokens per step")
 
 
-# -----------------------------------------------------------------------------
-# the run and its training loop
-
-def main(argv=None):
-    args, given = get_args(argv)
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        run(args, given)
-    finally:  # callers in the same process (the tests) get their own handlers back
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def run(args, given):
-    """Set up, build, check, then train (or evaluate). Nothing is written to out_dir before every check has passed."""
-    system = setup(args)
-    meta = load_meta(args.data_dir)
-    model, ckpt, how, overridden = build_model(args, given, meta)
-    tokens = count_tokens(args)  # after the model: a checkpoint may set block_size
-    check(not args.freeze_backbone or model.config.n_streams > 1,
-          "--freeze_backbone trains only the prefixes and the aggregator: it needs --n_streams > 1")
-    if args.prefix_reparam:
-        check(model.config.n_streams > 1, "--prefix_reparam needs --n_streams > 1: P = 1 has no prefixes")
-        check(args.prefix_init != "kv", "--prefix_init=kv sets plain prefixes, --prefix_reparam makes them from an MLP: use one")
-        add_prefix_reparam(model, args.prefix_reparam)
-        if ckpt is not None:  # resume: the embeddings and MLPs as they were
-            missing, unexpected = model.load_state_dict(ckpt.get("prefix_reparam", {}), strict=False)
-            check(not unexpected and not any(".parametrizations." in k for k in missing),
-                  f"{args.out_dir}/ckpt.pt does not hold the --prefix_reparam={args.prefix_reparam} MLPs its args name: "
-                  "it cannot resume; start from it with --init_from=PATH instead")
-    if args.freeze_backbone:
-        freeze_backbone(model)
-    model.to(system.device)
-    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), system.device_type)
-    iter_num, best_val_loss = 0, float("inf")
-    if ckpt is not None:  # resume
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])  # dropout's RNG continues where it stopped
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    ckpt = None  # free memory
-    if system.master:
-        report(args, system, model, how, overridden, meta, tokens)
-    if args.eval_only:
-        if system.master:
-            print(json.dumps(evaluate(model, args, system)))
-        return
-    train(args, system, model, optimizer, meta, iter_num, best_val_loss)
-
-
-def get_lr(args, it):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, as nanoGPT."""
-    if it < args.warmup_iters:
-        return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
-    if it >= args.lr_decay_iters:
-        return args.min_lr
-    ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
-    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.learning_rate - args.min_lr)
-
-
 def stop_on_signal():
     """SIGINT / SIGTERM only raise a flag: the loop finishes its step, saves and exits cleanly."""
     stop = threading.Event()
@@ -637,69 +406,37 @@ def agreed_stop(stop, iter_num, args, system):
     return flag.item() > 0
 
 
-def train(args, system, model, optimizer, meta, iter_num, best_val_loss):
-    """The loop: lr -> (eval, checkpoint on schedule and at the last step) -> forward/backward with gradient
-    accumulation -> clip -> step -> log."""
-    raw_model = model
-    if system.ddp:
-        model = DDP(model, device_ids=[system.local_rank] if system.device_type == "cuda" else None)
-    accum = args.gradient_accumulation_steps // system.world  # micro-batches per rank
-    scaler = torch.amp.GradScaler(system.device_type, enabled=(system.dtype == "float16"))
-    stop = stop_on_signal()
-    log = None
-    if system.master:  # the first write to out_dir
-        os.makedirs(args.out_dir, exist_ok=True)
-        log = open(os.path.join(args.out_dir, "log.jsonl"), "a")
-    # disable=None: a bar only on a terminal, so a redirected log is plain lines
-    bar = tqdm(total=args.max_iters, initial=iter_num, disable=None if system.master else True, dynamic_ncols=True)
-    t0 = time.time()
-    while True:
-        lr = get_lr(args, iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+# -----------------------------------------------------------------------------
+# the checks on the flags (get_args calls them)
 
-        if system.master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
-            ev = evaluate(raw_model, args, system)
-            check(math.isfinite(ev["train"]) and math.isfinite(ev["val"]), f"non-finite eval loss at step {iter_num} ({ev}): "
-                  f"lower --learning_rate? The last good checkpoint in {args.out_dir} is kept")
-            best_val_loss = min(best_val_loss, ev["val"])
-            log_eval(ev, iter_num, log)
-            if iter_num > 0:
-                save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
-        if iter_num >= args.max_iters:
-            break
-
-        # forward / backward with gradient accumulation
-        for micro in range(accum):
-            X, Y = get_batch(args, system, "train", 1, iter_num, micro * system.world + system.rank)
-            if system.ddp:  # all-reduce gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == accum - 1
-            with system.autocast():
-                _, loss = model(X, Y)
-                loss = loss / accum
-            scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        bar.update(1)
-
-        if iter_num % args.log_interval == 0 and system.master:
-            dt, t0 = (time.time() - t0) / args.log_interval, time.time()
-            log_step(raw_model, loss.item() * accum, lr, dt, iter_num, args, system, bar, log)  # .item(): a sync, so only here
-        if agreed_stop(stop, iter_num, args, system):
-            if system.master:
-                save(raw_model, optimizer, iter_num, best_val_loss, args, meta)
-                tqdm.write(f"interrupted: saved step {iter_num} to {args.out_dir}/ckpt.pt; continue with --init_from=resume")
-            break
-    bar.close()
-    if log:
-        log.close()
-    if system.ddp:
-        dist.destroy_process_group()
+def check_args(args):
+    """Refuse flag values that cannot work, naming the flag, before anything is built or written."""
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+                 "n_layer", "n_head", "n_embd", "block_size", "n_streams"):
+        check(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_iters", "warmup_iters", "n_prefix", "min_lr", "weight_decay", "grad_clip", "prefix_init_std", "seed", "prefix_reparam"):
+        check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("lr_decay_iters", "threads", "peak_flops"):  # -1 = not set
+        check(getattr(args, name) == -1 or getattr(args, name) > 0, f"--{name} must be -1 or > 0, got {getattr(args, name)}")
+    check(args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}")
+    check(args.min_lr <= args.learning_rate, f"--min_lr ({args.min_lr}) must not exceed --learning_rate ({args.learning_rate})")
+    check(0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, f"--beta1 and --beta2 must be in [0, 1), got {args.beta1} and {args.beta2}")
+    check(0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}")
+    check(0 <= args.agg_smoothing <= 1, f"--agg_smoothing must be in [0, 1], got {args.agg_smoothing}")
+    check(args.bias in (0, 1), f"--bias must be 1 (biases) or 0 (none), got {args.bias}")
+    check(args.n_embd % args.n_head == 0, f"--n_embd ({args.n_embd}) must be a multiple of --n_head ({args.n_head})")
+    check(args.n_kv_head == -1 or (args.n_kv_head >= 1 and args.n_head % args.n_kv_head == 0),
+          f"--n_kv_head ({args.n_kv_head}) must divide --n_head ({args.n_head}); -1 = as many as --n_head")
+    check(args.n_streams == 1 or args.n_prefix >= 1,
+          f"--n_prefix must be >= 1 when --n_streams > 1 (got {args.n_prefix}): without a prefix every stream computes the same")
+    check(not args.streams or args.init_from not in ("scratch", "resume"),
+          "--streams attaches streams to a P=1 backbone: give that backbone's checkpoint as --init_from=PATH")
+    check(args.prefix_init == "random" or args.init_from != "scratch",
+          "--prefix_init=kv takes the prefixes from a trained P=1 model: give its checkpoint as --init_from=PATH")
+    check(not os.path.exists(args.out_dir) or os.path.isdir(args.out_dir), f"--out_dir={args.out_dir} is a file, not a folder")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check(args.gradient_accumulation_steps % world == 0,
+          f"--gradient_accumulation_steps ({args.gradient_accumulation_steps}) must be a multiple of the {world} DDP ranks")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import torch
 from test_train import TINY, evals, run, write_corpus
 from util import assert_close, tiny_config
 
+import diagnostics
+import model_init
 import sample
 import train
 from checkpoint import model_from_checkpoint
@@ -15,11 +17,11 @@ from model import GPT
 
 def test_diversity_by_hand():
     # streams alone: 2.0 and 2.0 nats; mixture 1.0 -> gain 1.0. Deviations (-1, 0, 1) and (-1, 1, 0): cov 1, var 2, 2 -> rho 0.5
-    d = train.diversity(torch.tensor([[1., 2., 3.], [1., 3., 2.]]), torch.tensor([0.5, 1.0, 1.5]))
+    d = diagnostics.diversity(torch.tensor([[1., 2., 3.], [1., 3., 2.]]), torch.tensor([0.5, 1.0, 1.5]))
     assert d["stream_loss"] == [2.0, 2.0] and d["mix_loss"] == 1.0 and d["gain"] == 1.0
     assert abs(d["rho"] - 0.5) < 1e-12
     # three streams: pairs (0,1) rho -1, (0,2) rho 1, (1,2) rho -1 -> mean -1/3; a mixture worse than the streams: gain < 0
-    d = train.diversity(torch.tensor([[1., 2., 3.], [3., 2., 1.], [2., 4., 6.]]), torch.tensor([3., 3., 3.]))
+    d = diagnostics.diversity(torch.tensor([[1., 2., 3.], [3., 2., 1.], [2., 4., 6.]]), torch.tensor([3., 3., 3.]))
     assert abs(d["rho"] + 1 / 3) < 1e-12 and abs(d["gain"] - (2 + 2 + 4) / 3 + 3) < 1e-6
 
 
@@ -31,8 +33,8 @@ def test_identical_prefixes_give_rho_one_kl_zero_and_no_gain():
             block.attn.prefix_k.copy_(block.attn.prefix_k[:1].expand_as(block.attn.prefix_k))
             block.attn.prefix_v.copy_(block.attn.prefix_v[:1].expand_as(block.attn.prefix_v))
     X, Y = (torch.randint(0, model.config.vocab_size, (2, 16)) for _ in range(2))
-    nll, mix, kl = train.stream_losses(model, X, Y)
-    d = train.diversity(nll, mix)
+    nll, mix, kl = diagnostics.stream_losses(model, X, Y)
+    d = diagnostics.diversity(nll, mix)
     assert abs(d["rho"] - 1) < 1e-6 and abs(kl) < 1e-6 and d["gain"] <= 1e-6
     assert_close(mix.mean(), model(X, Y)[1], atol=1e-6, what="mixture loss = the model's loss")
 
@@ -41,8 +43,8 @@ def test_different_prefixes_give_rho_below_one_and_positive_kl():
     torch.manual_seed(1)
     model = GPT(tiny_config(n_streams=2, prefix_init_std=1.0)).eval()
     X, Y = (torch.randint(0, model.config.vocab_size, (2, 16)) for _ in range(2))
-    nll, mix, kl = train.stream_losses(model, X, Y)
-    assert train.diversity(nll, mix)["rho"] < 0.999 and kl > 1e-4
+    nll, mix, kl = diagnostics.stream_losses(model, X, Y)
+    assert diagnostics.diversity(nll, mix)["rho"] < 0.999 and kl > 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_prefix_reparam_resumes_exactly_and_exports_folded(data_dir, tmp_path, c
     assert set(plain.state_dict()) == set(GPT(plain.config).state_dict())
     # ... and it computes what the reparameterised model computed
     model = model_from_checkpoint(full)
-    train.add_prefix_reparam(model, 16)
+    model_init.add_prefix_reparam(model, 16)
     model.load_state_dict(full["prefix_reparam"], strict=False)
     idx = torch.randint(0, plain.config.vocab_size, (2, 16))
     with torch.no_grad():
@@ -113,7 +115,7 @@ def test_kl_matches_the_pairwise_definition():
     torch.manual_seed(2)
     model = GPT(tiny_config(n_streams=3, prefix_init_std=1.0)).eval()
     X, Y = (torch.randint(0, model.config.vocab_size, (2, 16)) for _ in range(2))
-    _, _, kl = train.stream_losses(model, X, Y)
+    _, _, kl = diagnostics.stream_losses(model, X, Y)
     with torch.no_grad():
         logp = torch.log_softmax(model.lm_head(model.stream_hidden(X)), -1).view(3, 32, -1)
     pairs = [(logp[a].exp() * (logp[a] - logp[b])).sum(-1).mean() for a in range(3) for b in range(3) if a != b]

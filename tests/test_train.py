@@ -169,7 +169,7 @@ def test_argparse_keeps_its_own_type_errors(tmp_path):
 @pytest.mark.parametrize("flag, message", [
     ("--device=tpu", "--device=tpu is not a device"),
     ("--device=cuda:x", "--device=cuda:x is not a device"),
-    ("--dtype=float16", "--dtype=float16 on the CPU"),
+    ("--dtype=float16", "--dtype=float16 is for GPUs"),
     pytest.param("--device=cuda", "--device=cuda, but this torch .* sees no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     pytest.param("--device=mps", "--device=mps, but MPS is not available",
@@ -191,10 +191,10 @@ def test_data_mistakes_are_named(tmp_path):
             run(folder, tmp_path / "o")
     folder = write_corpus(tmp_path / "bad_meta")
     (tmp_path / "bad_meta" / "meta.json").write_text("{not json")
-    with pytest.raises(UserError, match="meta.json is not JSON"):
+    with pytest.raises(UserError, match="meta.json is not readable JSON"):
         run(folder, tmp_path / "o")
     (tmp_path / "bad_meta" / "meta.json").write_text('{"tokenizer": "bytes"}')
-    with pytest.raises(UserError, match="no positive integer vocab_size"):
+    with pytest.raises(UserError, match="lacks a 'tokenizer' or a positive integer 'vocab_size'"):
         run(folder, tmp_path / "o")
     small = write_corpus(tmp_path / "small", n_bytes=300)
     with pytest.raises(UserError, match=r"fewer than --block_size \+ 1 = 65: lower --block_size"):
