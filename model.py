@@ -7,15 +7,13 @@ weight; they differ only by a few learned key/value vectors (a prefix) in every 
 layer. All P streams run as one batch, and a small learned aggregator mixes their final
 hidden states before the LM head. P streams behave like ~(1 + 0.39 ln P) times the parameters.
 
-Everything ParScale adds sits behind `n_streams > 1`: with n_streams = 1 this file is a
-plain nanoGPT-style GPT, and a nanoGPT checkpoint loads into it unchanged.
+Everything ParScale adds sits behind `n_streams > 1`: with n_streams = 1 this file is a plain
+nanoGPT-style GPT, and a nanoGPT checkpoint loads into it unchanged. Stream layout, used everywhere
+below: the P streams are folded into the batch dimension, stream-major, so row r = s * B + b holds
+stream s of batch element b, shape (P*B, T, C).
 
-Stream layout, used everywhere below: the P streams are folded into the batch dimension,
-stream-major, so row r = s * B + b holds stream s of batch element b, shape (P*B, T, C).
-
-Read top to bottom: config -> attention, MLP -> Block -> Aggregator -> GPT -> KVCache and
-sampling -> the paper's recipes (two-stage, frozen backbone) -> the config's checks.
-Checkpoints and streams files are in checkpoint.py.
+Read top to bottom: config -> attention, MLP -> Block -> Aggregator -> GPT -> KVCache and sampling ->
+the paper's recipes (two-stage, frozen backbone) -> the config's checks. Checkpoints: checkpoint.py.
 """
 
 import math
@@ -322,18 +320,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Continue idx (B, T) by max_new_tokens tokens, decoding through a KV cache.
-        temperature 0 picks the most likely token (greedy)."""
-        cache = None
-        for _ in range(max_new_tokens):
-            if idx.size(1) <= self.config.block_size:
-                if cache is None:
-                    cache = KVCache(self, idx.size(0), max_len=min(idx.size(1) + max_new_tokens, self.config.block_size))
-                    logits, _ = self(idx, cache=cache)  # prefill the whole prompt
-                else:
-                    logits, _ = self(idx[:, -1:], cache=cache)  # one new token per step
-            else:  # past block_size positions run out: crop the context and recompute, as nanoGPT does
+        """Continue idx (B, T) by max_new_tokens tokens through a KV cache; temperature 0 = greedy."""
+        cache = KVCache(self, idx.size(0), max_len=min(idx.size(1) + max_new_tokens, self.config.block_size))
+        for i in range(max_new_tokens):
+            if idx.size(1) > self.config.block_size:  # positions run out: crop and recompute, as nanoGPT does
                 logits, _ = self(idx[:, -self.config.block_size:])
+            else:  # the whole prompt first, then one new token per step
+                logits, _ = self(idx if i == 0 else idx[:, -1:], cache=cache)
             idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
 
@@ -394,24 +387,6 @@ def convert_to_streams(model, n_streams, **parscale_args):
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False, assign=True)
     assert not unexpected and all(GPT.is_parscale_param(k) for k in missing), (missing, unexpected)
     return new
-
-
-@torch.no_grad()
-def prefixes_from_kv(model, snippets):
-    """Prefix init for the two-stage recipe (ours; the paper leaves it open; docs/results.md): stream s's
-    prefix becomes the backbone's own keys and values on snippets[s], (P, n_prefix) training token ids,
-    so each stream starts as the trained model reading a short real context and the loss does not jump."""
-    cfg = model.config
-    if tuple(snippets.shape) != (cfg.n_streams, cfg.n_prefix):
-        raise ValueError(f"snippets must be (n_streams, n_prefix) = {(cfg.n_streams, cfg.n_prefix)}, got {tuple(snippets.shape)}")
-    with torch.device("meta"):  # no memory and no init: every tensor comes from `model` below
-        base = GPT(GPTConfig(**{**vars(cfg), "n_streams": 1}))
-    base.load_state_dict(model.state_dict(), strict=False, assign=True)  # the same backbone tensors
-    cache = KVCache(base, cfg.n_streams)  # one row per stream
-    base.hidden(snippets, cache)
-    for i, block in enumerate(model.transformer.h):
-        block.attn.prefix_k.copy_(cache.k[i, :, :, :cfg.n_prefix])  # (P, n_kv_head, n_prefix, hd)
-        block.attn.prefix_v.copy_(cache.v[i, :, :, :cfg.n_prefix])
 
 
 def freeze_backbone(model):

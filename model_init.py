@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from checkpoint import attach_streams, load_checkpoint, model_from_checkpoint
 from common import UserError, check
-from model import GPT, GPTConfig, convert_to_streams, freeze_backbone, prefixes_from_kv
+from model import GPT, GPTConfig, KVCache, convert_to_streams, freeze_backbone
 
 # The GPTConfig fields a checkpoint fixes. Converting a P=1 checkpoint keeps its backbone's and takes the
 # stream fields from the command line; a resume, or a checkpoint of the same P, fixes both.
@@ -215,3 +215,21 @@ def plain_model(model, folded):
         plain = GPT(model.config)
     plain.load_state_dict(folded, assign=True)
     return plain
+
+
+@torch.no_grad()
+def prefixes_from_kv(model, snippets):
+    """Prefix init for the two-stage recipe (ours; the paper leaves it open; docs/results.md, two-stage): stream s's
+    prefix becomes the backbone's own keys and values on snippets[s], (P, n_prefix) training token ids,
+    so each stream starts as the trained model reading a short real context and the loss does not jump."""
+    cfg = model.config
+    if tuple(snippets.shape) != (cfg.n_streams, cfg.n_prefix):
+        raise ValueError(f"snippets must be (n_streams, n_prefix) = {(cfg.n_streams, cfg.n_prefix)}, got {tuple(snippets.shape)}")
+    with torch.device("meta"):  # no memory and no init: every tensor comes from `model` below
+        base = GPT(GPTConfig(**{**vars(cfg), "n_streams": 1}))
+    base.load_state_dict(model.state_dict(), strict=False, assign=True)  # the same backbone tensors
+    cache = KVCache(base, cfg.n_streams)  # one row per stream
+    base.hidden(snippets, cache)
+    for i, block in enumerate(model.transformer.h):
+        block.attn.prefix_k.copy_(cache.k[i, :, :, :cfg.n_prefix])  # (P, n_kv_head, n_prefix, hd)
+        block.attn.prefix_v.copy_(cache.v[i, :, :, :cfg.n_prefix])
