@@ -11,9 +11,9 @@ experiments on why P > 1 does not pay here.
     python scripts/scaling.py sweep --preset=gpu --dry_run     # every run's train.py command and the estimate; needs no GPU
     python scripts/scaling.py two_stage --preset=cpu           # P=1 base, then P=1 / P=4 / P=4 frozen / P=4 kv-init prefixes
     python scripts/scaling.py dynamic --preset=cpu             # one frozen backbone, streams files for P = 2, 4, 8
-    python scripts/scaling.py prefix_matched --preset=cpu --threads=1 --results=scripts/results  # ~14 min on 2 cores
-    python scripts/scaling.py diversity --preset=cpu --threads=1 --results=scripts/results       # ~15 min on 2 cores
-    python scripts/scaling.py plot_pays --preset=cpu           # scripts/results/pays_cpu.png from those two JSON files
+    python scripts/scaling.py prefix_matched --preset=cpu --threads=1 --results=results  # ~14 min on 2 cores
+    python scripts/scaling.py diversity --preset=cpu --threads=1 --results=results       # ~15 min on 2 cores
+    python scripts/scaling.py plot_pays --preset=cpu           # results/pays_cpu.png from those two JSON files
 
 The law (Chen et al. 2025, eq. 5): L = E + (A / (N (k ln P + 1)))^alpha, N the non-embedding
 parameters, ParScale's prefixes and aggregator included. It is fitted as the official script does:
@@ -30,7 +30,7 @@ refused) ends as one `error: ...` line on stderr and exit status 1; a traceback 
 Prefix init "kv" (two_stage's p4_full_kv_init branch, and dynamic by default) is train.py's
 --prefix_init=kv: instead of N(0, 0.02) draws, each stream's prefix is the base model's own keys and
 values on a random n_prefix-token training snippet, one snippet per stream (this repository's idea, not the
-paper's: it removes the loss spike at conversion, scripts/results/RESULTS.md section 3).
+paper's: it removes the loss spike at conversion, results/RESULTS.md section 3).
 
 Why P > 1 does not pay. The paper's Proposition 1 needs each stream alone about as good as one model and
 streams whose errors differ; train.py logs both at every evaluation of a P > 1 model (stream_loss: each
@@ -237,7 +237,7 @@ PRESETS = {
                  eval_iters=1, noise_cell=None, base_iters=3, extra_iters=2, base_width=16, fit_starts=3,
                  seeds=[1, 2], matched_cells=[(2, 4), (4, 2), (8, 1), (2, 1)], frozen_iters=2,
                  diversity_streams=[1, 2, 4], diversity_iters=3, reparam_hidden=8),
-    # hours on a 2-core CPU: 12 runs x 4000 steps of batch 32 x block 128 (scripts/results/RESULTS.md ran it with
+    # hours on a 2-core CPU: 12 runs x 4000 steps of batch 32 x block 128 (results/RESULTS.md ran it with
     # fewer steps). 2 prefix slots = 1.6% of the block. prefix_matched and diversity: ~14 and ~15 minutes with
     # --threads=1 (extrapolated from 10-12 steps of every run, evaluations included, on a busy 2-core machine).
     "cpu": dict(device="cpu", n_layer=2, n_head=4, widths=[32, 48, 64], streams=[1, 2, 4, 8], block_size=128,
@@ -398,7 +398,7 @@ def plan(pre, data_dir, runs):
     What a sweep will cost, run by run: tokens and FLOPs (model.flops_per_token, evaluations counted as
     forward passes, a third of a training step's FLOPs per token), and for a GPU an estimate of the time from
     three assumptions: ASSUMED_MFU of the H200's datasheet bf16 peak (common.peak_flops; the one measurement,
-    scripts/results/h200_train.txt, got 18.8% at 11M parameters, and smaller models get less),
+    results/h200_train.txt, got 18.8% at 11M parameters, and smaller models get less),
     ASSUMED_STEP_OVERHEAD seconds per step (kernel launches, optimizer, logging) and ASSUMED_RUN_OVERHEAD
     seconds per run (starting Python, torch and CUDA; the first steps). runs: sweep_runs' list.
     Returns (lines to print, estimated seconds or None off the GPU).
@@ -979,7 +979,7 @@ def get_args(argv=None):
         if name in ("prefix_matched", "diversity"):
             s.add_argument("--seeds", default="", help="comma-separated train.py seeds, e.g. 1,2; '' = the preset's")
             s.add_argument("--results", default="", help="a folder that also gets <command>_<preset>.csv and .json, "
-                           "e.g. scripts/results; '' = --out only")
+                           "e.g. results; '' = --out only")
         if name == "diversity":
             s.add_argument("--reparam", type=int, default=-1, help="hidden size of train.py's --prefix_reparam MLP; "
                            "-1 = the preset's reparam_hidden")
@@ -991,7 +991,7 @@ def get_args(argv=None):
             s.add_argument("--prefix_init", default="kv", choices=["kv", "random"], help="prefix init of the streams")
     f = sub.add_parser("plot_pays", help="val loss and rho against P, from prefix_matched's and diversity's JSON")
     f.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="reads <results>/<experiment>_<preset>.json")
-    f.add_argument("--results", default=os.path.join(ROOT, "scripts", "results"), help="the folder of those files")
+    f.add_argument("--results", default=os.path.join(ROOT, "results"), help="the folder of those files")
     f.add_argument("--out", default="", help="the figure, a .png; '' = <results>/pays_<preset>.png")
     args, unknown = p.parse_known_args(argv)
     if unknown:  # said here, where the subcommand is known (argparse would name only scaling.py)

@@ -49,7 +49,7 @@ def test_fit_reproduces_the_paper():
 def test_k_per_size_on_the_paper_grid():
     fit = scaling.fit_law(*scaling.paper_points(), n_starts=1)
     rows = scaling.k_per_size(scaling.PAPER_N, scaling.PAPER_LOSS, scaling.PAPER_STREAMS, fit["E"], fit["alpha"])
-    least_squares = [0.362, 0.400, 0.372, 0.411, 0.477, 0.490]  # least squares on the loss (scripts/results/k_per_size.txt)
+    least_squares = [0.362, 0.400, 0.372, 0.411, 0.477, 0.490]  # least squares on the loss (results/k_per_size.txt)
     mean_of_each = [0.369, 0.412, 0.377, 0.418, 0.490, 0.495]  # the mean of the k each P implies alone
     for r, k, m in zip(rows, least_squares, mean_of_each):
         assert abs(r["k"] - k) < 0.002 and abs(r["k_mean"] - m) < 0.002, r
