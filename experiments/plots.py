@@ -1,6 +1,7 @@
 """
-The figures, drawn from results alone: does P pay (prefix_matched's and diversity's JSON). matplotlib is
-optional: without it the figure is skipped with a note.
+The figures, drawn from results alone: does P pay (prefix_matched's and diversity's JSON), and the cost
+sweep's cost increase against P (called by cost_sweep.py --plot). matplotlib is optional: without it
+the pays figure is skipped with a note, and cost_sweep.py refuses --plot before measuring.
 
     python experiments/plots.py --preset=cpu                     # results/pays_cpu.png from the committed JSON
     python experiments/plots.py --preset=tiny --results=/tmp/r   # another folder of those files
@@ -81,6 +82,33 @@ def plot_pays(args):
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
     return dict(figure=args.out)
+
+
+def plot_cost(rows, families, args):
+    """The paper's cost figure, measured: cost increase over P=1 against P, ParScale vs width, per batch size.
+    rows, families: cost_sweep.bench_decode's; args: its flags (paths, contexts, batches, streams, l_out, plot)."""
+    path, ctx = args.paths[0], args.contexts[0]
+    fig = Figure(figsize=(3.2 * len(args.batches), 6), layout="constrained")
+    axes = fig.subplots(2, len(args.batches), squeeze=False)
+    at = {(r["attn"], r["path"], r["side"], r["P"], r["batch"], r["context"]): r for r in rows}
+    for col, B in enumerate(args.batches):
+        for row, (name, key, unit) in enumerate((("memory", "mem_mb", "MB"), ("latency", "ms", "ms"))):
+            ax = axes[row][col]
+            for i, kind in enumerate(families):
+                base = at.get((kind, path, "base", 1, B, ctx))
+                for side, style in (("parscale", "-o"), ("width", "--s")):
+                    pts = [(P, at[kind, path, side, P, B, ctx][key] - base[key]) for P in sorted(set(args.streams) - {1})
+                           if base is not None and (kind, path, side, P, B, ctx) in at]
+                    if pts:
+                        ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{kind} {'ParScale' if side == 'parscale' else 'width'}")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{name}, batch {B}", fontsize=9)
+            ax.set_xlabel("P (width side: N_base(1 + k ln P))", fontsize=8)
+            ax.set_ylabel(f"increase over P=1 ({unit})", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"measured cost increase, {path} path, context {ctx}, {args.l_out} decode steps, {args.device_name}")
+    fig.savefig(args.plot, dpi=120)
+    print(f"figure written to {args.plot}")
 
 
 def get_args(argv=None):
