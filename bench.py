@@ -7,8 +7,7 @@ bought by making the model wider (arXiv 2505.10475, section 3.3 and Figure 4).
     python bench.py --device=cuda --batch=8       # on one GPU (fused path when it works here), batch 8
     python bench.py --plot=cost.png               # also draw increase against P (needs matplotlib)
     python bench.py --mode=step                   # the reference decode step: P = 8 against P = 1 at GPT-2-small
-    python bench.py --mode=sweep                  # the research sweep: batches x contexts x MHA/GQA x paths
-    python bench.py --mode=train                  # training cost: tokens/s and MFU for P = 1, 2, 4, 8
+    python experiments/cost_sweep.py              # the research sweep (batches x contexts x MHA/GQA x paths), training cost
     (no multi-GPU run: every measurement is one model on one device)
 
 The lesson (the default). For one base shape and every P it builds the ParScale model with P streams
@@ -47,13 +46,11 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from kernels.fused import FusedDecoder, fused_decoder_for, fused_status  # the hand-written CUDA path
-from common import UserError, peak_flops, resolve_device, resolve_dtype
+from common import UserError, resolve_device, resolve_dtype
 from model import GPT, GPTConfig, KVCache
 
 try:  # peak resident memory of a process; absent on Windows, where the CPU peak is not measured
@@ -68,21 +65,17 @@ except ImportError:
 PRESETS = {
     # N-matched to the paper's 1.6B (see above): the lesson's default
     "paper": dict(n_layer=36, n_embd=2048, n_head=16, n_kv_head=2, vocab_size=151936, n_prefix=48,
-                  prompt=64, long_context=1000, steps=4, repeats=4,
-                  batches=[1], contexts=[64, 512], l_out=16, train_batch=1, train_seq=512, train_steps=2),
-    # GPT-2-small (124M, multi-head attention): the sweep's default on CUDA, and --mode=step's shape
+                  prompt=64, long_context=1000, steps=4, repeats=4),
+    # GPT-2-small (124M, multi-head attention): --mode=step's shape, and the cost sweep's default on CUDA
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=0, vocab_size=50257, n_prefix=48,
-                 prompt=64, long_context=1000, steps=8, repeats=3,
-                 batches=[1, 2, 4, 8], contexts=[128, 512, 1024], l_out=64, train_batch=4, train_seq=1024, train_steps=10),
+                 prompt=64, long_context=1000, steps=8, repeats=3),
     # a toy shape for a quick look; 12 heads as GPT-2, so width still moves in small steps
     "tiny": dict(n_layer=2, n_embd=96, n_head=12, n_kv_head=2, vocab_size=512, n_prefix=4,
-                 prompt=16, long_context=100, steps=4, repeats=3,
-                 batches=[1, 2, 4, 8], contexts=[32, 128], l_out=16, train_batch=4, train_seq=64, train_steps=3),
+                 prompt=16, long_context=100, steps=4, repeats=3),
 }
 # The paper's analytic figures (section 3.3, Figure 4: 1.6B, P = 8, A100): width scaling's memory and
 # latency increase over ParScale's, by batch size
 PAPER_RATIOS = {1: (22, 6), 2: (12.8, 3.2), 4: (6.9, 1.7), 8: (3.6, 0.9)}
-H200_HBM_BYTES = 4.8e12  # H200 HBM3e bandwidth (spec): the sweep's default --peak_bw
 
 
 # -----------------------------------------------------------------------------
@@ -650,354 +643,6 @@ def step_check(args):
 
 
 # -----------------------------------------------------------------------------
-# the sweep (--mode=sweep): batches x contexts x attention kinds x paths
-
-def generate_once(dec, prompt, n_steps, device):
-    """Prefill the prompt, then n_steps greedy decode steps. Returns (prefill seconds, decode seconds)."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    tok = dec.prefill(prompt).argmax(dim=-1, keepdim=True)  # (B, 1); stays on the device, no host sync
-    synchronize(device)
-    t1 = time.perf_counter()
-    for _ in range(n_steps):
-        tok = dec.decode_step(tok).argmax(dim=-1, keepdim=True)
-    synchronize(device)
-    return t1 - t0, time.perf_counter() - t1
-
-
-def decode_floor_seconds(cfg, n_non_embedding, batch_size, context, args):
-    """Bandwidth floor of one decode step: every weight read once (for all P*B rows) plus the KV
-    cache at the run's mean length (README, fused GPU decode path section: the "floor" column)."""
-    weights = n_non_embedding + cfg.vocab_size * cfg.n_embd  # the body and the LM head
-    kv_len = cfg.n_prefix_slots + context + args.l_out / 2
-    kv = 2 * cfg.n_layer * cfg.n_streams * batch_size * cfg.n_kv_head * kv_len * cfg.head_dim
-    return (weights + kv) * args.dtype.itemsize / args.peak_bw
-
-
-@torch.no_grad()
-def measure(model, path, batch_size, context, args, resident):
-    """
-    One row of the table: memory and latency of a prefill of `context` tokens plus args.l_out decode
-    steps, median of args.repeats timed runs after a short warm-up. resident: bytes the model took
-    on the GPU when it was built (its weights). Peak memory = resident + the most allocated on top of
-    what was allocated before the decoder existed, less what outlives the decoder: process-wide
-    one-offs such as a cuBLAS workspace for a new stream are nobody's cost.
-    """
-    device, cuda = args.device, args.device.type == "cuda"
-    gen = torch.Generator().manual_seed(1000 * batch_size + context)
-    prompt = torch.randint(model.config.vocab_size, (batch_size, context), generator=gen).to(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    dec = make_decoder(path, model, batch_size, args.dtype, model.config.block_size)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if cuda:
-        state = torch.cuda.memory_allocated(device) - before  # KV cache and whatever else the decoder holds
-    else:
-        state = dec.cache.k.nbytes + dec.cache.v.nbytes
-    generate_once(dec, prompt, min(args.l_out, 4), device)  # warm-up: kernel choice, compilation, graph capture
-    runs = [generate_once(dec, prompt, args.l_out, device) for _ in range(args.repeats)]
-    del dec
-    peak = leftover = None
-    if cuda:
-        leftover = torch.cuda.memory_allocated(device) - before
-        if leftover:  # a reference cycle could keep the decoder alive until collected
-            gc.collect()
-            leftover = torch.cuda.memory_allocated(device) - before
-        peak = resident + torch.cuda.max_memory_allocated(device) - before - leftover
-    totals = [(a + b) * 1e3 for a, b in runs]
-    return dict(
-        mem_mb=(peak if cuda else weights + state) / 2**20, peak_mb=None if peak is None else peak / 2**20,
-        weights_mb=weights / 2**20, state_mb=state / 2**20, leftover_mb=None if leftover is None else leftover / 2**20,
-        ms=statistics.median(totals), ms_min=min(totals), ms_max=max(totals),
-        prefill_ms=statistics.median(a for a, _ in runs) * 1e3,
-        ms_per_token=statistics.median(b for _, b in runs) * 1e3 / args.l_out)
-
-
-def cuda_still_works(device):
-    try:
-        torch.cuda.synchronize(device)
-        return True
-    except RuntimeError:
-        return False
-
-
-def bench_decode(args, base_cfgs):
-    """The sweep: path -> attention kind -> context -> model -> batch. Returns (rows, families, notes)."""
-    rows, notes, families, skipped = [], [], {}, 0
-    for base_cfg in base_cfgs:
-        kind = attn_label(base_cfg)
-        families[kind] = model_family(base_cfg, args.streams, args.k)
-        print_family(kind, families[kind], args.k)
-    cuda = args.device.type == "cuda"
-    print(f"\ndecode: prefill `context` prompt tokens, then {args.l_out} greedy decode steps; {args.repeats} timed runs "
-          f"after a warm-up. mem = {'peak allocated (weights + decoder state + activations)' if cuda else 'weights + KV cache (CPU: no allocator peak)'}; "
-          f"weights = parameter bytes; state = what the decoder allocates (KV cache, ...); "
-          f"floor% = bandwidth floor / measured ms per token"
-          + (f" (stated peak {args.peak_bw / 1e12:.2f} TB/s)" if cuda else " (n/a on CPU)"))
-    print(f"{'attn':5} {'path':5} {'model':9} {'width':>5} {'B':>2} {'ctx':>5} | {'mem MB':>8} {'weights':>8} {'state':>8} | "
-          f"{'latency ms: median [min, max]':>32} {'prefill':>8} {'ms/tok':>7} {'floor%':>6} | elapsed", flush=True)
-    t_start = time.time()
-
-    def out_of_time():
-        return args.time_limit > 0 and time.time() - t_start > args.time_limit
-
-    for path in args.paths:
-        for base_cfg in base_cfgs:
-            kind = attn_label(base_cfg)
-            for context in args.contexts:
-                for m in families[kind]:
-                    if out_of_time():
-                        skipped += len(args.batches)
-                        continue
-                    free_memory(args.device)
-                    baseline = torch.cuda.memory_allocated(args.device) if cuda else 0
-                    cfg = dataclasses.replace(m["cfg"], block_size=context + args.l_out)  # the cache fits this run exactly
-                    model = build_model(cfg, args.device, args.dtype, args.seed)
-                    resident = torch.cuda.memory_allocated(args.device) - baseline if cuda else 0
-                    for batch_size in args.batches:
-                        if out_of_time():
-                            skipped += 1
-                            continue
-                        try:
-                            r = measure(model, path, batch_size, context, args, resident)
-                        except UserError as e:  # the fused path refused this model: eager measures it
-                            notes.append(f"fused path not used for {kind} {m['label']}: {e}: measured on the eager path only")
-                            print(f"!!! {notes[-1]}", flush=True)
-                            break
-                        except Exception as e:  # a failing path or shape is reported, and the sweep goes on
-                            notes.append(f"FAILED {kind} {path} {m['label']} B={batch_size} ctx={context}: {type(e).__name__}: {e}")
-                            print(f"!!! {notes[-1]} (skipping this model's larger batches)", flush=True)
-                            if cuda and not cuda_still_works(args.device):
-                                notes.append("the CUDA context is broken after that failure: sweep stopped")
-                                print(f"!!! {notes[-1]}", flush=True)
-                                return rows, families, notes
-                            break
-                        floor = decode_floor_seconds(cfg, m["non_embedding"], batch_size, context, args) if cuda else None
-                        r.update(attn=kind, path=path, side=m["side"], P=m["P"], label=m["label"], n_embd=cfg.n_embd,
-                                 batch=batch_size, context=context, roofline=None if floor is None else floor / r["ms_per_token"] * 1e3)
-                        rows.append(r)
-                        print(format_row(r) + f" | {time.time() - t_start:6.1f}s", flush=True)
-                    del model
-    if skipped:
-        notes.append(f"TIME LIMIT ({args.time_limit:.0f} s) reached: {skipped} measurements skipped")
-        print(f"!!! {notes[-1]}", flush=True)
-    return rows, families, notes
-
-
-def print_family(kind, family, k):
-    print(f"\n{kind} models: N = non-embedding parameters; target = N_base * (1 + {k} ln P)")
-    print(f"{'model':9} {'n_embd':>6} {'heads q/kv':>10} {'N':>13} {'target':>13} {'N/target':>8} {'total':>13}")
-    for m in family:
-        c = m["cfg"]
-        print(f"{m['label']:9} {c.n_embd:6d} {f'{c.n_head}/{c.n_kv_head}':>10} {m['non_embedding']:13,d} "
-              f"{m['target']:13,.0f} {m['non_embedding'] / m['target']:8.3f} {m['total']:13,d}")
-
-
-def format_row(r):
-    floor = "n/a" if r["roofline"] is None else f"{100 * r['roofline']:.0f}"
-    return (f"{r['attn']:5} {r['path']:5} {r['label']:9} {r['n_embd']:5d} {r['batch']:2d} {r['context']:5d} | "
-            f"{r['mem_mb']:8.1f} {r['weights_mb']:8.1f} {r['state_mb']:8.1f} | "
-            f"{r['ms']:10.2f} [{r['ms_min']:9.2f}, {r['ms_max']:9.2f}] {r['prefill_ms']:8.2f} {r['ms_per_token']:7.3f} {floor:>6}")
-
-
-# -----------------------------------------------------------------------------
-# headline ratios and crossovers
-
-def increase_ratio(width_inc, parscale_inc):
-    """Width scaling's cost increase over ParScale's; None when ParScale adds nothing measurable."""
-    return width_inc / parscale_inc if parscale_inc > 0 else None
-
-
-def crossover(xs, margins):
-    """
-    Where ParScale stops winning along xs (contexts or batch sizes), margins[i] = width's cost -
-    ParScale's at xs[i] (> 0: ParScale cheaper). Returns (status, x): 'wins throughout',
-    'loses throughout', or 'stops winning' at x interpolated linearly between the two points
-    around the first sign change.
-    """
-    if margins[0] <= 0:
-        return "loses throughout", None
-    for i in range(1, len(xs)):
-        if margins[i] <= 0:
-            x0, x1, m0, m1 = xs[i - 1], xs[i], margins[i - 1], margins[i]
-            return "stops winning", x0 + (x1 - x0) * m0 / (m0 - m1)
-    return "wins throughout", None
-
-
-def summarise(rows, args):
-    """Headline ratios for every P > 1, batch and context; crossovers along context and along batch."""
-    at = {(r["attn"], r["path"], r["side"], r["P"], r["batch"], r["context"]): r for r in rows}
-    metrics = {"memory": "mem_mb", "latency": "ms"}
-    headline, crossovers = [], []
-    kinds = list(dict.fromkeys(r["attn"] for r in rows))  # in sweep order
-    for path in args.paths:
-        for kind in kinds:
-            for P in sorted(set(args.streams) - {1}):
-                margins = {}  # (metric, batch, context) -> width cost - ParScale cost
-                for B in args.batches:
-                    for ctx in args.contexts:
-                        base, par, wid = (at.get((kind, path, side, p, B, ctx)) for side, p in
-                                          (("base", 1), ("parscale", P), ("width", P)))
-                        if base is None or par is None or wid is None:
-                            continue
-                        h = dict(attn=kind, path=path, P=P, batch=B, context=ctx)
-                        for name, key in metrics.items():
-                            pi, wi = par[key] - base[key], wid[key] - base[key]
-                            h[f"{name}_increase_parscale"], h[f"{name}_increase_width"] = pi, wi
-                            h[f"{name}_ratio"] = increase_ratio(wi, pi)
-                            margins[name, B, ctx] = wi - pi
-                        headline.append(h)
-                for name in metrics:
-                    for B in args.batches:
-                        xs = [c for c in args.contexts if (name, B, c) in margins]
-                        if xs:
-                            status, x = crossover(xs, [margins[name, B, c] for c in xs])
-                            crossovers.append(dict(attn=kind, path=path, metric=name, P=P, along="context", batch=B, status=status, at=x))
-                    for ctx in args.contexts:
-                        xs = [b for b in args.batches if (name, b, ctx) in margins]
-                        if xs:
-                            status, x = crossover(xs, [margins[name, b, ctx] for b in xs])
-                            crossovers.append(dict(attn=kind, path=path, metric=name, P=P, along="batch", context=ctx, status=status, at=x))
-    return headline, crossovers
-
-
-def format_ratio(ratio, width_inc):
-    if ratio is None:
-        return "inf" if width_inc > 0 else "n/a"  # ParScale adds nothing: infinitely cheaper, or both flat
-    return f"{ratio:.1f}x"
-
-
-def print_summary(headline, crossovers, args):
-    print("\nheadline: width scaling's cost increase / ParScale's (> 1: ParScale cheaper); "
-          "increase = cost(model) - cost(P=1 base); cells are memory ratio, latency ratio")
-    groups = {}
-    for h in headline:
-        groups.setdefault((h["attn"], h["path"]), []).append(h)
-    for (kind, path), hs in groups.items():
-        print(f"\n{kind}, {path}")
-        print(" P  B | " + " | ".join(f"{f'ctx {c}':^17}" for c in args.contexts))
-        for P in sorted({h["P"] for h in hs}):
-            for B in args.batches:
-                cells = {h["context"]: h for h in hs if h["P"] == P and h["batch"] == B}
-                if not cells:
-                    continue
-                line = " | ".join(
-                    f"{format_ratio(cells[c]['memory_ratio'], cells[c]['memory_increase_width']):>8} "
-                    f"{format_ratio(cells[c]['latency_ratio'], cells[c]['latency_increase_width']):>8}"
-                    if c in cells else f"{'-':^17}" for c in args.contexts)
-                print(f"{P:2d} {B:2d} | {line}")
-    print("\ncrossovers: where ParScale stops being cheaper than width scaling (linear interpolation between measured points)")
-    lines = {}
-    for c in crossovers:
-        where = f"B={c['batch']}" if c["along"] == "context" else f"ctx={c['context']}"
-        what = c["status"] if c["at"] is None else f"stops near {'ctx' if c['along'] == 'context' else 'B'} {c['at']:.3g}"
-        lines.setdefault((c["attn"], c["path"], c["metric"], c["P"], c["along"]), []).append(f"{where}: {what}")
-    for (kind, path, metric, P, along), parts in lines.items():
-        print(f"{kind:5} {path:5} {metric:7} P={P} along {along:7}: " + " | ".join(parts))
-
-
-def paper_comparison(headline, args):
-    """The cell closest to the paper's headline: GQA, largest P, batch 1, shortest context, fastest path."""
-    gqa = [h for h in headline if h["attn"].startswith("GQA") and h["path"] == args.paths[0]]
-    if not gqa:
-        return None
-    P = max(h["P"] for h in gqa)
-    h = min((h for h in gqa if h["P"] == P), key=lambda h: (h["batch"], h["context"]))
-    print("\npaper (A100, analytic, 1.6B backbone, GQA, P=8, batch 1, L_in/L_out 64..512): 22x memory, 6x latency")
-    print(f"here  ({args.device_name}, measured, {h['attn']}, P={P}, batch {h['batch']}, context {h['context']}, "
-          f"{args.l_out} out, {h['path']}): {format_ratio(h['memory_ratio'], h['memory_increase_width'])} memory, "
-          f"{format_ratio(h['latency_ratio'], h['latency_increase_width'])} latency")
-    return h
-
-
-def plot(rows, families, args):
-    """The paper's cost figure, measured: cost increase over P=1 against P, ParScale vs width, per batch size."""
-    path, ctx = args.paths[0], args.contexts[0]
-    fig = Figure(figsize=(3.2 * len(args.batches), 6), layout="constrained")
-    axes = fig.subplots(2, len(args.batches), squeeze=False)
-    at = {(r["attn"], r["path"], r["side"], r["P"], r["batch"], r["context"]): r for r in rows}
-    for col, B in enumerate(args.batches):
-        for row, (name, key, unit) in enumerate((("memory", "mem_mb", "MB"), ("latency", "ms", "ms"))):
-            ax = axes[row][col]
-            for i, kind in enumerate(families):
-                base = at.get((kind, path, "base", 1, B, ctx))
-                for side, style in (("parscale", "-o"), ("width", "--s")):
-                    pts = [(P, at[kind, path, side, P, B, ctx][key] - base[key]) for P in sorted(set(args.streams) - {1})
-                           if base is not None and (kind, path, side, P, B, ctx) in at]
-                    if pts:
-                        ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{kind} {'ParScale' if side == 'parscale' else 'width'}")
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{name}, batch {B}", fontsize=9)
-            ax.set_xlabel("P (width side: N_base(1 + k ln P))", fontsize=8)
-            ax.set_ylabel(f"increase over P=1 ({unit})", fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"measured cost increase, {path} path, context {ctx}, {args.l_out} decode steps, {args.device_name}")
-    fig.savefig(args.plot, dpi=120)
-    print(f"figure written to {args.plot}")
-
-
-# -----------------------------------------------------------------------------
-# training cost
-
-def bench_train(args, base_cfgs):
-    """Tokens/s and MFU of one training step (forward + backward + AdamW) for every P at a fixed shape."""
-    cuda = args.device.type == "cuda"
-    peak = args.peak_flops
-    B, T = args.train_batch, args.train_seq
-    print(f"\ntrain: batch {B} x {T} tokens, forward + backward + AdamW, {'bf16 autocast' if cuda else 'float32'}, "
-          f"eager (no torch.compile); median of {args.train_steps} steps after 2 warm-up steps; MFU "
-          + (f"against {peak / 1e12:.0f} TFLOP/s ({args.peak_flops_source})" if peak else
-             f"n/a (no datasheet peak for {args.device_name}; --peak_flops gives one)"))
-    print(f"{'attn':5} {'P':>2} | {'tok/s':>10} {'vs P=1':>6} | {'step ms':>8} | {'TFLOP/s':>8} {'MFU':>6} | {'peak GB':>7}")
-    out = []
-    for base_cfg in base_cfgs:
-        for P in args.streams:
-            free_memory(args.device)
-            torch.manual_seed(0)
-            cfg = dataclasses.replace(base_cfg, n_streams=P, block_size=T)
-            with torch.device(args.device):
-                model = GPT(cfg)  # float32 master weights; autocast runs the matmuls in bf16
-            optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), args.device.type)
-            x = torch.randint(cfg.vocab_size, (B, T), device=args.device)
-            y = torch.randint(cfg.vocab_size, (B, T), device=args.device)
-            amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(args.device)
-            times = []
-            try:
-                for _ in range(2 + args.train_steps):
-                    synchronize(args.device)
-                    t0 = time.perf_counter()
-                    with amp:
-                        _, loss = model(x, y)
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    synchronize(args.device)
-                    times.append(time.perf_counter() - t0)
-            except Exception as e:  # e.g. out of memory at a large P: reported, and the other P still run
-                print(f"!!! train FAILED {attn_label(base_cfg)} P={P}: {type(e).__name__}: {e}", flush=True)
-                out.append(dict(attn=attn_label(base_cfg), P=P, error=f"{type(e).__name__}: {e}"))
-                model = optimizer = loss = None  # let the next P start from free memory
-                continue
-            step = statistics.median(times[2:])
-            tok_s = B * T / step
-            flops = model.flops_per_token(T) * tok_s
-            r = dict(attn=attn_label(base_cfg), P=P, tokens_per_s=tok_s, step_ms=step * 1e3, flops_per_s=flops,
-                     mfu=model.estimate_mfu(tok_s, T, peak),
-                     peak_gb=torch.cuda.max_memory_allocated(args.device) / 2**30 if cuda else None)
-            first = next((o for o in out if o["attn"] == r["attn"] and "error" not in o), r)  # normally P=1
-            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            peak_gb = "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
-            print(f"{r['attn']:5} {P:2d} | {tok_s:10,.0f} {tok_s / first['tokens_per_s']:6.2f} | {r['step_ms']:8.1f} | "
-                  f"{flops / 1e12:8.2f} {mfu:>6} | {peak_gb:>7}", flush=True)
-            out.append(r)
-            del model, optimizer
-    return out
-
-
-# -----------------------------------------------------------------------------
 
 def rounded(obj):
     """Floats to 5 significant digits (inf as None), for a JSON line that stays readable and valid."""
@@ -1020,38 +665,26 @@ def int_list(s):
 def check_args(args):
     """Values argparse cannot check, after the preset filled the gaps: one `error:` line each, naming the flag."""
     for flag, low in [("n_layer", 1), ("n_embd", 1), ("n_head", 1), ("n_kv_head", 0), ("vocab_size", 1), ("n_prefix", 0),
-                      ("l_out", 1), ("repeats", 1), ("batch", 1), ("prompt", 1), ("long_context", 1), ("steps", 1),
-                      ("train_batch", 1), ("train_seq", 1), ("train_steps", 1)]:
+                      ("repeats", 1), ("batch", 1), ("prompt", 1), ("long_context", 1), ("steps", 1)]:
         if getattr(args, flag) < low:
             raise UserError(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
     if args.n_embd % args.n_head:
         raise UserError(f"--n_embd={args.n_embd} must be a multiple of --n_head={args.n_head} (head_dim = n_embd / n_head)")
     if args.n_kv_head and args.n_head % args.n_kv_head:
         raise UserError(f"--n_kv_head={args.n_kv_head} must divide --n_head={args.n_head} (0 = n_head, multi-head attention)")
-    for flag, low in [("batches", 1), ("contexts", 1), ("streams", 1), ("kv_heads", 0)]:
-        values = getattr(args, flag)
-        if not values or min(values) < low:
-            raise UserError(f"--{flag} must list integers >= {low}, comma-separated; got {values}")
-    for kv in args.kv_heads:
-        if kv and args.n_head % kv:
-            raise UserError(f"--kv_heads={kv} must divide --n_head={args.n_head} (0 = n_head, multi-head attention)")
+    if not args.streams or min(args.streams) < 1:
+        raise UserError(f"--streams must list integers >= 1, comma-separated; got {args.streams}")
     if max(args.streams) > 1 and args.n_prefix < 1:
         raise UserError(f"--n_prefix must be >= 1 when --streams has a P > 1 (without a prefix every stream is the same), got {args.n_prefix}")
     if not (math.isfinite(args.k) and args.k >= 0):
         raise UserError(f"--k must be a finite number >= 0 (the paper fits 0.39 on code, 0.33 on the Pile), got {args.k}")
-    if not (args.time_limit > 0 or args.time_limit == -1):
-        raise UserError(f"--time_limit must be a number of seconds > 0, or -1 for never; got {args.time_limit}")
     if args.threads == 0 or args.threads < -1:
         raise UserError(f"--threads must be >= 1, or -1 for all cores; got {args.threads}")
-    if not (math.isfinite(args.peak_flops) and args.peak_flops > 0 or args.peak_flops == -1):
-        raise UserError(f"--peak_flops must be a positive number of FLOP/s, or -1 to look up the GPU; got {args.peak_flops}")
-    if not (math.isfinite(args.peak_bw) and args.peak_bw > 0):
-        raise UserError(f"--peak_bw must be a positive number of bytes/s, got {args.peak_bw}")
     if args.plot:
         if Figure is None:
             raise UserError(f"--plot={args.plot} needs matplotlib, which is not importable here; pip install matplotlib, or drop --plot")
-        if args.mode in ("train", "step"):
-            raise UserError(f"--plot draws the lesson's or the sweep's cost figure; --mode={args.mode} has none")
+        if args.mode == "step":
+            raise UserError(f"--plot draws the lesson's cost figure; --mode={args.mode} has none")
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
             raise UserError(f"--plot={args.plot}: its folder does not exist; create it or choose another path")
 
@@ -1062,12 +695,11 @@ def all_cores():
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["lesson", "step", "sweep", "train", "all"], default="lesson",
-                   help="lesson: the cost claim at one shape (default); step: the reference decode step, P=8 vs P=1; "
-                        "sweep: batches x contexts x attention kinds x paths; train: training cost; all: sweep + train")
+    p.add_argument("--mode", choices=["lesson", "step"], default="lesson",
+                   help="lesson: the cost claim at one shape (default); step: the reference decode step, P=8 vs P=1 "
+                        "(the research sweep and the training cost: experiments/cost_sweep.py)")
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
-                   help="shapes and sizes; auto = paper for the lesson, gpt2 for step, and for sweep/train gpt2 on CUDA, tiny on CPU; "
-                        "flags below override it")
+                   help="shapes and sizes; auto = paper for the lesson, gpt2 for step; flags below override it")
     # model
     p.add_argument("--n_layer", type=int, default=None, help="None = preset")
     p.add_argument("--n_embd", type=int, default=None, help="None = preset")
@@ -1085,21 +717,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=None, help="lesson: decode steps per run; step: rounds = steps x repeats; None = preset")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median, min, max reported); None = preset")
     p.add_argument("--paths", default="auto", choices=["auto", "fused", "eager"],
-                   help="auto = fused (when kernels/fused.py works here), then eager in the sweep; fused errors out if unavailable")
+                   help="auto = fused when kernels/fused.py works here, else eager; fused errors out if unavailable")
     p.add_argument("--plot", default="", help="write the cost figure to this PNG (needs matplotlib); empty = no figure")
-    # the sweep
-    p.add_argument("--kv_heads", type=int_list, default=[0, 2], help="sweep: attention kinds, comma-separated n_kv_head; 0 = n_head (MHA)")
-    p.add_argument("--batches", type=int_list, default=None, help="sweep: batch sizes, comma-separated; None = preset")
-    p.add_argument("--contexts", type=int_list, default=None, help="sweep: prompt lengths prefilled before decoding; None = preset")
-    p.add_argument("--l_out", type=int, default=None, help="sweep: decode steps after the prefill; None = preset (gpt2: 64, the paper's)")
-    p.add_argument("--time_limit", type=float, default=-1, help="sweep: seconds after which remaining measurements are skipped (loudly); -1 = never")
-    p.add_argument("--peak_bw", type=float, default=H200_HBM_BYTES, help="sweep: stated memory bandwidth for its floor, bytes/s (H200: 4.8e12)")
-    # training cost
-    p.add_argument("--train_batch", type=int, default=None, help="sequences per step; None = preset")
-    p.add_argument("--train_seq", type=int, default=None, help="tokens per sequence; None = preset")
-    p.add_argument("--train_steps", type=int, default=None, help="timed steps per P; None = preset")
-    p.add_argument("--peak_flops", type=float, default=-1,
-                   help="peak FLOP/s for MFU; -1 = the GPU's datasheet bf16 peak (common.peak_flops: H100/H200 989e12), none on CPU")
     # system
     p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=-1, help="torch CPU threads; -1 = every core this process may use")
@@ -1110,7 +729,7 @@ def parse_args(argv):
 
     args.device = torch.device(resolve_device(args.device, allowed=("cpu", "cuda"), who="bench.py"))
     cuda = args.device.type == "cuda"
-    args.preset_name = args.preset if args.preset != "auto" else {"lesson": "paper", "step": "gpt2"}.get(args.mode, "gpt2" if cuda else "tiny")
+    args.preset_name = args.preset if args.preset != "auto" else {"lesson": "paper", "step": "gpt2"}[args.mode]
     for key, value in PRESETS[args.preset_name].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -1118,9 +737,6 @@ def parse_args(argv):
     if args.dtype != "auto":  # checked before anything is measured; auto is resolved in main, threads set
         resolve_dtype(args.dtype, args.device)
     args.device_name = torch.cuda.get_device_name(args.device) if cuda else "CPU"
-    # MFU's denominator: the flag, else model.py's datasheet table (None on CPU or an unlisted GPU)
-    args.peak_flops_source = "--peak_flops" if args.peak_flops > 0 else f"datasheet bf16 peak of {args.device_name}"
-    args.peak_flops = args.peak_flops if args.peak_flops > 0 else peak_flops(args.device_name)
     if 1 not in args.streams:
         args.streams = [1] + args.streams  # the P=1 base is what every increase is measured from
 
@@ -1131,12 +747,6 @@ def parse_args(argv):
     args.paths = ["fused", "eager"] if args.paths == "auto" and fused_ok else ["eager"] if args.paths != "fused" else ["fused"]
     args.fused_reason = why
     return args
-
-
-def base_configs(args):
-    """The sweep: one base config per attention kind in --kv_heads, block_size set per run."""
-    return [GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size,
-                      n_kv_head=kv or args.n_head, n_prefix=args.n_prefix, dropout=0.0) for kv in args.kv_heads]
 
 
 def main(argv=None):
@@ -1159,41 +769,11 @@ def run(args):
                              n_prefix=args.n_prefix), streams=args.streams, k=args.k)
     if args.mode == "lesson":
         result.update(lesson(args))
-    elif args.mode == "step":
-        result.update(step_check(args))
     else:
-        result.update(sweep(args))
+        result.update(step_check(args))
     result["elapsed_s"] = time.time() - t0
     print(f"elapsed {result['elapsed_s']:.1f} s")
     print(json.dumps(rounded(result)), flush=True)
-    return result
-
-
-def sweep(args):
-    """--mode=sweep, train or all: the research sweep and the training cost."""
-    cfgs = base_configs(args)
-    print(f"device {args.device} ({args.device_name}), torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), "
-          f"decode dtype {args.dtype_why}")
-    print(f"shape: {args.n_layer} layers, width {args.n_embd}, {args.n_head} heads (head_dim {args.n_embd // args.n_head}), "
-          f"vocab {args.vocab_size}, {args.n_prefix} prefix slots; attention kinds: {', '.join(attn_label(c) for c in cfgs)}")
-    print(f"decode paths: {', '.join(args.paths)} (fused path: {args.fused_reason})")
-    result = dict(kv_heads=args.kv_heads)
-    if args.mode in ("sweep", "all"):
-        rows, families, notes = bench_decode(args, cfgs)
-        headline, crossovers = summarise(rows, args)
-        print_summary(headline, crossovers, args)
-        paper = paper_comparison(headline, args)
-        if args.plot:
-            plot(rows, families, args)
-        result.update(batches=args.batches, contexts=args.contexts, l_out=args.l_out, repeats=args.repeats,
-                      models={kind: [dict(label=m["label"], side=m["side"], P=m["P"], n_embd=m["cfg"].n_embd, n_head=m["cfg"].n_head,
-                                          n_kv_head=m["cfg"].n_kv_head, non_embedding=m["non_embedding"], target=round(m["target"]),
-                                          total=m["total"]) for m in fam] for kind, fam in families.items()},
-                      results=rows, headline=headline, crossovers=crossovers, paper_cell=paper, notes=notes)
-        for note in notes:
-            print(f"!!! {note}")
-    if args.mode in ("train", "all"):
-        result.update(train=bench_train(args, cfgs), peak_flops=args.peak_flops)
     return result
 
 

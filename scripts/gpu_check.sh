@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check in one command, for one lent GPU (each stage under a timeout, 13 min 40 s at most in all):
+# Every GPU check in one command, for one lent GPU (each stage under a timeout, 14 min 35 s at most in all):
 #   0. the toolkit-free build: the kernels built with CUDA_HOME unset, saying which libnvrtc was loaded
-#   1. the GPU tests (fused kernels vs the reference model, graph vs no graph, bench on CUDA)
+#   1. the GPU tests (fused kernels vs the reference model, graph vs no graph, bench and the cost sweep on CUDA)
 #   2. the decode-latency table (scripts/decode_bench.py)
 #   3. train.py + sample.py on CUDA: a short bf16 run at the README's GPU preset shape, then fused sampling
-#   4. bench.py: memory and latency of P streams against width scaling, and the training-cost table
+#   4. the cost sweep (experiments/cost_sweep.py): memory and latency of P streams against width scaling over
+#      batches x contexts x MHA/GQA x paths, and the training-cost table
+#   5. the lesson (bench.py) at the paper's 1.6B scale: fused path, eager path, and batch 8 on the fused path
 # Usage: bash scripts/gpu_check.sh [OUTDIR]    (logs land in OUTDIR, default gpu_out/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +30,7 @@ for dtype in fused.DTYPES:
 " 2>&1 | tee "$OUT/build.txt"
 
 stage "GPU tests"
-timeout 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_bench.py --tb=short --maxfail=20 > "$OUT/tests.log" 2>&1
+timeout 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_bench.py tests/test_cost_sweep.py --tb=short --maxfail=20 > "$OUT/tests.log" 2>&1
 echo "pytest rc=$?"; grep -E "passed|failed|Error|error" "$OUT/tests.log" | tail -25
 
 stage "decode latency"
@@ -45,7 +47,17 @@ echo "train rc=$?"
 timeout 60 "$PY" sample.py --out_dir=$C --device=cuda --num_samples=2 --max_new_tokens=200 >> "$OUT/train.log" 2>&1
 echo "sample rc=$?"; grep -E "device|model|parameters|step|decoding|tokens/s|error|Error" "$OUT/train.log" | tail -20
 
-stage "bench.py"
-timeout 230 "$PY" bench.py --mode=all --time_limit=140 --plot="$OUT/cost.png" > "$OUT/bench.log" 2>&1
-echo "bench rc=$?"; grep -v -e '^{' -e 'FusedDecoder: P=' "$OUT/bench.log" | tail -c 7000
+stage "cost sweep"
+timeout 150 "$PY" experiments/cost_sweep.py --mode=all --time_limit=90 --plot="$OUT/cost.png" > "$OUT/cost_sweep.log" 2>&1
+echo "cost_sweep rc=$?"; grep -v -e '^{' -e 'FusedDecoder: P=' "$OUT/cost_sweep.log" | tail -c 7000
+
+stage "the lesson at the paper scale"
+lesson() {  # lesson NAME FLAGS...: bench.py's default run on the GPU (expected well under a minute on an H200; not timed there yet)
+  local name=$1; shift
+  timeout 45 "$PY" bench.py --device=cuda "$@" > "$OUT/lesson_$name.log" 2>&1
+  echo "lesson $name rc=$?"; grep -v -e '^{' -e '^\[bench\]' -e 'FusedDecoder: P=' "$OUT/lesson_$name.log" | tail -c 3000
+}
+lesson fused --paths=fused
+lesson eager --paths=eager
+lesson fused_b8 --batch=8 --paths=fused
 stage "done"

@@ -7,15 +7,11 @@ import statistics
 
 import pytest
 import torch
-from util import HAS_CUDA, tiny_config
+from util import tiny_config
 
 import bench
 from common import UserError
 from model import GPT, GPTConfig, KVCache
-
-# one layer, a handful of tokens: the whole sweep runs in about a second on CPU
-TOY = ["--mode=sweep", "--n_layer=1", "--n_embd=32", "--n_head=4", "--vocab_size=64", "--n_prefix=2", "--streams=1,2",
-       "--batches=1,2", "--contexts=4,8", "--l_out=2", "--repeats=1"]
 
 
 def last_json_line(out):
@@ -62,84 +58,9 @@ def test_family_pairs_every_p_with_a_width_model():
     assert fam[0]["cfg"].n_streams == 1 and fam[3]["cfg"].n_streams == 8
 
 
-def test_crossover():
-    assert bench.crossover([128, 512, 1024], [3.0, 1.0, -1.0]) == ("stops winning", 768.0)
-    assert bench.crossover([1, 2, 4], [1.0, 2.0, 0.5]) == ("wins throughout", None)
-    assert bench.crossover([1, 2], [0.0, 2.0]) == ("loses throughout", None)
-    assert bench.increase_ratio(22.0, 1.0) == 22.0 and bench.increase_ratio(5.0, 0.0) is None
-
-
-def test_decode_sweep_end_to_end(capsys, tmp_path):
-    png = tmp_path / "cost.png"
-    plot = [f"--plot={png}"] if bench.Figure is not None else []  # without matplotlib --plot is refused up front
-    result = bench.main(["--device=cpu", *TOY, *plot])
-    out = capsys.readouterr().out
-    assert last_json_line(out)["headline"] == json.loads(json.dumps(bench.rounded(result)))["headline"]
-    assert "decode paths: eager" in out and result["paths"] == ["eager"]  # CPU: said, not silent
-    assert png.exists() == bool(plot)
-    for key in ("models", "results", "headline", "crossovers", "paper_cell", "notes", "elapsed_s"):
-        assert key in result, key
-    assert not result["notes"]
-    rows = result["results"]
-    assert len(rows) == 2 * 3 * 2 * 2  # attention kinds x models x contexts x batches
-    for r in rows:
-        assert r["mem_mb"] > 0 and r["weights_mb"] > 0 and r["state_mb"] > 0
-        assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"] and r["prefill_ms"] > 0 and r["ms_per_token"] > 0
-    at = {(r["attn"], r["side"], r["batch"], r["context"]): r for r in rows}
-    for kind in ("MHA", "GQA2"):  # two streams and their prefix need a bigger KV cache than one stream
-        assert at[kind, "parscale", 2, 8]["state_mb"] > at[kind, "base", 2, 8]["state_mb"]
-    assert len(result["headline"]) == 2 * 1 * 2 * 2  # kinds x (P > 1) x batches x contexts
-    for h in result["headline"]:
-        assert {"memory_ratio", "latency_ratio", "memory_increase_parscale", "latency_increase_width"} <= set(h)
-    assert {c["along"] for c in result["crossovers"]} == {"context", "batch"}
-
-
-def test_two_paths_are_kept_apart(monkeypatch, capsys):
-    # a stand-in for kernels.fused (the eager decoder under the fused name) exercises the two-path sweep on CPU
-    monkeypatch.setattr(bench, "fused_decoder_for", lambda model, B, dtype, n: (bench.EagerDecoder(model, B), "stand-in"))
-    monkeypatch.setattr(bench, "fused_status", lambda device: (True, "test stand-in"), raising=False)
-    result = bench.main(["--device=cpu", *TOY, "--kv_heads=2", "--contexts=8"])
-    assert result["paths"] == ["fused", "eager"] and "test stand-in" in capsys.readouterr().out
-    assert {(r["path"], r["side"]) for r in result["results"]} == {(p, s) for p in ("fused", "eager") for s in ("base", "parscale", "width")}
-    assert {h["path"] for h in result["headline"]} == {"fused", "eager"} and result["paper_cell"]["path"] == "fused"
-
-
-def test_a_refused_model_is_measured_on_the_eager_path_only(monkeypatch, capsys):
-    why = "fused decode disagrees with model.py by 1.3 at step 2"
-    monkeypatch.setattr(bench, "fused_decoder_for", lambda model, B, dtype, n: (None, why))
-    monkeypatch.setattr(bench, "fused_status", lambda device: (True, "test stand-in"), raising=False)
-    result = bench.main(["--device=cpu", *TOY, "--kv_heads=2", "--contexts=8"])
-    assert {r["path"] for r in result["results"]} == {"eager"}
-    assert any(why in n and "eager path only" in n for n in result["notes"]) and why in capsys.readouterr().out
-
-
-def test_time_limit_skips_loudly(capsys):
-    result = bench.main(["--device=cpu", *TOY, "--time_limit=1e-9"])
-    assert result["results"] == [] and "TIME LIMIT" in result["notes"][0]
-    assert "TIME LIMIT" in capsys.readouterr().out
-
-
 def test_fused_path_is_refused_when_unavailable():
     with pytest.raises(UserError, match="--paths=fused"):
         bench.parse_args(["--device=cpu", "--paths=fused"])
-
-
-def test_train_mode(capsys):
-    # a stated peak: MFU is model.GPT.estimate_mfu's (without one it is n/a on CPU, see below)
-    result = bench.main(["--device=cpu", *TOY, "--mode=train", "--kv_heads=0", "--train_batch=2", "--train_seq=8",
-                         "--train_steps=1", "--peak_flops=1e12"])
-    out = capsys.readouterr().out
-    assert last_json_line(out)["mode"] == "train" and "1 TFLOP/s (--peak_flops)" in out
-    assert [t["P"] for t in result["train"]] == [1, 2] and result["peak_flops"] == 1e12
-    for t in result["train"]:
-        assert t["tokens_per_s"] > 0 and t["step_ms"] > 0 and t["flops_per_s"] > 0
-        assert t["mfu"] == pytest.approx(t["flops_per_s"] / 1e12)
-
-
-def test_peak_flops_comes_from_model_py():
-    assert bench.parse_args(["--device=cpu"]).peak_flops is None  # no datasheet peak for a CPU: MFU n/a
-    assert bench.parse_args(["--device=cpu", "--peak_flops=5e12"]).peak_flops == 5e12
-    assert not hasattr(bench, "H200_BF16_FLOPS")  # one table, common.PEAK_FLOPS
 
 
 # -----------------------------------------------------------------------------
@@ -147,26 +68,16 @@ def test_peak_flops_comes_from_model_py():
 # (tests/test_cli.py checks that the command line turns these into `error: ...` and exit 1)
 
 @pytest.mark.parametrize("flags, match", [
-    (["--batches=1,0"], r"--batches must list integers >= 1"),
-    (["--contexts="], r"--contexts must list integers >= 1"),
     (["--streams=-2"], r"--streams must list integers >= 1"),
-    (["--kv_heads=-1"], r"--kv_heads must list integers >= 0"),
-    (["--kv_heads=5"], r"--kv_heads=5 must divide --n_head=16"),
     (["--n_embd=100"], r"--n_embd=100 must be a multiple of --n_head=16"),
     (["--n_layer=0"], r"--n_layer must be >= 1"),
-    (["--l_out=0"], r"--l_out must be >= 1"),
     (["--repeats=0"], r"--repeats must be >= 1"),
-    (["--train_steps=0"], r"--train_steps must be >= 1"),
     (["--n_prefix=0"], r"--n_prefix must be >= 1 when --streams has a P > 1"),
     (["--k=-0.1"], r"--k must be a finite number >= 0"),
-    (["--time_limit=0"], r"--time_limit must be .* > 0, or -1"),
     (["--threads=0"], r"--threads must be >= 1, or -1 for all cores"),
-    (["--peak_flops=0"], r"--peak_flops must be a positive number of FLOP/s, or -1"),
-    (["--peak_bw=0"], r"--peak_bw must be a positive number of bytes/s"),
     (["--dtype=float16"], r"--dtype=float16 is for GPUs"),
     (["--device=tpu"], r"--device=tpu is not a device"),
     (["--device=meta"], r"--device=meta: bench.py runs on cpu, cuda"),
-    (["--mode=train", "--plot=x.png"], r"--plot draws the lesson's or the sweep's cost figure; --mode=train has none"),
     (["--mode=step", "--plot=x.png"], r"--mode=step has none"),
     (["--batch=0"], r"--batch must be >= 1"),
     (["--steps=0"], r"--steps must be >= 1"),
@@ -188,20 +99,17 @@ def test_plot_without_matplotlib_is_refused_up_front(monkeypatch):
         bench.parse_args(["--device=cpu", "--plot=cost.png"])
 
 
+def test_the_research_modes_are_the_cost_sweeps(capsys):
+    for mode in ("sweep", "train", "all"):  # experiments/cost_sweep.py's now (tests/test_cost_sweep.py)
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device=cpu", f"--mode={mode}"])
+        assert f"invalid choice: '{mode}'" in capsys.readouterr().err
+
+
 def test_list_flags_that_are_not_integers_are_argparse_errors(capsys):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--device=cpu", "--batches=1,two"])
+        bench.parse_args(["--device=cpu", "--streams=1,two"])
     assert "expected comma-separated integers such as 1,2,4, got '1,two'" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
-def test_decode_sweep_on_gpu():
-    # head_dim 32: the smallest the fused kernels take
-    result = bench.main(["--device=cuda", "--n_layer=1", "--n_embd=128", "--n_head=4", "--vocab_size=64", "--n_prefix=2",
-                         "--streams=1,2", "--batches=1,2", "--contexts=4,8", "--l_out=3", "--repeats=1"])
-    assert not result["notes"], result["notes"]
-    assert {r["path"] for r in result["results"]} == set(result["paths"])
-    assert all(r["peak_mb"] >= r["weights_mb"] > 0 and r["roofline"] > 0 for r in result["results"])
 
 
 # -----------------------------------------------------------------------------

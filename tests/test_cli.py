@@ -1,9 +1,10 @@
 """
-The command lines of prepare_data.py, sample.py and bench.py: a mistake the user can fix ends as one
-`error: ...` line on stderr that names the flag, exit status 1, no traceback. Every CASES entry is a
-real subprocess given a bad input that stops it before any real work (two at a time: each one spends
-most of its ~1.5 s importing torch, so there are few). Below them, sample.py's flag checks in-process; prepare_data.py's
-and bench.py's are in test_data.py and test_bench.py.
+The command lines of prepare_data.py, sample.py, bench.py and experiments/cost_sweep.py: a mistake the user
+can fix ends as one `error: ...` line on stderr that names the flag, exit status 1, no traceback. Every CASES
+entry is a real subprocess given a bad input that stops it before any real work (two at a time: each one spends
+most of its ~1.5 s importing torch, so there are few). Below them, sample.py's flag checks in-process; prepare_data.py's,
+bench.py's and cost_sweep.py's are in test_data.py, test_bench.py and test_cost_sweep.py (the other experiments'
+in test_experiments.py).
 """
 import dataclasses
 import importlib.util
@@ -42,11 +43,14 @@ CASES = {
     "sample-corrupt-ckpt": ("sample.py", ["--ckpt={tmp}/latin1.txt", "--device=cpu"], ["--ckpt", "corrupt or not a checkpoint"]),
     "sample-ok-long-prompt": ("sample.py", ["--ckpt={tmp}/p1.pt", "--device=cpu", "--start=" + "x" * 20, "--max_new_tokens=1",
                                             "--num_samples=1"], None),
-    # bench.py
-    "bench-batches": ("bench.py", ["--device=cpu", "--batches=1,0"], ["--batches must list integers >= 1"]),
+    # bench.py (the lesson) and experiments/cost_sweep.py (the research sweep)
+    "bench-batch": ("bench.py", ["--device=cpu", "--batch=0"], ["--batch must be >= 1"]),
+    "cost-sweep-batches": ("experiments/cost_sweep.py", ["--device=cpu", "--batches=1,0"], ["--batches must list integers >= 1"]),
 }
 if NO_MATPLOTLIB:
     CASES["bench-plot-without-matplotlib"] = ("bench.py", ["--device=cpu", "--plot={tmp}/cost.png"], ["--plot=", "needs matplotlib"])
+    CASES["cost-sweep-plot-without-matplotlib"] = ("experiments/cost_sweep.py", ["--device=cpu", "--plot={tmp}/cost.png"],
+                                                   ["--plot=", "needs matplotlib"])
 
 
 def save_ckpt(path, model, meta=BYTES_META):
