@@ -10,12 +10,12 @@ lesson measures the paper's claim at one shape; this maps where it holds.
     (no multi-GPU run: every measurement is one model on one device)
 
 For each attention kind (--kv_heads) it builds the P = 1 base, each P-stream model and its width-matched
-P = 1 model (bench.model_family: N_base (1 + k ln P), arXiv 2505.10475 section 3), then measures the
+P = 1 model (measure.model_family: N_base (1 + k ln P), arXiv 2505.10475 section 3), then measures the
 prefill of `context` tokens and l_out greedy decode steps (median of --repeats runs after a warm-up), on the
 fused path and on eager PyTorch. Memory: on CUDA the allocator's peak, on a CPU the weights plus the KV
 cache. It prints the table, the ratios and crossovers (crossovers.py), the cell nearest the paper's 22x / 6x,
-and one JSON line. The models, decoders and timing helpers are bench.py's. A mistake the user can fix ends
-as one `error: ...` line naming the flag, exit status 1, before anything is measured.
+and one JSON line. The models, decoders and timing helpers are measure.py's, as bench.py's are. A mistake
+the user can fix ends as one `error: ...` line naming the flag, exit status 1, before anything is measured.
 """
 import argparse
 import dataclasses
@@ -33,22 +33,22 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/cost_sweep.py` from anywhere
     sys.path.insert(0, ROOT)
-from bench import (PRESETS, all_cores, attn_label, build_model, free_memory, int_list, make_decoder,  # noqa: E402
-                   model_family, rounded, synchronize)
+from measure import (PRESETS, all_cores, attn_label, build_model, free_memory, int_list, make_decoder,  # noqa: E402
+                     model_family, rounded, synchronize)
 from common import UserError, peak_flops, resolve_device, resolve_dtype  # noqa: E402
 from experiments import plots  # noqa: E402
 from experiments.crossovers import paper_comparison, print_summary, summarise  # noqa: E402
 from kernels.fused import fused_status  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
-# the sweep's sizes for each of bench.py's shapes (its PRESETS give n_layer, n_embd, n_head, vocab_size, n_prefix,
+# the sweep's sizes for each of measure.py's shapes (its PRESETS give n_layer, n_embd, n_head, vocab_size, n_prefix,
 # repeats); gpt2 is the default on CUDA (the paper's L_out of 64), tiny on a CPU
 SIZES = {
     "paper": dict(batches=[1], contexts=[64, 512], l_out=16, train_batch=1, train_seq=512, train_steps=2),
     "gpt2": dict(batches=[1, 2, 4, 8], contexts=[128, 512, 1024], l_out=64, train_batch=4, train_seq=1024, train_steps=10),
     "tiny": dict(batches=[1, 2, 4, 8], contexts=[32, 128], l_out=16, train_batch=4, train_seq=64, train_steps=3),
 }
-SHAPE = ("n_layer", "n_embd", "n_head", "vocab_size", "n_prefix", "repeats")  # what the sweep takes from bench.PRESETS
+SHAPE = ("n_layer", "n_embd", "n_head", "vocab_size", "n_prefix", "repeats")  # what the sweep takes from measure.PRESETS
 H200_HBM_BYTES = 4.8e12  # H200 HBM3e bandwidth (spec): the default --peak_bw
 
 
@@ -318,7 +318,7 @@ def parse_args(argv):
     p.add_argument("--mode", choices=["decode", "train", "all"], default="decode",
                    help="decode: batches x contexts x attention kinds x paths; train: training cost; all: both")
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
-                   help="bench.py's shapes; auto = gpt2 on CUDA, tiny on CPU; flags below override it")
+                   help="measure.py's shapes; auto = gpt2 on CUDA, tiny on CPU; flags below override it")
     # model
     p.add_argument("--n_layer", type=int, default=None, help="None = preset")
     p.add_argument("--n_embd", type=int, default=None, help="None = preset")

@@ -10,6 +10,7 @@ import torch
 from util import tiny_config
 
 import bench
+import measure
 from common import UserError
 from model import GPT, GPTConfig, KVCache
 
@@ -20,7 +21,7 @@ def last_json_line(out):
 
 @pytest.mark.parametrize("cfg", [tiny_config(), tiny_config(n_kv_head=2), tiny_config(n_streams=4), tiny_config(bias=False)])
 def test_param_counts_are_a_real_models(cfg):
-    assert bench.param_counts(cfg) == GPT(cfg).param_report()
+    assert measure.param_counts(cfg) == GPT(cfg).param_report()
 
 
 @pytest.mark.parametrize("n_kv_head", [None, 2])
@@ -28,15 +29,15 @@ def test_match_width(n_kv_head):
     base = tiny_config(n_embd=64, n_head=8, n_kv_head=n_kv_head)  # head_dim 8
     mha = n_kv_head is None
     step = 1 if mha else 2
-    n_base = bench.param_counts(base)["backbone"]
+    n_base = measure.param_counts(base)["backbone"]
 
     def error(cfg, target):
-        return abs(bench.param_counts(cfg)["non_embedding"] - target)
+        return abs(measure.param_counts(cfg)["non_embedding"] - target)
 
     widths = []
     # 0.3x and 6x walk the width down and far up from the base
-    for target in [bench.equivalent_params(n_base, P, 0.39) for P in (1, 2, 4, 8)] + [0.3 * n_base, 6 * n_base]:
-        cfg = bench.match_width(base, target)
+    for target in [measure.equivalent_params(n_base, P, 0.39) for P in (1, 2, 4, 8)] + [0.3 * n_base, 6 * n_base]:
+        cfg = measure.match_width(base, target)
         assert (cfg.n_layer, cfg.head_dim, cfg.n_streams, cfg.vocab_size) == (base.n_layer, base.head_dim, 1, base.vocab_size)
         assert cfg.n_head % cfg.n_kv_head == 0 and cfg.n_kv_head == (cfg.n_head if mha else 2)  # GQA stays valid
         for h in (cfg.n_head - step, cfg.n_head + step):  # within rounding: no neighbouring width is closer
@@ -50,7 +51,7 @@ def test_match_width(n_kv_head):
 
 
 def test_family_pairs_every_p_with_a_width_model():
-    fam = bench.model_family(tiny_config(n_embd=96, n_head=12, n_kv_head=2), [1, 2, 8], k=0.39)
+    fam = measure.model_family(tiny_config(n_embd=96, n_head=12, n_kv_head=2), [1, 2, 8], k=0.39)
     assert [(m["side"], m["P"]) for m in fam] == [("base", 1), ("parscale", 2), ("width", 2), ("parscale", 8), ("width", 8)]
     assert all(m["cfg"].n_kv_head == 2 for m in fam)
     n_base = fam[0]["non_embedding"]
@@ -122,7 +123,7 @@ def test_lesson_end_to_end_with_its_json_line(capsys):
     result = bench.main(["--device=cpu", *LESSON])
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) <= 26, "the lesson is one table of at most 25 lines, then the JSON line"
-    assert last_json_line("\n".join(out))["ratios"] == json.loads(json.dumps(bench.rounded(result)))["ratios"]
+    assert last_json_line("\n".join(out))["ratios"] == json.loads(json.dumps(measure.rounded(result)))["ratios"]
     assert [m["label"] for m in result["models"]] == ["base", "P=2", "width~P2"]
     for m in result["models"]:
         assert len(m["prefill_s"]) == len(m["step_short_s"]) == len(m["step_long_s"]) == 3
@@ -138,7 +139,7 @@ def test_lesson_end_to_end_with_its_json_line(capsys):
 def fake_family(times):
     """model_family at the tiny shape, each model with fixed 'measurements': times[label] = dict of runs."""
     base_cfg = GPTConfig(n_layer=2, n_embd=96, n_head=12, n_kv_head=2, vocab_size=512, n_prefix=4, block_size=64)
-    family = bench.model_family(base_cfg, [1, 2], 0.39)
+    family = measure.model_family(base_cfg, [1, 2], 0.39)
     for m in family:
         m.update(times[m["label"]])
     return family
@@ -161,8 +162,8 @@ def test_lesson_ratios_on_a_fixed_timing_table():
     par = [0.010, 0.020]  # ParScale, paired run by run with its backbone
     wid = [w - b for w in (0.160, 0.170) for b in pool["step_short_s"]]  # width, against the whole pool
     med, lo, hi = r["step_short_s"]
-    assert med == pytest.approx(statistics.median(wid) / 0.015)
-    assert lo == pytest.approx(min(wid) / 0.020) and hi == pytest.approx(max(wid) / 0.010)
+    assert med == pytest.approx(statistics.median(wid) / statistics.median(par))
+    assert lo == pytest.approx(min(wid) / max(par)) and hi == pytest.approx(max(wid) / min(par))
     assert r["step_long_s"] == (0.0, 0.0, 0.0)  # width adds nothing at the long context here
     assert r["prefill_s"][0] < 1  # ParScale's prefill costs more than width's
     # prefill + 64 steps, run by run
@@ -172,7 +173,7 @@ def test_lesson_ratios_on_a_fixed_timing_table():
     assert r["total_s"][0] == pytest.approx(statistics.median(wid_total) / statistics.median(par_total))
     assert r["total_s"][1] == pytest.approx(min(wid_total) / max(par_total))
     assert family[1]["step_increase"] == pytest.approx(0.015 / 0.1025)  # +15 ms over the paired 102.5 ms
-    n = bench.param_counts(family[0]["cfg"])
+    n = measure.param_counts(family[0]["cfg"])
     assert family[0]["weights_mb"] == pytest.approx((n["embedding"] + n["non_embedding"]) * 2 / 2**20)
 
 
@@ -189,12 +190,12 @@ def test_floor_counts_the_bytes_of_the_tensors_a_step_reads(P, kv, B):
     # every weight once: wte is the LM head (tied), wpe gives one row; the prefixes are parameters
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "transformer.wpe.weight")
     cache = KVCache(model, B, max_len=20)
-    assert bench.floor_bytes(cfg, bench.param_counts(cfg), B, 20, 2) == weights + cache.k.nbytes + cache.v.nbytes
+    assert measure.floor_bytes(cfg, measure.param_counts(cfg), B, 20, 2) == weights + cache.k.nbytes + cache.v.nbytes
 
 
 def test_built_models_are_cheap_tied_finite_and_in_their_dtype():
     cfg = tiny_config(n_streams=2, n_kv_head=2)
-    model = bench.build_model(cfg, torch.device("cpu"), torch.bfloat16, seed=3)
+    model = measure.build_model(cfg, torch.device("cpu"), torch.bfloat16, seed=3)
     assert model.lm_head.weight is model.transformer.wte.weight
     for name, p in model.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.isfinite(p).all(), name
@@ -202,7 +203,7 @@ def test_built_models_are_cheap_tied_finite_and_in_their_dtype():
         assert nonzero.numel() == 0 or nonzero.min() >= torch.finfo(torch.bfloat16).tiny, f"{name}: subnormal"
     assert torch.equal(model.transformer.h[0].ln_1.weight, torch.ones(cfg.n_embd, dtype=torch.bfloat16))
     assert model.transformer.h[0].attn.c_attn.weight.float().std().item() == pytest.approx(0.02, rel=0.1)
-    again = bench.build_model(cfg, torch.device("cpu"), torch.bfloat16, seed=3)
+    again = measure.build_model(cfg, torch.device("cpu"), torch.bfloat16, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     idx = torch.randint(cfg.vocab_size, (2, 8))
     with torch.no_grad():
@@ -210,8 +211,8 @@ def test_built_models_are_cheap_tied_finite_and_in_their_dtype():
 
 
 def test_read_bandwidth_reads_more_than_the_last_cache():
-    bw, how = bench.read_bandwidth(torch.device("cpu"))
-    llc = bench.last_cache_bytes(torch.device("cpu"))
+    bw, how = measure.read_bandwidth(torch.device("cpu"))
+    llc = measure.last_cache_bytes(torch.device("cpu"))
     assert bw > 1e8 and "sums over" in how
     assert llc is None or f"{max(2**30, 4 * llc) / 2**30:.0f} GiB" in how
 

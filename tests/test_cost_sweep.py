@@ -7,6 +7,7 @@ import pytest
 from util import HAS_CUDA
 
 import bench
+import measure
 from common import UserError
 from experiments import cost_sweep, crossovers, plots
 
@@ -31,7 +32,7 @@ def test_decode_sweep_end_to_end(capsys, tmp_path):
     plot = [f"--plot={png}"] if plots.Figure is not None else []  # without matplotlib --plot is refused up front
     result = cost_sweep.main(["--device=cpu", *TOY, *plot])
     out = capsys.readouterr().out
-    assert last_json_line(out)["headline"] == json.loads(json.dumps(bench.rounded(result)))["headline"]
+    assert last_json_line(out)["headline"] == json.loads(json.dumps(measure.rounded(result)))["headline"]
     assert "decode paths: eager" in out and result["paths"] == ["eager"]  # CPU: said, not silent
     assert png.exists() == bool(plot)
     for key in ("models", "results", "headline", "crossovers", "paper_cell", "notes", "elapsed_s"):
@@ -53,7 +54,7 @@ def test_decode_sweep_end_to_end(capsys, tmp_path):
 
 def test_two_paths_are_kept_apart(monkeypatch, capsys):
     # a stand-in for kernels.fused (the eager decoder under the fused name) exercises the two-path sweep on CPU
-    monkeypatch.setattr(bench, "fused_decoder_for", lambda model, B, dtype, n: (bench.EagerDecoder(model, B), "stand-in"))
+    monkeypatch.setattr(measure, "fused_decoder_for", lambda model, B, dtype, n: (measure.EagerDecoder(model, B), "stand-in"))
     monkeypatch.setattr(cost_sweep, "fused_status", lambda device: (True, "test stand-in"))
     result = cost_sweep.main(["--device=cpu", *TOY, "--kv_heads=2", "--contexts=8"])
     assert result["paths"] == ["fused", "eager"] and "test stand-in" in capsys.readouterr().out
@@ -63,7 +64,7 @@ def test_two_paths_are_kept_apart(monkeypatch, capsys):
 
 def test_a_refused_model_is_measured_on_the_eager_path_only(monkeypatch, capsys):
     why = "fused decode disagrees with model.py by 1.3 at step 2"
-    monkeypatch.setattr(bench, "fused_decoder_for", lambda model, B, dtype, n: (None, why))
+    monkeypatch.setattr(measure, "fused_decoder_for", lambda model, B, dtype, n: (None, why))
     monkeypatch.setattr(cost_sweep, "fused_status", lambda device: (True, "test stand-in"))
     result = cost_sweep.main(["--device=cpu", *TOY, "--kv_heads=2", "--contexts=8"])
     assert {r["path"] for r in result["results"]} == {"eager"}
