@@ -50,7 +50,7 @@ from common import UserError, resolve_device, resolve_dtype
 from kernels.fused import fused_status  # the hand-written CUDA path: which one runs is printed
 from measure import (PRESETS, EagerDecoder, all_cores, build_model, fill_cache, floor_bytes, free_memory, int_list, kv_bytes,
                      measure_isolated, measure_model, model_family, param_counts, read_bandwidth, resource, rounded,
-                     step, step_allocations)
+                     step, step_allocations, synchronize)
 from model import GPTConfig
 
 try:  # only for --plot; the object-oriented API needs no backend choice (no import-time side effects)
@@ -302,9 +302,26 @@ def step_check(args):
         ms = lambda v: f"{statistics.median(v):6.1f} [{min(v):4.1f}, {max(v):4.1f}]"  # noqa: E731
         print(f"{ctx:5d} | {ms(r['p1_ms']):>18} | {ms(r['p8_ms']):>18} | {r['ratio']:6.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] "
               f"{floor:5.2f} {'<= ' + str(target):>6} | {alloc[1] / 2**10:,.0f}, {alloc[8] / 2**10:,.0f}")
+    # what 8 rows cost over 1 in one block's four Linears, where P = 8 pays beyond its bytes when the cache is short
+    block = models[1].transformer.h[0]
+    rows = {n: sum(linear_time(lin, n, args.device) for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc,
+                                                               block.mlp.c_proj)) for n in (1, 8)}
+    print(f"one block's four Linears, median: {rows[1]:.3f} ms for 1 row, {rows[8]:.3f} ms for 8 rows ({rows[8] / rows[1]:.2f}x)")
     print("targets: " + ", ".join(f"P=8/P=1 at ctx {r['context']} = {r['ratio']:.2f} ({'OK' if r['ok'] else 'MISSED'}, <= {r['target']})"
                                   for r in out))
-    return dict(step=out)
+    return dict(step=out, linear_ms=rows)
+
+
+def linear_time(linear, rows, device, reps=30):
+    """Median ms of one Linear on `rows` rows (after 5 warm-up calls)."""
+    x = torch.randn(rows, linear.in_features, device=device, dtype=linear.weight.dtype)
+    times = []
+    for _ in range(reps + 5):
+        t0 = time.perf_counter()
+        linear(x)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[5:]) * 1e3
 
 
 # -----------------------------------------------------------------------------

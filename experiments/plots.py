@@ -1,6 +1,6 @@
 """
-The figures, drawn from results alone: does P pay (prefix_matched's and diversity's JSON), and the cost
-sweep's cost increase against P (called by cost_sweep.py --plot). matplotlib is optional: without it
+The figures, drawn from results alone: does P pay (prefix_matched's and diversity's JSON), repeated data
+(called by repeated.py), and the cost sweep's cost increase against P (called by cost_sweep.py --plot). matplotlib is optional: without it
 the pays figure is skipped with a note, and cost_sweep.py refuses --plot before measuring.
 
     python experiments/plots.py --preset=cpu                     # results/pays_cpu.png from the committed JSON
@@ -109,6 +109,36 @@ def plot_cost(rows, families, args):
     fig.suptitle(f"measured cost increase, {path} path, context {ctx}, {args.l_out} decode steps, {args.device_name}")
     fig.savefig(args.plot, dpi=120)
     print(f"figure written to {args.plot}")
+
+
+def plot_repeated(result, path):
+    """repeated.py's figure: validation loss against the epoch for every arm (mean over the confirmation seeds,
+    the exploration seeds dotted), and beside it rho, the correlation of the streams' errors, for the P > 1 arms.
+    Without matplotlib: a note, no figure."""
+    if Figure is None:
+        print(f"note: matplotlib is not installed, so {path} was not drawn; the numbers are in the JSON beside it")
+        return
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_val, ax_rho = fig.subplots(1, 2)
+    arms = list(dict.fromkeys(r["arm"] for r in result["runs"]))
+    for i, arm in enumerate(arms):
+        for phase, style in (("confirm", "-"), ("explore", ":")):
+            curves = [r["curve"] for r in result["runs"] if r["arm"] == arm and r["phase"] == phase]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            epoch = [curves[0][j]["epoch"] for j in range(n)]
+            label = f"{arm} ({phase}, {len(curves)} seeds)"
+            ax_val.plot(epoch, [sum(c[j]["val"] for c in curves) / len(curves) for j in range(n)], style, color=f"C{i}", label=label)
+            rho = [[c[j]["rho"] for c in curves] for j in range(n)]
+            if all(v != "" for vs in rho for v in vs):
+                ax_rho.plot(epoch, [sum(vs) / len(vs) for vs in rho], style, color=f"C{i}", label=label)
+    ax_val.set(xlabel="epoch", ylabel="val loss (nats per byte)", title=f"repeated data: {result['train_tokens']:,} train tokens")
+    ax_rho.set(xlabel="epoch", ylabel="rho between streams' per-token losses", title="do the streams decorrelate?")
+    ax_val.legend(fontsize=6)
+    ax_rho.legend(fontsize=6)
+    fig.savefig(path, dpi=120)
+    print(f"figure written to {path}")
 
 
 def get_args(argv=None):

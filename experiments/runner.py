@@ -321,9 +321,10 @@ def add_seed_flags(p, name):
                    "e.g. results; '' = --out only")
 
 
-def parse(p, argv):
+def parse(p, argv, need_data=True):
     """Parse and check the shared flags; paths made absolute (train.py runs in the repository root); the data
-    folder's meta.json read now, not after the first run. The experiment checks its own flags after."""
+    folder's meta.json read now, not after the first run (need_data=False: an experiment that prepares its
+    own). The experiment checks its own flags after."""
     args = p.parse_args(argv)
     for key, v in vars(args).items():
         if p.get_default(key) == -1 and (v == 0 or v < -1):
@@ -343,7 +344,8 @@ def parse(p, argv):
         raise UserError(f"{flag}: no CUDA device here (torch {torch.__version__}); use --device=cpu or --preset=cpu")
     args.out = os.path.abspath(args.out or os.path.join("out", "scaling", args.preset))
     args.data_dir = os.path.abspath(args.data_dir)
-    read_meta(args.data_dir)
+    if need_data:
+        read_meta(args.data_dir)
     return args
 
 
