@@ -543,14 +543,18 @@ def test_without_the_self_check_a_rope_model_decodes_wrong(emulated, monkeypatch
     monkeypatch.setattr(model_module.CausalSelfAttention, "forward", rope_forward)
     monkeypatch.setattr(fused, "self_check", lambda *a, **k: (True, "check removed"))
     m = make_model(n_embd=64, n_head=2, n_streams=2, n_prefix=3, block_size=32)
-    dec, _ = fused.fused_decoder_for(m, 1, torch.float32, 20, cuda_graph=False)
-    idx = torch.randint(0, m.config.vocab_size, (1, 5))
+    with torch.no_grad():  # sharper attention, so that where RoPE moves a key's score, the output moves
+        for block in m.transformer.h:
+            block.attn.c_attn.weight.mul_(10)
+    dec, _ = fused.fused_decoder_for(m, 1, torch.float32, 28, cuda_graph=False)
+    gen = torch.Generator().manual_seed(0)  # positions 16 and up: rotations far from the identity
+    idx = torch.randint(0, m.config.vocab_size, (1, 16), generator=gen)
     cache = KVCache(m, 1)
     with torch.no_grad():
         m(idx, cache=cache)
         dec.prefill(idx)
         diffs = []
-        for tok in torch.randint(0, m.config.vocab_size, (4, 1, 1)):
+        for tok in torch.randint(0, m.config.vocab_size, (8, 1, 1), generator=gen):
             diffs.append((dec.decode_step(tok) - m(tok, cache=cache)[0][:, -1]).abs().max().item())
         assert max(diffs) > 10 * fused.CHECK_TOL, diffs
 
