@@ -97,7 +97,8 @@ def run_name(key, seed):
 def run_argv(pre, data_dir, out_dir, key, seed):
     P, width, extra = key
     argv = runner.train_argv(pre, data_dir, out_dir, width, P, pre["repeated_iters"], eval_interval=pre["repeated_eval_interval"],
-                             seed=seed) + [f"--n_layer={pre['repeated_n_layer']}", f"--n_head={width // pre['repeated_head_dim']}"]
+                             seed=seed) + [f"--n_layer={pre['repeated_n_layer']}", f"--n_head={width // pre['repeated_head_dim']}",
+                                     f"--eval_iters={pre['repeated_eval_iters']}"]
     return argv + [f"--prefix_reparam={pre['reparam_hidden']}" if f == "reparam" else f for f in extra]
 
 
@@ -214,7 +215,7 @@ def plan(pre, vocab_size, arms, jobs, budget_min, measure=True):
             key = run_key(pre, vocab_size, arm)
             if key not in cost:
                 evals = pre["repeated_iters"] // pre["repeated_eval_interval"] + 1
-                steps = pre["repeated_iters"] + evals * 2 * pre["eval_iters"] / 3  # an eval batch ~ a third of a step
+                steps = pre["repeated_iters"] + evals * 2 * pre["repeated_eval_iters"] / 3  # an eval batch ~ a third of a step
                 cost[key] = steps * (step_seconds(base_config(pre, vocab_size, key[0], key[1]), pre, "reparam" in key[2]) if measure else 0)
     finally:
         torch.set_num_threads(threads)
@@ -283,6 +284,8 @@ def repeated(args):
     for key in ("repeated_iters", "repeated_train_tokens"):
         if getattr(args, key) > 0:
             pre[key] = getattr(args, key)
+    if args.eval_iters > 0:
+        pre["repeated_eval_iters"] = args.eval_iters
     for key in ("explore_seeds", "confirm_seeds"):
         if getattr(args, key):
             pre[f"repeated_{key}"] = getattr(args, key)
