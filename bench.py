@@ -47,10 +47,9 @@ import time
 import torch
 
 from common import UserError, resolve_device, resolve_dtype
-from kernels.fused import fused_status  # the hand-written CUDA path: which one runs is printed
-from measure import (PRESETS, EagerDecoder, all_cores, build_model, fill_cache, floor_bytes, free_memory, int_list, kv_bytes,
-                     measure_isolated, measure_model, model_family, param_counts, read_bandwidth, resource, rounded,
-                     step, step_allocations, synchronize)
+from measure import (PRESETS, EagerDecoder, build_model, decode_paths, fill_cache, floor_bytes, free_memory,
+                     int_list, kv_bytes, measure_isolated, measure_model, model_family, param_counts, read_bandwidth,
+                     resource, rounded, step, step_allocations, synchronize, with_threads_and_dtype)
 from model import GPTConfig
 
 try:  # only for --plot; the object-oriented API needs no backend choice (no import-time side effects)
@@ -400,25 +399,12 @@ def parse_args(argv):
     if 1 not in args.streams:
         args.streams = [1] + args.streams  # the P=1 base is what every increase is measured from
 
-    # which decode paths run, and why: said once, never silently changed
-    fused_ok, why = fused_status(args.device)
-    if args.paths == "fused" and not fused_ok:
-        raise UserError(f"--paths=fused, but the fused path is unavailable: {why}; use --paths=auto or --paths=eager")
-    args.paths = ["fused", "eager"] if args.paths == "auto" and fused_ok else ["eager"] if args.paths != "fused" else ["fused"]
-    args.fused_reason = why
+    args.paths, args.fused_reason = decode_paths(args.paths, args.device)
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads if args.threads > 0 else all_cores())
-    try:
-        # the bench decodes, so auto on a CPU measures: bf16 where torch's bf16 matmul is fast here (common.py)
-        args.dtype, args.dtype_why = resolve_dtype(args.dtype, args.device, cpu_auto="probe")
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)  # main() is also called from tests: leave the process as found
+    return with_threads_and_dtype(parse_args(argv), run)
 
 
 def run(args):

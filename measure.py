@@ -20,8 +20,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kernels.fused import FusedDecoder, fused_decoder_for
-from common import UserError
+from common import UserError, resolve_dtype
+from kernels.fused import FusedDecoder, fused_decoder_for, fused_status
 from model import GPT, GPTConfig, KVCache
 
 try:  # peak resident memory of a process; absent on Windows, where the CPU peak is not measured
@@ -256,6 +256,28 @@ def free_memory(device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def decode_paths(requested, device):
+    """(the decode paths to run, why the fused one is or is not here), said once and never changed silently:
+    auto = fused (when kernels/fused.py works on this device) then eager; fused is refused if it does not."""
+    ok, why = fused_status(device)
+    if requested == "fused" and not ok:
+        raise UserError(f"--paths=fused, but the fused path is unavailable: {why}; use --paths=auto or --paths=eager")
+    return (["fused", "eager"] if requested == "auto" and ok else ["eager"] if requested != "fused" else ["fused"]), why
+
+
+def with_threads_and_dtype(args, run):
+    """run(args) with torch's CPU threads set (--threads, -1 = all cores) and args.dtype resolved: auto on a CPU
+    measures bf16 against fp32 first (common.choose_cpu_dtype), as decoding is what is measured; threads restored
+    after (the tests call main())."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads if args.threads > 0 else all_cores())
+    try:
+        args.dtype, args.dtype_why = resolve_dtype(args.dtype, args.device, cpu_auto="probe")
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def all_cores():

@@ -257,7 +257,7 @@ def setup(args):
         torch.cuda.set_device(device)
     device_type = device.split(":")[0]
     # auto = bfloat16 on a CUDA GPU that supports it, else float32 (resolve_dtype's CPU rule, cpu_auto="float32"):
-    # on the CPU, bf16 autocast does not speed up training at the quickstart's width (measured: see the README's reference)
+    # on the CPU, bf16 autocast does not speed up training at the quickstart's width (docs/reference.md, Device and dtype)
     dtype = str(resolve_dtype(args.dtype, device)[0]).removeprefix("torch.")
     peak = args.peak_flops if args.peak_flops > 0 else peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
     if ddp:

@@ -33,12 +33,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/cost_sweep.py` from anywhere
     sys.path.insert(0, ROOT)
-from measure import (PRESETS, all_cores, attn_label, build_model, free_memory, int_list, make_decoder,  # noqa: E402
-                     model_family, rounded, synchronize)
 from common import UserError, peak_flops, resolve_device, resolve_dtype  # noqa: E402
 from experiments import plots  # noqa: E402
 from experiments.crossovers import paper_comparison, print_summary, summarise  # noqa: E402
-from kernels.fused import fused_status  # noqa: E402
+from measure import (PRESETS, attn_label, build_model, decode_paths, free_memory, int_list, make_decoder,  # noqa: E402
+                     model_family, rounded, synchronize, with_threads_and_dtype)
 from model import GPT, GPTConfig  # noqa: E402
 
 # the sweep's sizes for each of measure.py's shapes (its PRESETS give n_layer, n_embd, n_head, vocab_size, n_prefix,
@@ -370,25 +369,12 @@ def parse_args(argv):
     if 1 not in args.streams:
         args.streams = [1] + args.streams  # the P=1 base is what every increase is measured from
 
-    # which decode paths run, and why: said once, never silently changed
-    fused_ok, why = fused_status(args.device)
-    if args.paths == "fused" and not fused_ok:
-        raise UserError(f"--paths=fused, but the fused path is unavailable: {why}; use --paths=auto or --paths=eager")
-    args.paths = ["fused", "eager"] if args.paths == "auto" and fused_ok else ["eager"] if args.paths != "fused" else ["fused"]
-    args.fused_reason = why
+    args.paths, args.fused_reason = decode_paths(args.paths, args.device)
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads if args.threads > 0 else all_cores())
-    try:
-        # the sweep decodes, so auto on a CPU measures: bf16 where torch's bf16 matmul is fast here (common.py)
-        args.dtype, args.dtype_why = resolve_dtype(args.dtype, args.device, cpu_auto="probe")
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)  # main() is also called from tests: leave the process as found
+    return with_threads_and_dtype(parse_args(argv), run)
 
 
 def run(args):

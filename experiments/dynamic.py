@@ -4,7 +4,7 @@ only), so that one backbone serves any of those P at inference (sample.py --stre
 
     python experiments/dynamic.py --preset=tiny            # seconds
     python experiments/dynamic.py --preset=cpu             # one frozen backbone, streams files for P = 2, 4, 8
-    python experiments/dynamic.py --preset=cpu --extra_iters=80 --eval_iters=10 --threads=1   # results/RESULTS.md
+    python experiments/dynamic.py --preset=cpu --extra_iters=80 --eval_iters=10 --threads=1   # docs/results.md
 
 Every P is evaluated as train.py --eval_only on the base plus its streams file, on the same val batches.
 The prefixes start as the base's own keys and values (--prefix_init=kv, see two_stage.py) unless

@@ -5,11 +5,11 @@ start with a step-0 evaluation, so that the loss spike at conversion shows.
 
     python experiments/two_stage.py --preset=tiny           # seconds
     python experiments/two_stage.py --preset=cpu            # P=1 base, then P=1 / P=4 / P=4 frozen / P=4 kv-init prefixes
-    python experiments/two_stage.py --preset=cpu --extra_iters=80 --eval_iters=10 --threads=1   # results/RESULTS.md
+    python experiments/two_stage.py --preset=cpu --extra_iters=80 --eval_iters=10 --threads=1   # docs/results.md
 
 Prefix init "kv" is train.py's --prefix_init=kv: instead of N(0, 0.02) draws, each stream's prefix is the
 base model's own keys and values on a random n_prefix-token training snippet, one snippet per stream (this
-repository's idea, not the paper's: it removes the loss spike at conversion, results/RESULTS.md section 3).
+repository's idea, not the paper's: it removes the loss spike at conversion, docs/results.md, Two-stage).
 Runs land in <out>/base and <out>/two_stage/<branch>; the curves in <out>/two_stage.csv and .json.
 """
 import json

@@ -55,7 +55,7 @@ def test_decode_sweep_end_to_end(capsys, tmp_path):
 def test_two_paths_are_kept_apart(monkeypatch, capsys):
     # a stand-in for kernels.fused (the eager decoder under the fused name) exercises the two-path sweep on CPU
     monkeypatch.setattr(measure, "fused_decoder_for", lambda model, B, dtype, n: (measure.EagerDecoder(model, B), "stand-in"))
-    monkeypatch.setattr(cost_sweep, "fused_status", lambda device: (True, "test stand-in"))
+    monkeypatch.setattr(measure, "fused_status", lambda device: (True, "test stand-in"))
     result = cost_sweep.main(["--device=cpu", *TOY, "--kv_heads=2", "--contexts=8"])
     assert result["paths"] == ["fused", "eager"] and "test stand-in" in capsys.readouterr().out
     assert {(r["path"], r["side"]) for r in result["results"]} == {(p, s) for p in ("fused", "eager") for s in ("base", "parscale", "width")}
@@ -65,7 +65,7 @@ def test_two_paths_are_kept_apart(monkeypatch, capsys):
 def test_a_refused_model_is_measured_on_the_eager_path_only(monkeypatch, capsys):
     why = "fused decode disagrees with model.py by 1.3 at step 2"
     monkeypatch.setattr(measure, "fused_decoder_for", lambda model, B, dtype, n: (None, why))
-    monkeypatch.setattr(cost_sweep, "fused_status", lambda device: (True, "test stand-in"))
+    monkeypatch.setattr(measure, "fused_status", lambda device: (True, "test stand-in"))
     result = cost_sweep.main(["--device=cpu", *TOY, "--kv_heads=2", "--contexts=8"])
     assert {r["path"] for r in result["results"]} == {"eager"}
     assert any(why in n and "eager path only" in n for n in result["notes"]) and why in capsys.readouterr().out
