@@ -18,7 +18,9 @@ tokens, whose cache is filled directly with random keys and values (a 1,000-toke
 minutes on a CPU at P = 8). For each model it prints N, the counted weights and KV cache, the measured
 peak memory, the prefill time and the ms per decode step (median [min, max] over the runs), and for
 each P the ratio of width scaling's increase over P = 1 to ParScale's, beside the paper's analytic
-22x memory and 6x latency (an A100, batch 1). Then one JSON line with everything.
+22x memory and 6x latency (an A100, batch 1). Then one JSON line with everything. ParScale's increase
+is measured against its own backbone run as P = 1 in the same process, one step each in turn (the
+machine's speed drifts by more than the increase); width's against every P = 1 run of the session.
 
 The "paper" preset is N-matched to the paper's 1.6B model in this codebase's architecture: 36 layers,
 width 2048, 16 query heads and 2 key/value heads of head_dim 128, vocabulary 151,936, 48 prefix slots,

@@ -114,7 +114,8 @@ def run_row(out_dir, arm, seed, phase, tokens_per_epoch, tokens_per_step):
                   stream_loss=noise.rnd(noise.mean(e["stream_loss"])) if e.get("stream_loss") else "") for e in ev]
     return dict(arm=arm, seed=seed, phase=phase, P=ARMS[arm][0], N=counts["non_embedding"], best_val=noise.rnd(best["val"]),
                 best_epoch=round(best["step"] * tokens_per_step / tokens_per_epoch, 2), final_val=noise.rnd(ev[-1]["val"]),
-                final_train=noise.rnd(ev[-1]["train"]), overfit=noise.rnd(ev[-1]["val"] - best["val"]), curve=curve)
+                final_train=noise.rnd(ev[-1]["train"]), overfit=noise.rnd(ev[-1]["val"] - best["val"]),
+                gap=noise.rnd(ev[-1]["val"] - ev[-1]["train"]), curve=curve)
 
 
 # -----------------------------------------------------------------------------
@@ -173,6 +174,7 @@ def verdicts(rows, chosen, phase="confirm"):
     return [
         judged(f"{chosen} beats P = 1 (best val)", paired(rows, chosen, "p1", "best_val", phase)),
         judged(f"{chosen} overfits less than P = 1 (final - best val)", paired(rows, chosen, "p1", "overfit", phase)),
+        judged(f"{chosen} generalises better than P = 1 (final val - train)", paired(rows, chosen, "p1", "gap", phase)),
         judged(f"{chosen} beats P = 1 with dropout 0.1", paired(rows, chosen, "p1_dropout", "best_val", phase)),
         judged(f"{chosen} beats the parameter-matched P = 1", paired(rows, chosen, f"p1_matched_p{P}", "best_val", phase)),
         judged(f"{chosen} beats or matches the law-width P = 1", paired(rows, chosen, f"p1_law_p{P}", "best_val", phase),
@@ -315,7 +317,7 @@ def repeated(args):
 
 def report(args, result):
     """Print the runs and the verdicts, confirmation seeds apart; write the JSON, a CSV of the runs and the figure."""
-    cols = ["phase", "arm", "seed", "P", "N", "best_val", "best_epoch", "final_val", "final_train", "overfit"]
+    cols = ["phase", "arm", "seed", "P", "N", "best_val", "best_epoch", "final_val", "final_train", "overfit", "gap"]
     print(runner.table(result["runs"], cols))
     for phase in ("explore", "confirm"):
         print(f"verdicts, {phase} seeds (paired at the same seed; a mean under {noise.NOISE} nats is noise):")

@@ -9,9 +9,9 @@ from common import UserError
 from experiments import repeated, runner
 
 
-def row(arm, seed, best, overfit=0.0, phase="confirm", rho=()):
+def row(arm, seed, best, overfit=0.0, phase="confirm", rho=(), gap=0.5):
     curve = [dict(step=s, epoch=s / 10, rho=r) for s, r in zip(range(0, 10 * len(rho), 10), rho)]
-    return dict(arm=arm, seed=seed, phase=phase, P=repeated.ARMS[arm][0], best_val=best, overfit=overfit, curve=curve)
+    return dict(arm=arm, seed=seed, phase=phase, P=repeated.ARMS[arm][0], best_val=best, overfit=overfit, gap=gap, curve=curve)
 
 
 def by(verdicts):
@@ -23,11 +23,13 @@ def test_verdicts_on_fixed_numbers():
     for seed, (p1, chosen, dropout, matched, law) in {3: (2.00, 1.95, 1.99, 2.00, 1.96),
                                                       4: (2.01, 1.97, 1.98, 2.02, 1.965),
                                                       5: (2.02, 1.96, 2.00, 2.01, 1.955)}.items():
-        rows += [row("p1", seed, p1, overfit=0.08), row("p4_reparam", seed, chosen, overfit=0.03, rho=("", 0.95, 0.93, 0.90)),
+        rows += [row("p1", seed, p1, overfit=0.08, gap=0.9), row("p4_reparam", seed, chosen, overfit=0.03, gap=0.9 + 0.002 * (seed - 4),
+                                                                        rho=("", 0.95, 0.93, 0.90)),
                  row("p1_dropout", seed, dropout, overfit=0.02), row("p1_matched_p4", seed, matched), row("p1_law_p4", seed, law)]
     v = by(repeated.verdicts(rows, "p4_reparam"))
     assert v["beats P = 1 (best val)"]["verdict"] == "holds" and v["beats P = 1 (best val)"]["mean"] == pytest.approx(-0.05)
     assert v["overfits less than P = 1 (final - best val)"]["verdict"] == "holds"
+    assert v["generalises better than P = 1 (final val - train)"]["verdict"] == "null: within noise"
     assert v["beats P = 1 with dropout 0.1"]["verdict"] == "holds"  # -0.04, -0.01, -0.04: every seed lower, mean beyond noise
     assert v["beats the parameter-matched P = 1"]["verdict"] == "holds"
     assert v["beats or matches the law-width P = 1"]["verdict"] == "holds (a match, within noise)"  # -0.01, +0.005, +0.005
@@ -95,7 +97,7 @@ def test_the_flow_end_to_end_on_the_tiny_preset(tmp_path, capsys):
     assert all(r["seed"] == 2 for r in result["runs"] if r["phase"] == "confirm")
     for r in result["runs"]:
         assert r["best_val"] <= r["final_val"] and r["overfit"] >= 0 and r["curve"][-1]["epoch"] == result["epochs"]
-    assert len(result["verdicts"]["confirm"]) == 6 and "verdicts, confirm seeds" in out
+    assert len(result["verdicts"]["confirm"]) == 7 and "verdicts, confirm seeds" in out
     for ext in ("json", "csv"):
         assert os.path.isfile(tmp_path / "res" / f"repeated_tiny.{ext}")
     again = repeated.main(args)  # a second command in the same --out trains nothing again
