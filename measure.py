@@ -45,10 +45,17 @@ PRESETS = {  # the shapes measured, and the lesson's sizes for each (the cost sw
 # -----------------------------------------------------------------------------
 # width matching: the P = 1 model that has the parameters P streams are worth
 
+_COUNTS = {}
+
+
 def param_counts(cfg):
-    """Exact GPT(cfg).param_report(), from a model built on the meta device (no memory, no init)."""
-    with torch.device("meta"):
-        return GPT(cfg).param_report()
+    """Exact GPT(cfg).param_report(), from a model built on the meta device (no memory), once per config:
+    even on meta the init costs ~0.1 s a model, and width matching asks for the same configs many times."""
+    key = repr(cfg)  # a dataclass's repr names every field
+    if key not in _COUNTS:
+        with torch.device("meta"):
+            _COUNTS[key] = GPT(cfg).param_report()
+    return dict(_COUNTS[key])
 
 
 def equivalent_params(n_base, n_streams, k):

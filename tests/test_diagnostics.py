@@ -35,7 +35,9 @@ def test_identical_prefixes_give_rho_one_kl_zero_and_no_gain():
     X, Y = (torch.randint(0, model.config.vocab_size, (2, 16)) for _ in range(2))
     nll, mix, kl = diagnostics.stream_losses(model, X, Y)
     d = diagnostics.diversity(nll, mix)
-    assert abs(d["rho"] - 1) < 1e-6 and abs(kl) < 1e-6 and d["gain"] <= 1e-6
+    # identical streams differ only by fp32 round-off of rows in one batched matmul (KL seen up to 1.3e-6 on a
+    # 2-core EPYC); two different prefixes give KL above 1e-4 (the next test)
+    assert abs(d["rho"] - 1) < 1e-6 and abs(kl) < 1e-5 and d["gain"] <= 1e-6
     assert_close(mix.mean(), model(X, Y)[1], atol=1e-6, what="mixture loss = the model's loss")
 
 
