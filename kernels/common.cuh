@@ -20,6 +20,12 @@ typedef float elem_t;
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// `extern __shared__ type name[]`: the dynamic shared memory of a launch. A macro, because C++ cannot declare
+// that at block scope: the tests compile this same text with g++ and define it there (tests/cuda_cpu.h).
+#ifndef DYNAMIC_SHARED
+#define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 // 16-byte aligned bundles for vector loads (own types: no vector_types.h under NVRTC)
 struct alignas(16) u32x4 { unsigned int a, b, c, d; };
 struct alignas(16) f32x4 { float a, b, c, d; };
@@ -49,7 +55,7 @@ __device__ __forceinline__ void load8(const elem_t* p, float* f) {
 #else
 __device__ __forceinline__ float to_f32(elem_t v) { return v; }
 __device__ __forceinline__ elem_t from_f32(float f) { return f; }
-// 8 consecutive elements starting at p (p must be 32-byte aligned) -> f[0..8)
+// 8 consecutive elements starting at p (p must be 16-byte aligned: two 16-byte loads) -> f[0..8)
 __device__ __forceinline__ void load8(const elem_t* p, float* f) {
     f32x4 v0 = reinterpret_cast<const f32x4*>(p)[0];
     f32x4 v1 = reinterpret_cast<const f32x4*>(p)[1];

@@ -11,7 +11,7 @@
 //
 // Launch (all four kernels): grid ceil(N / 8), block 256 (8 warps = 8 outputs per block),
 //   dynamic shared memory R * K * 4 bytes for the *_ln_* kernels (the wrapper keeps it <= 48 KB), 0 otherwise.
-// Limits: R <= RMAX; K % 8 == 0; W, in and x 16-byte aligned (32 bytes for fp32) with rows of K elements.
+// Limits: R <= RMAX; K % 8 == 0; W, in and x 16-byte aligned (bf16 and fp32 alike) with rows of K elements.
 
 // CHUNKS: 16-byte weight loads in flight per lane. The per-layer GEMVs have few outputs (a few hundred
 // warps on the whole GPU), so they need many loads per warp in flight (4: K = 768 in one round, K = 3072
@@ -92,7 +92,7 @@ extern "C" __global__ void __launch_bounds__(256) gemv_ln_store(
     const float* __restrict__ x, const float* __restrict__ ln_w, const float* __restrict__ ln_b,
     const elem_t* __restrict__ W, const elem_t* __restrict__ bias, elem_t* __restrict__ out,
     int R, int N, int K) {
-    extern __shared__ float xs[];
+    DYNAMIC_SHARED(float, xs);
     gemv_body<true, 0, 4>(x, ln_w, ln_b, nullptr, W, bias, out, nullptr, xs, R, N, K);
 }
 
@@ -101,7 +101,7 @@ extern "C" __global__ void __launch_bounds__(256) gemv_ln_gelu(
     const float* __restrict__ x, const float* __restrict__ ln_w, const float* __restrict__ ln_b,
     const elem_t* __restrict__ W, const elem_t* __restrict__ bias, elem_t* __restrict__ out,
     int R, int N, int K) {
-    extern __shared__ float xs[];
+    DYNAMIC_SHARED(float, xs);
     gemv_body<true, 1, 4>(x, ln_w, ln_b, nullptr, W, bias, out, nullptr, xs, R, N, K);
 }
 
