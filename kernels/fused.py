@@ -19,8 +19,8 @@ Before a decoder is made, two checks decide whether the kernels can stand in for
                     type they know with the options they assume, no forward is replaced or hooked on an instance;
   self_check        a small fp32 instance of the same classes and config (at most 2 layers, weights from
                     a local torch.Generator, so the caller's seeded sampling does not move) decodes a random
-                    prompt of up to 40 tokens plus 3 steps on both paths, eagerly; the logits must agree to 2e-4. The result is cached per
-                    config and per version of the classes' code.
+                    prompt of up to 40 tokens plus 3 steps on both paths, eagerly; the logits must agree to 2e-4.
+                    The result is cached per config and per version of the classes' code.
 A refusal is a reason string ("fused decode disagrees with model.py by 1.3 at step 2"); sample.py and
 bench.py print it and decode on the reference path.
 
@@ -30,12 +30,16 @@ and no CUDA headers, so bf16 is handled as raw bits, see common.cuh), is compile
 into a cubin for the device's compute capability, once per (dtype, head_dim, architecture), and loaded
 into each device with the driver's cuModuleLoadData. libnvrtc comes from the nvidia wheels that a CUDA
 build of torch from pip installs, else from $CUDA_HOME, else from the loader path; the build line says
-which. A CPU can compile (the tests do, for sm_80 and sm_90); only a GPU can load, launch and compare.
-Any failure (no libnvrtc, no libcuda, a compile error) is the reason string the path reports.
-Kernels are launched by our own cuLaunchKernel call through ctypes, with every argument marshalled to an
-explicit C type from the signature table SIGNATURES below (torch's own launcher turns a Python float into
-a C double), on torch's current stream, so the launches are recorded by CUDA-graph capture. Tensor
-arguments are checked for device and dtype at every launch.
+which. Any failure (no libnvrtc, no libcuda, a compile error) is the reason string the path reports.
+
+Launch: every argument is checked and converted to its exact C type from the kernel's own signature in
+the .cu source (signatures(); torch's own launcher would turn a Python float into a C double), then handed,
+as cuLaunchKernel's void** params, to a backend:
+  CudaDriver        the GPU: cuLaunchKernel through ctypes on torch's current stream, so a CUDA graph
+                    capture records the launches. The only backend sample.py and bench.py ever use.
+  (tests)           tests/kernels_cpu.py compiles the same source with g++ and runs it on the CPU, one
+                    launcher per kernel taking the same params; the tests pass it as backend=. It has no
+                    CUDA graph and no stream: there each launch runs to completion before it returns.
 
 One decode step (R = P*B rows, one token each; rows stream-major, r = s*B + b):
   embed                      x = wte[tok] + wpe[pos] -> fp32 residual (R, C); pos read from device memory
@@ -50,7 +54,7 @@ One decode step (R = P*B rows, one token each; rows stream-major, r = s*B + b):
   tail                       layernorm (ln_f); P > 1: model.aggregator (torch ops); LM head: gemv_f32
                              (B <= RMAX, fp32 logits directly) or cuBLAS + .float(); pos += 1
 Residual stream and all reductions are fp32; weights, activations between kernels and the cache use
-the decoder's dtype (bf16 or fp32). README, "The fused GPU decode path", has the measured times.
+the decoder's dtype (bf16 or fp32). docs/fused.md has the measured times and what is verified where.
 """
 
 import copy
@@ -76,20 +80,9 @@ GEMV_SMEM_LIMIT = 48 * 1024  # the LayerNorm prologue stages R * C floats; more 
 CHECK_TOL = 2e-4  # self-check: fp32 logits of both paths must agree to this (absolute and relative)
 ATT_MAX_SPLITS = 64
 DTYPES = {torch.bfloat16: "ELEM_BF16", torch.float32: "ELEM_F32"}
-
-# Kernel argument types, one letter per argument, checked against the .cu signatures by the CPU tests:
-#   e: elem_t* (decoder dtype)   F: float*   I: int*   L: long long*   U: unsigned int* (int32 tensor)
-#   i: int scalar                f: float scalar
-SIGNATURES = {
-    "embed": "LIeeFii",
-    "layernorm": "FFFeii",
-    "gemv_ln_store": "FFFeeeiii",
-    "gemv_ln_gelu": "FFFeeeiii",
-    "gemv_add": "eeeFiii",
-    "gemv_f32": "eeFiii",
-    "attn_decode": "eeeeeIFUeiiiiiif",
-}
-_TENSOR_DTYPES = {"F": torch.float32, "I": torch.int32, "L": torch.int64, "U": torch.int32}
+# A kernel argument's C type -> what it must be: a tensor of this dtype ("elem_t": the decoder's), or a scalar.
+C_TYPES = {"elem_t*": "elem_t", "float*": torch.float32, "int*": torch.int32, "long long*": torch.int64,
+           "unsigned int*": torch.int32, "int": ctypes.c_int, "float": ctypes.c_float}
 
 
 def _say(msg):
@@ -97,65 +90,87 @@ def _say(msg):
 
 
 def kernel_source(dtype, head_dim):
-    """The one NVRTC program for a (dtype, head_dim): preamble + common.cuh + every .cu file."""
+    """The one program for a (dtype, head_dim): preamble + common.cuh + every .cu file."""
     preamble = f"#define {DTYPES[dtype]}\n#define HEAD_DIM {head_dim}\n#define RMAX {RMAX}\n"
     parts = [preamble]
-    for name in SOURCES:  # #line: NVRTC's errors and warnings name the real file and line
+    for name in SOURCES:  # #line: compiler errors and warnings name the real file and line
         with open(os.path.join(KERNEL_DIR, name)) as fh:
             parts.append(f"// ---- {name} ----\n#line 1 \"kernels/{name}\"\n" + fh.read())
     return "\n".join(parts)
 
 
-def marshal(name, dtype, args, require_cuda=True):
-    """Check args against SIGNATURES[name] and turn them into ctypes values of the exact C types."""
-    sig = SIGNATURES[name]
+def parse_signatures(source):
+    """{kernel: ((C type, name), ...)} from the extern "C" __global__ definitions in CUDA source. The C type
+    is written without const and __restrict__: "elem_t*", "float*", "int", ..."""
+    out = {}
+    for m in re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\((.*?)\)\s*\{', source, re.S):
+        params = []
+        for arg in filter(str.strip, re.sub(r"//[^\n]*", "", m.group(2)).split(",")):
+            bare = re.sub(r"\b(const|__restrict__)\b", " ", arg)
+            words = re.fullmatch(r"\s*(\w+(?:\s+\w+)*?)\s*(\*?)\s*(\w+)\s*", bare)
+            ctype, name = re.sub(r"\s+", " ", words.group(1)) + words.group(2), words.group(3)
+            if ctype not in C_TYPES:
+                raise ValueError(f"kernel {m.group(1)}: argument {name} has type {ctype}, not one of {list(C_TYPES)}")
+            params.append((ctype, name))
+        out[m.group(1)] = tuple(params)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def signatures():
+    """Every kernel's arguments, read from kernels/*.cu: the one argument table (the same for every build)."""
+    return parse_signatures(kernel_source(torch.float32, 64))
+
+
+def marshal(name, dtype, args, device_type="cuda"):
+    """Check args against kernel `name`'s C signature and turn them into ctypes values of those exact types.
+    Tensors must be on `device_type` (the backend's) and of the dtype their C type needs."""
+    sig = signatures()[name]
     if len(args) != len(sig):
-        raise TypeError(f"{name}: expected {len(sig)} arguments ({sig}), got {len(args)}")
+        raise TypeError(f"{name}: expected {len(sig)} arguments ({', '.join(n for _, n in sig)}), got {len(args)}")
     values = []
-    for i, (a, t) in enumerate(zip(args, sig)):
-        if t in "eFILU":
-            want = dtype if t == "e" else _TENSOR_DTYPES[t]
-            if not isinstance(a, torch.Tensor) or (require_cuda and not a.is_cuda) or a.dtype != want:
+    for i, (a, (ctype, pname)) in enumerate(zip(args, sig)):
+        want = C_TYPES[ctype]
+        if ctype.endswith("*"):
+            want = dtype if want == "elem_t" else want
+            if not isinstance(a, torch.Tensor) or a.device.type != device_type or a.dtype != want:
                 got = f"{a.dtype} on {a.device}" if isinstance(a, torch.Tensor) else type(a).__name__
-                raise TypeError(f"{name}: argument {i} must be a CUDA {want} tensor, got {got}")
+                raise TypeError(f"{name}: argument {i} ({ctype} {pname}) must be a {device_type} {want} tensor, "
+                                f"got {got}")
             values.append(ctypes.c_void_p(a.data_ptr()))
-        elif t == "i":
+        elif want is ctypes.c_int:
             if not isinstance(a, int) or isinstance(a, bool) or not -2**31 <= a < 2**31:
-                raise TypeError(f"{name}: argument {i} must be an int32-range int, got {a!r}")
+                raise TypeError(f"{name}: argument {i} (int {pname}) must be an int32-range int, got {a!r}")
             values.append(ctypes.c_int(a))
-        else:  # "f"
+        else:  # float
             if not isinstance(a, (int, float)) or isinstance(a, bool):
-                raise TypeError(f"{name}: argument {i} must be a float, got {a!r}")
+                raise TypeError(f"{name}: argument {i} (float {pname}) must be a float, got {a!r}")
             values.append(ctypes.c_float(float(a)))
     return values
 
 
 class _Kernel:
-    """One compiled kernel, launched by cuLaunchKernel with explicitly typed arguments."""
+    """One kernel: marshals its arguments, then hands cuLaunchKernel's (grid, block, smem, void** params) to
+    `launch`, the backend's launcher for it."""
 
-    def __init__(self, libcuda, func, name, dtype):
-        self.libcuda, self.func, self.name, self.dtype = libcuda, func, name, dtype
+    def __init__(self, launch, name, dtype, device_type):
+        self.launch, self.name, self.dtype, self.device_type = launch, name, dtype, device_type
 
     def __call__(self, grid, block, *args, smem=0):
-        values = marshal(self.name, self.dtype, args)
+        values = marshal(self.name, self.dtype, args, self.device_type)
         params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = (block, 1, 1) if isinstance(block, int) else tuple(block) + (1,) * (3 - len(block))
-        stream = torch.cuda.current_stream().cuda_stream  # the capture stream while a graph is recorded
-        rc = self.libcuda.cuLaunchKernel(self.func, *[ctypes.c_uint(g) for g in grid], *[ctypes.c_uint(b) for b in block],
-                                         ctypes.c_uint(smem), ctypes.c_void_p(stream), params, None)
-        if rc != 0:
-            raise RuntimeError(f"cuLaunchKernel({self.name}, grid={grid}, block={block}, smem={smem}) failed: CUresult {rc}")
+        self.launch(grid, block, smem, params)
 
 
 class _Module:
-    """All kernels of one build, loaded into the current device, as attributes: mod.embed(grid, block, *args)."""
+    """All kernels of one build as attributes: mod.embed(grid, block, *args, smem=0)."""
 
-    def __init__(self, compiled, dtype):
-        t0 = time.perf_counter()
-        for name, func in nvrtc.load_module(compiled.cubin, SIGNATURES).items():
-            setattr(self, name, _Kernel(nvrtc.libcuda(), func, name, dtype))
-        self.compiled, self.load_s = compiled, time.perf_counter() - t0
+    def __init__(self, launchers, dtype, device_type, description):
+        for name, launch in launchers.items():
+            setattr(self, name, _Kernel(launch, name, dtype, device_type))
+        self.description = description
 
 
 def device_arch(index):
@@ -173,26 +188,65 @@ def compile_kernels(dtype, head_dim, arch, options=()):
                                  nvrtc=nvrtc.default_nvrtc(cuda_major))
 
 
+class CudaDriver:
+    """The GPU backend: NVRTC builds, cuModuleLoadData loads, cuLaunchKernel launches on torch's current
+    stream (the capture stream while a CUDA graph is recorded)."""
+    device_type, graphs, key = "cuda", True, "cuda"
+
+    def status(self, device):
+        """(True, '') where the kernels can run on `device`, else (False, why); the probe build is done by
+        fused_status."""
+        if device.type != "cuda":
+            return False, f"device is '{device}', the fused kernels need a CUDA device"
+        if not torch.cuda.is_available():
+            return False, "torch.cuda.is_available() is False (no GPU or a CPU-only torch build)"
+        if torch.version.hip is not None:
+            return False, "ROCm build of torch: the kernels are written for CUDA/NVRTC"
+        return True, ""
+
+    def load(self, dtype, head_dim, device):
+        """Compile (once per architecture) and load into `device` -> ({kernel: launch}, what was built)."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        compiled = compile_kernels(dtype, head_dim, device_arch(index))
+        if compiled.log:  # NVRTC warned: the build goes on, but says so (the CPU tests fail on it)
+            _say(f"NVRTC warnings for {compiled.arch}:\n{compiled.log}")
+        t0 = time.perf_counter()
+        with torch.cuda.device(index):  # cuModuleLoadData loads into the current context: make it this device's
+            torch.cuda.synchronize(index)  # a runtime call, so torch's primary context exists and is current
+            funcs = nvrtc.load_module(compiled.cubin, signatures())
+        cu = nvrtc.libcuda()
+
+        def launcher(name, func):
+            def launch(grid, block, smem, params):
+                stream = torch.cuda.current_stream().cuda_stream
+                rc = cu.cuLaunchKernel(func, *[ctypes.c_uint(g) for g in grid], *[ctypes.c_uint(b) for b in block],
+                                       ctypes.c_uint(smem), ctypes.c_void_p(stream), params, None)
+                if rc != 0:
+                    raise RuntimeError(f"cuLaunchKernel({name}, grid={grid}, block={block}, smem={smem}) failed: "
+                                       f"{nvrtc.cuda_error(rc)}")
+            return launch
+
+        what = (f"kernels/*.cu with {compiled.nvrtc} for {compiled.arch}, {str(dtype).removeprefix('torch.')}, "
+                f"head_dim {head_dim}: compiled in {compiled.seconds:.2f} s ({len(compiled.cubin) // 1024} KiB cubin), "
+                f"loaded in {time.perf_counter() - t0:.2f} s")
+        return {name: launcher(name, f) for name, f in funcs.items()}, what
+
+
+CUDA = CudaDriver()
 _MODULES = {}
 _REPORTED = set()
 
 
-def build(dtype, head_dim, device=None):
-    """Compile (once per architecture) and load (once per device) the kernels for this dtype and head size."""
-    dev = torch.device(device if device is not None else "cuda")
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    key = (dtype, head_dim, index)
+def build(dtype, head_dim, device=None, backend=CUDA):
+    """The kernels for this dtype and head size on `device`, built and loaded once per (backend, device)."""
+    dev = torch.device(device if device is not None else backend.device_type)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = (backend.key, dtype, head_dim, str(dev))
     if key not in _MODULES:
-        compiled = compile_kernels(dtype, head_dim, device_arch(index))
-        if compiled.log:  # NVRTC warned: the build goes on, but says so (the CPU tests fail on it)
-            _say(f"NVRTC warnings for {compiled.arch}:\n{compiled.log}")
-        with torch.cuda.device(index):  # cuModuleLoadData loads into the current context: make it this device's
-            torch.cuda.synchronize(index)  # a runtime call, so torch's primary context exists and is current
-            mod = _Module(compiled, dtype)
-        _say(f"built kernels/*.cu with {compiled.nvrtc} for {compiled.arch}, {str(dtype).removeprefix('torch.')}, "
-             f"head_dim {head_dim}: compiled in {compiled.seconds:.2f} s ({len(compiled.cubin) // 1024} KiB cubin), "
-             f"loaded in {mod.load_s:.2f} s")
-        _MODULES[key] = mod
+        launchers, what = backend.load(dtype, head_dim, dev)
+        _MODULES[key] = _Module(launchers, dtype, backend.device_type, what)
+        _say(f"built {what}")
     return _MODULES[key]
 
 
@@ -205,18 +259,15 @@ def _report(ok, reason):
     return ok, reason
 
 
-def fused_status(device=None):
+def fused_status(device=None, backend=CUDA):
     """(True, why) when the fused path can run on `device`, else (False, why). Never raises; says it once."""
     try:
-        dev = torch.device(device) if device is not None else torch.device("cuda")
-        if dev.type != "cuda":
-            return _report(False, f"device is '{dev}', the fused kernels need a CUDA device")
-        if not torch.cuda.is_available():
-            return _report(False, "torch.cuda.is_available() is False (no GPU or a CPU-only torch build)")
-        if torch.version.hip is not None:
-            return _report(False, "ROCm build of torch: the kernels are written for CUDA/NVRTC")
-        mod = build(torch.bfloat16, 64, dev)  # probe build: proves NVRTC, module loading and symbol lookup work
-        return _report(True, f"kernels built with {mod.compiled.nvrtc} and loaded on {torch.cuda.get_device_name(dev)}")
+        dev = torch.device(device) if device is not None else torch.device(backend.device_type)
+        ok, why = backend.status(dev)
+        if not ok:
+            return _report(False, why)
+        mod = build(torch.bfloat16, 64, dev, backend)  # probe build: proves the build, loading and symbol lookup
+        return _report(True, f"kernels built and loaded: {mod.description}")
     except Exception as e:  # the point of this function: any failure becomes a loud, explained fallback
         return _report(False, f"kernel build failed: {type(e).__name__}: {e}")
 
@@ -302,7 +353,7 @@ def _check_weights(model, gen):
 _SELF_CHECKS = {}
 
 
-def self_check(model, batch_size, attn_splits=None, steps=3):
+def self_check(model, batch_size, attn_splits=None, steps=3, backend=CUDA):
     """
     (True, what was checked) or (False, why not): decode a short random prompt with the fused kernels
     and with model.py on a small fp32 instance of the same classes and config, and compare the logits.
@@ -312,7 +363,7 @@ def self_check(model, batch_size, attn_splits=None, steps=3):
     small_cfg = dataclasses.replace(cfg, n_layer=min(cfg.n_layer, 2), dropout=0.0)
     # the smallest batch that takes the same kernel paths: hand GEMVs or cuBLAS for the layers and for the head
     B = batch_size if cfg.n_streams * batch_size <= RMAX else RMAX + 1 if batch_size > RMAX else _cdiv(RMAX + 1, cfg.n_streams)
-    key = (type(model), dataclasses.astuple(small_cfg), B, str(device), attn_splits, _code_version(model))
+    key = (type(model), dataclasses.astuple(small_cfg), B, str(device), attn_splits, backend.key, _code_version(model))
     if key in _SELF_CHECKS:
         return _SELF_CHECKS[key]
     gen = torch.Generator().manual_seed(1234)
@@ -324,7 +375,8 @@ def self_check(model, batch_size, attn_splits=None, steps=3):
             _check_weights(small, gen)
             T0 = max(1, min(40, cfg.block_size - steps))  # past 32 keys: the attention's splits merge
             tokens = torch.randint(0, cfg.vocab_size, (B, T0 + steps), generator=gen).to(device)
-            dec = FusedDecoder(small, B, dtype=torch.float32, cuda_graph=False, attn_splits=attn_splits, check=False)
+            dec = FusedDecoder(small, B, dtype=torch.float32, cuda_graph=False, attn_splits=attn_splits, check=False,
+                               backend=backend)
             dec.prefill(tokens[:, :T0])
             cache = KVCache(small, B)
             small(tokens[:, :T0], cache=cache)
@@ -345,11 +397,11 @@ def self_check(model, batch_size, attn_splits=None, steps=3):
     return result
 
 
-def fused_decoder_for(model, batch_size, dtype, max_len, cuda_graph=True):
+def fused_decoder_for(model, batch_size, dtype, max_len, cuda_graph=True, backend=CUDA):
     """(FusedDecoder, why) when the fused path can decode `model` for batch_size rows up to max_len
     tokens, else (None, why it is not used). Never raises: sample.py and bench.py print `why`."""
     device = next(model.parameters()).device
-    ok, why = fused_status(device)
+    ok, why = fused_status(device, backend)
     if ok:
         ok, reason = FusedDecoder.supports(model.config, batch_size, dtype)
         why = reason or why
@@ -358,7 +410,7 @@ def fused_decoder_for(model, batch_size, dtype, max_len, cuda_graph=True):
     if not ok:
         return None, why
     try:
-        dec = FusedDecoder(model, batch_size, dtype=dtype, cuda_graph=cuda_graph)
+        dec = FusedDecoder(model, batch_size, dtype=dtype, cuda_graph=cuda_graph, backend=backend)
     except UserError as e:  # refused by known_structure or self_check
         return None, str(e)
     except Exception as e:  # e.g. the build for this dtype, or memory: say so, and decode on the reference path
@@ -376,6 +428,8 @@ class FusedDecoder:
     (a copy of the model otherwise). Raises UserError if known_structure or self_check refuses the model
     (check=False skips self_check: the self-check itself uses that).
     attn_splits: force the number of flash-decoding splits (tests); None picks ~2 blocks per SM.
+    backend: who runs the kernels, CUDA (the GPU) unless a test passes its CPU backend; a backend without
+    CUDA graphs (the CPU one) runs every step eagerly, whatever cuda_graph says, and the start-up line says so.
     """
 
     @staticmethod
@@ -394,10 +448,11 @@ class FusedDecoder:
         return True, ""
 
     @torch.no_grad()
-    def __init__(self, model, batch_size, dtype=torch.bfloat16, cuda_graph=True, attn_splits=None, check=True):
+    def __init__(self, model, batch_size, dtype=torch.bfloat16, cuda_graph=True, attn_splits=None, check=True,
+                 backend=CUDA):
         cfg = model.config
         device = next(model.parameters()).device
-        ok, why = fused_status(device)
+        ok, why = fused_status(device, backend)
         if not ok:
             raise RuntimeError(f"FusedDecoder: the fused path is unavailable: {why}")
         ok, why = self.supports(cfg, batch_size, dtype)
@@ -405,15 +460,16 @@ class FusedDecoder:
             raise ValueError(f"FusedDecoder: {why}")
         problem, self.checked = known_structure(model), "self-check skipped"
         if not problem and check:
-            ok, self.checked = self_check(model, batch_size, attn_splits)
+            ok, self.checked = self_check(model, batch_size, attn_splits, backend=backend)
             problem = "" if ok else self.checked
         if problem:
             raise UserError(problem)
         if next(model.parameters()).dtype != dtype:
             model = copy.deepcopy(model).to(dtype)  # prefill and the aggregator run in the decoder's dtype
         self.model = model.eval()
-        self.config, self.device, self.dtype, self.cuda_graph = cfg, device, dtype, cuda_graph
-        self.k = build(dtype, cfg.head_dim, device)
+        self.config, self.device, self.dtype, self.backend = cfg, device, dtype, backend
+        self.cuda_graph = cuda_graph and backend.graphs
+        self.kernels = build(dtype, cfg.head_dim, device, backend)
         P, B, C, L = cfg.n_streams, batch_size, cfg.n_embd, cfg.n_layer
         H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.P, self.B, self.R, self.C, self.L, self.H, self.Hkv, self.hd = P, B, P * B, C, L, H, Hkv, hd
@@ -440,7 +496,7 @@ class FusedDecoder:
                 w_fc=w(p + "mlp.c_fc.weight"), b_fc=w(p + "mlp.c_fc.bias", torch.zeros(4 * C, device=device, dtype=dtype)),
                 w_p=w(p + "mlp.c_proj.weight"), b_p=w(p + "mlp.c_proj.bias", zeros),
                 # (P, Hkv, n_prefix, hd): the model's own prefix, shared by the B rows of each stream; a dummy at P = 1
-                pk=w(p + "attn.prefix_k", zeros), pv=w(p + "attn.prefix_v", zeros),
+                prefix_k=w(p + "attn.prefix_k", zeros), prefix_v=w(p + "attn.prefix_v", zeros),
             ))
         self.ln_f = ln("transformer.ln_f")
 
@@ -469,47 +525,48 @@ class FusedDecoder:
             _say(f"FusedDecoder: P={P} B={B} rows={R} {str(dtype).removeprefix('torch.')}, layers on "
                  f"{'hand GEMV kernels' if self.gemv_rows else f'cuBLAS (rows {R} > {RMAX} or LayerNorm smem too big)'}, "
                  f"LM head on {'gemv_f32' if self.gemv_head else 'cuBLAS'}, {self.n_split} attention split(s), "
-                 f"CUDA graph {'ON' if cuda_graph else 'OFF'}")
+                 f"CUDA graph {'ON' if self.cuda_graph else 'OFF'}"
+                 f"{'' if backend.graphs else f' (none on the {backend.device_type} backend)'}")
 
     # ---------------------------------------------------------------- one decode step (graph-capturable)
 
     def _head(self):
         """x (R, C) fp32 -> logits (B, V) fp32: ln_f, the model's aggregator (P > 1), LM head. No host sync."""
-        k, P, B, R, C = self.k, self.P, self.B, self.R, self.C
-        k.layernorm((_cdiv(R, 8),), 256, self.x, *self.ln_f, self.h, R, C)
+        kern, P, B, R, C = self.kernels, self.P, self.B, self.R, self.C
+        kern.layernorm((_cdiv(R, 8),), 256, self.x, *self.ln_f, self.h, R, C)
         last = self.h
         if P > 1:  # the model's own module: a changed aggregator is followed, not re-derived
             last = self.model.aggregator(self.h.view(R, 1, C)).reshape(B, C).to(self.dtype).contiguous()
         if self.gemv_head:
             V = self.logits.size(1)
-            k.gemv_f32((_cdiv(V, 8),), 256, last, self.wte, self.logits, B, V, C)  # tied: lm_head is wte
+            kern.gemv_f32((_cdiv(V, 8),), 256, last, self.wte, self.logits, B, V, C)  # tied: lm_head is wte
             return self.logits
         return F.linear(last, self.wte).float()
 
     def _step(self):
         """One token for every row: reads self.tok and self.pos, appends to the cache, pos += 1."""
-        k, R, C, B = self.k, self.R, self.C, self.B
-        k.embed((_cdiv(C, 256), R), 256, self.tok, self.pos, self.wte, self.wpe, self.x, B, C)
-        for li, ly in enumerate(self.layers):
+        kern, R, C, B = self.kernels, self.R, self.C, self.B
+        kern.embed((_cdiv(C, 256), R), 256, self.tok, self.pos, self.wte, self.wpe, self.x, B, C)
+        for i, layer in enumerate(self.layers):
             if self.gemv_rows:
-                k.gemv_ln_store((_cdiv(self.n_qkv, 8),), 256, self.x, *ly["ln1"], ly["w_qkv"], ly["b_qkv"], self.qkv,
-                                R, self.n_qkv, C, smem=R * C * 4)
+                kern.gemv_ln_store((_cdiv(self.n_qkv, 8),), 256, self.x, *layer["ln1"], layer["w_qkv"], layer["b_qkv"],
+                                   self.qkv, R, self.n_qkv, C, smem=R * C * 4)
             else:
-                k.layernorm((_cdiv(R, 8),), 256, self.x, *ly["ln1"], self.h, R, C)
-                torch.addmm(ly["b_qkv"], self.h, ly["w_qkv"].t(), out=self.qkv)
-            k.attn_decode((self.n_split, self.H, R), 128, self.qkv, ly["pk"], ly["pv"], self.cache.k[li], self.cache.v[li],
-                          self.pos, self.part, self.counters, self.y, B, self.H, self.Hkv, self.n_prefix, self.Tmax,
-                          self.n_split, self.scale)
+                kern.layernorm((_cdiv(R, 8),), 256, self.x, *layer["ln1"], self.h, R, C)
+                torch.addmm(layer["b_qkv"], self.h, layer["w_qkv"].t(), out=self.qkv)
+            kern.attn_decode((self.n_split, self.H, R), 128, self.qkv, layer["prefix_k"], layer["prefix_v"],
+                             self.cache.k[i], self.cache.v[i], self.pos, self.part, self.counters, self.y,
+                             B, self.H, self.Hkv, self.n_prefix, self.Tmax, self.n_split, self.scale)
             if self.gemv_rows:
-                k.gemv_add((_cdiv(C, 8),), 256, self.y, ly["w_o"], ly["b_o"], self.x, R, C, C)
-                k.gemv_ln_gelu((_cdiv(4 * C, 8),), 256, self.x, *ly["ln2"], ly["w_fc"], ly["b_fc"], self.f,
-                               R, 4 * C, C, smem=R * C * 4)
-                k.gemv_add((_cdiv(C, 8),), 256, self.f, ly["w_p"], ly["b_p"], self.x, R, C, 4 * C)
+                kern.gemv_add((_cdiv(C, 8),), 256, self.y, layer["w_o"], layer["b_o"], self.x, R, C, C)
+                kern.gemv_ln_gelu((_cdiv(4 * C, 8),), 256, self.x, *layer["ln2"], layer["w_fc"], layer["b_fc"],
+                                  self.f, R, 4 * C, C, smem=R * C * 4)
+                kern.gemv_add((_cdiv(C, 8),), 256, self.f, layer["w_p"], layer["b_p"], self.x, R, C, 4 * C)
             else:
-                self.x.add_(F.linear(self.y, ly["w_o"], ly["b_o"]))
-                k.layernorm((_cdiv(R, 8),), 256, self.x, *ly["ln2"], self.h, R, C)
-                torch.addmm(ly["b_fc"], self.h, ly["w_fc"].t(), out=self.f)
-                self.x.add_(F.linear(F.gelu(self.f), ly["w_p"], ly["b_p"]))
+                self.x.add_(F.linear(self.y, layer["w_o"], layer["b_o"]))
+                kern.layernorm((_cdiv(R, 8),), 256, self.x, *layer["ln2"], self.h, R, C)
+                torch.addmm(layer["b_fc"], self.h, layer["w_fc"].t(), out=self.f)
+                self.x.add_(F.linear(F.gelu(self.f), layer["w_p"], layer["b_p"]))
         logits = self._head()
         self.pos.add_(1)
         return logits
@@ -585,18 +642,3 @@ class FusedDecoder:
             idx = torch.cat((idx, sample_next(logits, temperature, top_k)), dim=1)
         return idx
 
-
-def parse_signatures(source):
-    """{kernel: letters} from the extern "C" __global__ definitions in CUDA source (used by the CPU tests)."""
-    kinds = [(r"^(const\s+)?elem_t\s*\*", "e"), (r"^(const\s+)?float\s*\*", "F"), (r"^(const\s+)?int\s*\*", "I"),
-             (r"^(const\s+)?long long\s*\*", "L"), (r"^(const\s+)?unsigned int\s*\*", "U"),
-             (r"^int\s+\w+$", "i"), (r"^float\s+\w+$", "f")]
-    out = {}
-    for m in re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\((.*?)\)\s*\{', source, re.S):
-        letters = ""
-        for arg in re.sub(r"//[^\n]*", "", m.group(2)).split(","):
-            arg = arg.replace("__restrict__", "").strip()
-            arg = re.sub(r"\s+", " ", arg)
-            letters += next(code for pat, code in kinds if re.match(pat, arg))
-        out[m.group(1)] = letters
-    return out
