@@ -27,3 +27,41 @@ def tiny_config(**kw):
     args = dict(block_size=32, vocab_size=61, n_layer=2, n_head=4, n_embd=32, dropout=0.0, n_prefix=3)
     args.update(kw)
     return GPTConfig(**args)
+
+
+def make_model(seed=0, device="cpu", **kw):
+    """A small model for the fused path's tests, every parameter off its trivial init value: prefixes large so
+    the streams really differ, the aggregator's mix non-uniform, LayerNorms and biases non-trivial. Written by
+    parameter name and shape alone, so a modified model.py (the README's exercises) works too."""
+    from model import GPT
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**kw)).to(device).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".prefix_" in name:
+                p.normal_(0, 1.0)
+            elif name.startswith("aggregator.") or (p.dim() == 1 and name.endswith("bias")):
+                p.normal_(0, 0.5 if name.startswith("aggregator.") else 0.2)
+            elif p.dim() == 1:  # LayerNorm weights
+                p.normal_(1.0, 0.2)
+    return model
+
+
+def reference_attention(qkv, pk, pv, ck, cv, pos, B, H, Hkv, n_pre, scale):
+    """Plain softmax attention, in float64, of each row's new query over [prefix | cache[:pos] | new k/v]:
+    what attention.cu's attn_decode computes (rows stream-major, GQA by head groups)."""
+    R, hd = qkv.size(0), ck.size(-1)
+    q, k, v = qkv.double().split([H * hd, Hkv * hd, Hkv * hd], dim=1)
+    out = torch.empty(R, H, hd, dtype=torch.float64)
+    for r in range(R):
+        for h in range(H):
+            hk = h // (H // Hkv)
+            parts_k = [ck[r, hk, :pos].double(), k[r, hk * hd:(hk + 1) * hd][None]]
+            parts_v = [cv[r, hk, :pos].double(), v[r, hk * hd:(hk + 1) * hd][None]]
+            if n_pre:
+                parts_k.insert(0, pk[r // B, hk].double())
+                parts_v.insert(0, pv[r // B, hk].double())
+            K, V = torch.cat(parts_k), torch.cat(parts_v)
+            att = (K @ (q[r, h * hd:(h + 1) * hd] * scale)).softmax(0)
+            out[r, h] = att @ V
+    return out.view(R, H * hd)
