@@ -18,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,9 @@ SANITIZERS = {  # name -> (compile flags, the runtime library to preload)
 
 
 def missing():
-    """'' when g++ can build here, else what is missing."""
+    """'' when the kernels can be built and run on this CPU, else what is missing."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"tests/cuda_cpu.h switches fibers with x86-64 instructions; this machine is {platform.machine()}"
     return "" if shutil.which(CXX) else f"no C++ compiler ({CXX}) on PATH"
 
 
