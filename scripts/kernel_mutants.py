@@ -62,6 +62,7 @@ def plant(dest, mutant):
 def run_tests(dest, tests):
     """The README's test command in dest -> (summary line, {failed test: why}, seconds)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARSCALE_")}
+    env["COLUMNS"] = "400"  # pytest cuts each failure's reason to the terminal's width
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", *tests, "-rf", "-p", "no:cacheprovider"], cwd=dest,
                        env=env, capture_output=True, text=True)
