@@ -64,13 +64,19 @@ def run_tests(dest, tests):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARSCALE_")}
     env["COLUMNS"] = "400"  # pytest cuts each failure's reason to the terminal's width
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", *tests, "-rf", "-p", "no:cacheprovider"], cwd=dest,
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", *tests, "-vv", "-rf", "-p", "no:cacheprovider"], cwd=dest,
                        env=env, capture_output=True, text=True)
     out = r.stdout + r.stderr
     summary = next((ln.strip("= ") for ln in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed)", ln)), "")
+    failed = {test: "" for test in re.findall(r"^(tests/\S+) FAILED", out, re.M)}  # -vv: each test as it ends
+    if not summary and r.returncode < 0:  # the test process died, in the test whose line has no outcome
+        died = re.search(r"^(tests/\S+) (?!PASSED|FAILED|SKIPPED)(.*)\n(?:.*\n)*?Fatal Python error: (.*)$", out, re.M)
+        if died:
+            failed[died.group(1)] = f"the test process died here: {died.group(2).strip()} ({died.group(3).strip()})"
+        return (f"pytest died (signal {-r.returncode}) after {out.count(' PASSED')} passed, {len(failed)} failed",
+                failed, time.time() - t0)
     if not summary:
         raise SystemExit(f"error: pytest exited {r.returncode} without running the tests:\n{out[-3000:]}")
-    failed = {}
     for m in re.finditer(r"^FAILED (\S+)(?: - (.*))?$", out, re.M):
         test = m.group(1)
         section = out.split(f"_ {test.split('::')[-1]} _", 1)[-1].split("\n____", 1)[0] if "sanitizer" in test else ""
@@ -87,8 +93,8 @@ def describe(failed):
     lines = []
     for name, whys in groups.items():
         sanitizer = sorted({w for w in whys if "Sanitizer" in w or "runtime error" in w})
-        lines.append(f"    {name}" + (f" x{len(whys)}" if len(whys) > 1 else "") +
-                     (f": {'; '.join(sanitizer)}" if sanitizer else f": {whys[0][:90]}" if whys[0] else ""))
+        why = "; ".join(sanitizer) or next((w for w in whys if "died" in w), "") or next(filter(None, whys), "")
+        lines.append(f"    {name}" + (f" x{len(whys)}" if len(whys) > 1 else "") + (f": {why[:110]}" if why else ""))
     return lines
 
 
@@ -106,7 +112,7 @@ def main():
     gxx = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     lines = [f"# python scripts/kernel_mutants.py: each bug planted alone in a scratch copy of {commit.strip()}"
              f"{' (with uncommitted changes)' if dirty else ''}, then `python -m pytest -q {' '.join(args.tests)}` "
-             f"(+ -rf) there", f"# {time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores, Python "
+             f"(+ -vv -rf, for the report) there", f"# {time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores, Python "
              f"{platform.python_version()}, {gxx[0] if gxx else 'no g++'}", ""]
     chosen = range(len(MUTANTS) + 1) if args.only is None else [args.only]
     uncaught = []
