@@ -1,8 +1,10 @@
 """
-What the entry points share that is not the model: the mistake a user can fix (UserError), and one
-resolver each for the device, the dtype and a data folder's meta.json. train.py, sample.py, bench.py,
-prepare_data.py and the experiments all use these, so a flag means the same thing everywhere and a
-mistake reads the same everywhere.
+What the entry points share that is not the model: the mistake a user can fix (UserError) and the one
+place where a model config from the user is checked (model_config); one resolver each for the device,
+the dtype and a data folder's meta.json; and what model.py leaves to its users: parameter counts by
+role, training FLOPs and MFU, and sampling a next token. train.py, sample.py, bench.py, prepare_data.py
+and the experiments all use these, so a flag means the same thing everywhere and a mistake reads the
+same everywhere.
 """
 
 import json
@@ -13,17 +15,33 @@ import time
 import torch
 import torch.nn.functional as F
 
+from model import GPTConfig
+
 
 class UserError(ValueError):
     """A mistake the user can fix: a bad flag or config value, a missing or wrong file, a full disk.
     Every entry point prints it as one `error: ...` line and exits 1; any other exception is a bug and
-    keeps its traceback."""
+    keeps its traceback, a plain ValueError included."""
 
 
 def check(ok, message):
     """Refuse what the user can fix: raise UserError(message) unless ok."""
     if not ok:
         raise UserError(message)
+
+
+def model_config(source, **fields):
+    """
+    GPTConfig(**fields) for values that come from the user, flags or a file; source says which
+    ("the model flags", "checkpoint out/ckpt.pt"). model.py knows nothing of UserError: its config
+    checks raise ValueError naming the field. Here, and only here, that ValueError becomes the
+    user's mistake: a UserError that names the source too. Values checked here once (at parse time,
+    at load time) are then built into a GPTConfig directly; a ValueError anywhere else is a bug.
+    """
+    try:
+        return GPTConfig(**fields)
+    except ValueError as e:
+        raise UserError(f"{source}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -132,3 +150,49 @@ def load_meta(data_dir, files=("meta.json", "train.bin", "val.bin")):
             and isinstance(meta.get("vocab_size"), int) and meta["vocab_size"] > 0):
         raise UserError(f"--data_dir={data_dir}: {path} lacks a 'tokenizer' or a positive integer 'vocab_size': {todo}")
     return meta
+
+
+# -----------------------------------------------------------------------------
+# what model.py leaves to its users: parameter counts, FLOPs and MFU, the next token
+
+def param_report(model):
+    """Parameter counts of a model.GPT by role. non_embedding is the N of the scaling law (arXiv
+    2505.10475, section 3), ParScale's prefixes and aggregator included; the tied lm_head / wte
+    count once, as embedding."""
+    r = dict(embedding=0, backbone=0, prefixes=0, aggregator=0)
+    for name, p in model.named_parameters():
+        role = ("embedding" if name.startswith(("transformer.wte", "transformer.wpe")) else
+                "prefixes" if ".prefix_" in name else "aggregator" if name.startswith("aggregator.") else "backbone")
+        r[role] += p.numel()
+    r["non_embedding"] = r["backbone"] + r["prefixes"] + r["aggregator"]
+    r["total"] = r["non_embedding"] + r["embedding"]
+    return r
+
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs per token (forward + backward) of a model.GPT: the backbone runs P times, the LM
+    head once (PaLM, arXiv 2204.02311, appendix B: 6N + attention, counted per stream)."""
+    cfg, r = model.config, param_report(model)
+    P, L, H, Q = cfg.n_streams, cfg.n_layer, cfg.n_head, cfg.head_dim
+    body = 6 * (r["backbone"] + r["prefixes"]) * P
+    attn = 12 * L * H * Q * (seq_len + cfg.n_prefix_slots) * P  # each query against prefix + context
+    head = 6 * (cfg.vocab_size * cfg.n_embd + r["aggregator"])
+    return body + attn + head
+
+
+def estimate_mfu(model, tokens_per_second, seq_len, peak):
+    """Model FLOPs utilisation: achieved training FLOP/s over `peak` FLOP/s (None if peak unknown)."""
+    return flops_per_token(model, seq_len) * tokens_per_second / peak if peak else None
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """Next tokens (B, 1) from last-position logits (B, V), as model.GPT.generate samples them, plus
+    temperature 0 = greedy. For kernels/fused.py, whose decoder samples on its own."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/fit.py` from anywhere
     sys.path.insert(0, ROOT)
 from checkpoint import load_checkpoint  # noqa: E402
-from common import UserError  # noqa: E402
+from common import UserError, param_report  # noqa: E402
 from experiments import law, runner  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -93,7 +93,7 @@ def points_from(path):
     for dirpath, _, files in sorted(os.walk(path)):
         if "ckpt.pt" in files and runner.evals(dirpath):
             ckpt = load_checkpoint(os.path.join(dirpath, "ckpt.pt"))
-            N.append(GPT(GPTConfig(**ckpt["model_args"])).param_report()["non_embedding"])
+            N.append(param_report(GPT(GPTConfig(**ckpt["model_args"])))["non_embedding"])
             P.append(ckpt["model_args"]["n_streams"])
             L.append(runner.evals(dirpath)[-1]["val"])
     return N, P, L

@@ -21,7 +21,7 @@ import sys
 import torch
 
 from checkpoint import load_checkpoint
-from common import UserError, peak_flops
+from common import UserError, flops_per_token, param_report, peak_flops
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,7 +175,7 @@ def params(out_dir):
     """A finished run's parameter counts (model.param_report of its checkpoint's model_args: a reparameterised
     run's checkpoint holds the folded prefixes) and the size of its prefix MLPs, which only training uses."""
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-    r = GPT(GPTConfig(**ckpt["model_args"])).param_report()
+    r = param_report(GPT(GPTConfig(**ckpt["model_args"])))
     return dict(r, reparam=sum(v.numel() for v in ckpt.get("prefix_reparam", {}).values()))
 
 
@@ -221,7 +221,7 @@ def read_meta(data_dir):
 
 def plan(pre, data_dir, runs):
     """
-    What a sweep will cost, run by run: tokens and FLOPs (model.flops_per_token, evaluations counted as
+    What a sweep will cost, run by run: tokens and FLOPs (common.flops_per_token, evaluations counted as
     forward passes, a third of a training step's FLOPs per token), and for a GPU an estimate of the time from
     three assumptions: ASSUMED_MFU of the H200's datasheet bf16 peak (common.peak_flops; the one measurement,
     results/h200_train.txt, got 18.8% at 11M parameters, and smaller models get less),
@@ -240,7 +240,7 @@ def plan(pre, data_dir, runs):
                         vocab_size=vocab, n_streams=P, n_prefix=pre["n_prefix"])
         with torch.device("meta"):  # shapes only: counting needs no weights
             model = GPT(cfg)
-        flops = model.flops_per_token(pre["block_size"]) * (tokens + eval_tokens / 3)
+        flops = flops_per_token(model, pre["block_size"]) * (tokens + eval_tokens / 3)
         sec = flops / (ASSUMED_MFU * peak_flops("H200")) + pre["max_iters"] * ASSUMED_STEP_OVERHEAD + ASSUMED_RUN_OVERHEAD
         sec += ASSUMED_RUN_OVERHEAD if seed != SEED else 0  # the noise run's re-evaluation, a process of its own
         total, est = total + flops, est + sec

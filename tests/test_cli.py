@@ -22,7 +22,8 @@ import prepare_data
 import sample
 from checkpoint import streams_state
 from common import UserError
-from model import GPT, convert_to_streams
+from model import GPT
+from model_init import convert_to_streams
 
 NO_MATPLOTLIB = importlib.util.find_spec("matplotlib") is None
 BYTES_META = {"tokenizer": "bytes", "vocab_size": 256}
@@ -134,12 +135,14 @@ def test_long_prompt_is_said(results):
     (["--start=FILE:{tmp}/latin1.txt"], r"--start=FILE:.*latin1.txt is not valid UTF-8"),
     (["--start="], "--start is empty"),
     (["--ckpt={tmp}/streams.pt"], r"--ckpt: .*streams.pt is a streams file .* pass it as --streams"),
-    (["--streams={tmp}/p1.pt"], r"--streams=.*: not a streams file"),
+    (["--streams={tmp}/p1.pt"], r"--streams=.*p1.pt is a full checkpoint, not a streams_p\{P\}.pt file.* goes to --ckpt"),
     (["--streams={tmp}/nope.pt"], r"--streams: no checkpoint at"),
     (["--data_dir={tmp}/bad.json"], r"--data_dir=.*meta.json is not readable JSON"),
     (["--data_dir={tmp}/gpt2"], r"--data_dir: vocabulary mismatch: the checkpoint was trained on bytes \(256\)"),
     (["--ckpt={tmp}/no_meta.pt"], r"--ckpt: the checkpoint records no tokenizer; pass --data_dir="),
-    (["--ckpt={tmp}/p2.pt", "--streams={tmp}/streams.pt"], r"--streams attaches streams to a P=1 backbone, but .* is already P=2"),
+    (["--ckpt={tmp}/p2.pt", "--streams={tmp}/streams.pt"], r"--streams attaches to a P=1 backbone, but --ckpt=.* holds a P=2"),
+    (["--ckpt={tmp}/bad_args.pt"], r"--ckpt: checkpoint .*bad_args.pt: its model_args: n_kv_head \(3\) must divide n_head \(2\)"),
+    (["--ckpt={tmp}/bad_weights.pt"], r"--ckpt: checkpoint .*bad_weights.pt: its weights do not fit its model_args"),
     (["--out_dir={tmp}/nowhere"], r"--out_dir: no checkpoint at .*nowhere/ckpt.pt"),
     (["--start=FILE:{tmp}/nope.txt"], r"--start=FILE:.*nope.txt: cannot read it \(No such file or directory\)"),
     (["--data_dir={tmp}"], r"--data_dir=.* has no meta.json: run python prepare_data.py"),
@@ -149,6 +152,11 @@ def test_long_prompt_is_said(results):
 def test_sample_flag_errors(flags, match, files):
     if not (files / "no_meta.pt").exists():
         save_ckpt(files / "no_meta.pt", tiny_model(), meta=None)  # as nanoGPT's: no tokenizer recorded
+        model = tiny_model()
+        torch.save(dict(model=model.state_dict(), model_args={**dataclasses.asdict(model.config), "n_kv_head": 3},
+                        meta=BYTES_META), files / "bad_args.pt")  # a config model.py refuses
+        torch.save(dict(model=model.state_dict(), model_args={**dataclasses.asdict(model.config), "n_layer": 2},
+                        meta=BYTES_META), files / "bad_weights.pt")  # weights of another shape
         (files / "gpt2").mkdir()
         (files / "gpt2" / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257}))
     flags = [f.replace("{tmp}", str(files)) for f in flags]

@@ -5,13 +5,12 @@ import os
 import pytest
 import torch
 from test_train import TINY, evals, run, write_corpus
-from util import assert_close, tiny_config
+from util import assert_close, model_from, tiny_config
 
 import diagnostics
 import model_init
 import sample
 import train
-from checkpoint import model_from_checkpoint
 from model import GPT
 
 
@@ -76,10 +75,10 @@ def test_prefix_reparam_resumes_exactly_and_exports_folded(data_dir, tmp_path, c
             assert_close(resumed[part][k], v, atol=0, rtol=0, what=f"{part} {k}")
     # the exported model is a plain model: no MLP, and it loads as any checkpoint does
     assert not any("parametrizations" in k for k in full["model"])
-    plain = model_from_checkpoint(full)
+    plain = model_from(full)
     assert set(plain.state_dict()) == set(GPT(plain.config).state_dict())
     # ... and it computes what the reparameterised model computed
-    model = model_from_checkpoint(full)
+    model = model_from(full)
     model_init.add_prefix_reparam(model, 16)
     model.load_state_dict(full["prefix_reparam"], strict=False)
     idx = torch.randint(0, plain.config.vocab_size, (2, 16))
@@ -119,6 +118,11 @@ def test_kl_matches_the_pairwise_definition():
     X, Y = (torch.randint(0, model.config.vocab_size, (2, 16)) for _ in range(2))
     _, _, kl = diagnostics.stream_losses(model, X, Y)
     with torch.no_grad():
-        logp = torch.log_softmax(model.lm_head(model.stream_hidden(X)), -1).view(3, 32, -1)
+        h = model.transformer.ln_f  # every stream's final hidden states, (P*B, T, C), taken where they are made
+        seen = []
+        hook = h.register_forward_hook(lambda m, inp, out: seen.append(out))
+        model(X)
+        hook.remove()
+        logp = torch.log_softmax(model.lm_head(seen[0]), -1).view(3, 32, -1)
     pairs = [(logp[a].exp() * (logp[a] - logp[b])).sum(-1).mean() for a in range(3) for b in range(3) if a != b]
     assert abs(kl - sum(pairs).item() / 6) < 1e-5

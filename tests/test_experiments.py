@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 from test_train import write_corpus
-from util import ROOT
+from util import ROOT, model_from
 
-from checkpoint import attach_streams, load_checkpoint, model_from_checkpoint
+from checkpoint import attach_streams, load_checkpoint
 from common import UserError
 from experiments import diversity, dynamic, fit, law, noise, plots, prefix_matched, runner, sweep, two_stage
 
@@ -306,7 +306,7 @@ def test_dynamic_p_switches_kv_initialised_streams_on_an_untouched_backbone(data
         assert run["args"]["prefix_init"] == "kv" and run["args"]["freeze_backbone"] and run["args"]["threads"] == 1
         for k, v in base_ckpt["model"].items():
             assert torch.equal(run["model"][k], v), k  # the frozen backbone never moved
-        model = attach_streams(model_from_checkpoint(base_ckpt), load_checkpoint(os.path.join(out, "dynamic", f"p{P}", f"streams_p{P}.pt")))
+        model = attach_streams(model_from(base_ckpt), load_checkpoint(os.path.join(out, "dynamic", f"p{P}", f"streams_p{P}.pt")))
         assert model.config.n_streams == P
         assert result["val"][P] == round(runner.evals(out / "dynamic" / f"p{P}")[-1]["val"], 4)
 

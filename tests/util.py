@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from model import GPTConfig  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -27,3 +27,10 @@ def tiny_config(**kw):
     args = dict(block_size=32, vocab_size=61, n_layer=2, n_head=4, n_embd=32, dropout=0.0, n_prefix=3)
     args.update(kw)
     return GPTConfig(**args)
+
+
+def model_from(ckpt):
+    """The model a loaded checkpoint describes, with its weights: what sample.py builds."""
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model
