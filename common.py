@@ -7,6 +7,7 @@ and the experiments all use these, so a flag means the same thing everywhere and
 same everywhere.
 """
 
+import argparse
 import json
 import os
 import statistics
@@ -28,6 +29,18 @@ def check(ok, message):
     """Refuse what the user can fix: raise UserError(message) unless ok."""
     if not ok:
         raise UserError(message)
+
+
+class RenamedFlag(argparse.Action):
+    """A flag's old name, kept only to refuse it with one `error:` line that names the new one:
+    parser.add_argument("--old", action=RenamedFlag, new="--new", why="what the new name says")."""
+
+    def __init__(self, option_strings, dest, new, why="", **kwargs):
+        super().__init__(option_strings, dest, **{**kwargs, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS})
+        self.new, self.why = new, why
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise UserError(f"{option_string} is now {self.new}" + (f" ({self.why})" if self.why else ""))
 
 
 def model_config(source, **fields):

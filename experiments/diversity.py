@@ -3,7 +3,7 @@ Diversity: from scratch, plain prefixes against prefixes trained through an MLP 
 --prefix_reparam, Li & Liang's reparameterisation): does it lower rho, the correlation of the streams'
 errors, or the loss of each stream alone?
 
-    python experiments/diversity.py --preset=tiny --n_streams=1,2 --seeds=1     # seconds
+    python experiments/diversity.py --preset=tiny --stream_counts=1,2 --seeds=1     # seconds
     python experiments/diversity.py --preset=cpu --threads=1 --results=results  # ~15 min on 2 cores
 
 Its own grid (the preset's diversity_streams, diversity_iters, reparam_hidden), at the base width; P = 1
@@ -11,7 +11,6 @@ once per seed (no prefixes). Each run is compared with that seed's P = 1, and th
 noise.py's rule. Runs land in <out>/diversity/; the cells in <out>/diversity.csv and .json, and with
 --results also in <results>/diversity_<preset>.csv and .json (plots.py draws them).
 """
-import json
 import os
 import sys
 
@@ -53,7 +52,7 @@ def diversity(args):
 
 def get_args(argv=None):
     p = runner.parser("diversity.py", __doc__)
-    p.add_argument("--n_streams", default="", help="comma-separated P, e.g. 1,2,4; '' = the preset's diversity_streams")
+    runner.add_stream_counts(p, "diversity_streams")
     p.add_argument("--max_iters", type=int, default=-1, help="steps per run; -1 = the preset's diversity_iters")
     p.add_argument("--reparam", type=int, default=-1, help="hidden size of train.py's --prefix_reparam MLP; "
                    "-1 = the preset's reparam_hidden")
@@ -62,9 +61,7 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    result = diversity(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(diversity, get_args, argv)
 
 
 if __name__ == "__main__":

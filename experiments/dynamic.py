@@ -46,21 +46,19 @@ def dynamic(args):
 
 def get_args(argv=None):
     p = runner.parser("dynamic.py", __doc__)
-    p.add_argument("--n_streams", default="", help="comma-separated P, e.g. 1,2,4,8; '' = the preset's (trains those > 1)")
+    runner.add_stream_counts(p, "streams (trains those > 1)")
     p.add_argument("--base_iters", type=int, default=-1, help="steps of the P=1 base; -1 = the preset's")
     p.add_argument("--extra_iters", type=int, default=-1, help="steps of each streams run; -1 = the preset's")
     p.add_argument("--prefix_init", default="kv", choices=["kv", "random"], help="prefix init of the streams")
     args = runner.parse(p, argv)
-    if args.n_streams and max(args.n_streams) < 2:
-        raise UserError(f"--n_streams={','.join(map(str, args.n_streams))}: dynamic trains streams for each P > 1; "
+    if args.stream_counts and max(args.stream_counts) < 2:
+        raise UserError(f"--stream_counts={','.join(map(str, args.stream_counts))}: dynamic trains streams for each P > 1; "
                         "give at least one")
     return args
 
 
 def main(argv=None):
-    result = dynamic(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(dynamic, get_args, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ run (a ckpt.pt and an evaluation) is a point, N its non-embedding parameters, L 
 """
 import argparse
 import csv
-import json
 import os
 import sys
 
@@ -119,9 +118,7 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    result = fit(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(fit, get_args, argv)
 
 
 if __name__ == "__main__":

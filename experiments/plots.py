@@ -35,6 +35,7 @@ def plot_pays(args):
     dotted each stream alone, grey the +-NOISE band; right, rho against P. Lines are nudged apart along P so
     that equal ones stay visible. Written from the JSON alone, so it redraws committed results.
     """
+    out = args.out or os.path.join(args.results, f"pays_{args.preset}.png")
     found = []
     for name in SERIES:
         path = os.path.join(args.results, f"{name}_{args.preset}.json")
@@ -79,9 +80,9 @@ def plot_pays(args):
         ax_rho.set_title(f"{name}: rho, 1 = the streams err alike", fontsize=10)
         ax_loss.legend(fontsize=7)
         ax_rho.legend(fontsize=7)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
-    return dict(figure=args.out)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+    return dict(figure=out)
 
 
 def plot_cost(rows, families, args):
@@ -151,16 +152,13 @@ def get_args(argv=None):
     if not os.path.isdir(args.results):
         raise UserError(f"--results={args.results}: no such folder; give the folder prefix_matched or diversity "
                         "wrote with --results")
-    args.out = args.out or os.path.join(args.results, f"pays_{args.preset}.png")
-    if not args.out.endswith(".png"):
+    if args.out and not args.out.endswith(".png"):
         raise UserError(f"--out={args.out}: the figure is written as PNG: give a name ending in .png")
     return args
 
 
 def main(argv=None):
-    result = plot_pays(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(plot_pays, get_args, argv)
 
 
 if __name__ == "__main__":

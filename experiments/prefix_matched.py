@@ -12,15 +12,14 @@ are read by noise.py's rule (a mean difference under 0.01 nats is noise). Runs l
 <out>/prefix_matched/; the cells in <out>/prefix_matched.csv and .json, and with --results also in
 <results>/prefix_matched_<preset>.csv and .json (plots.py draws them).
 """
+import argparse
 import itertools
-import json
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/prefix_matched.py` from anywhere
     sys.path.insert(0, ROOT)
-from common import UserError  # noqa: E402
 from experiments import noise, runner  # noqa: E402
 
 MIXES = {"learned": [], "uniform": ["--agg_smoothing=1.0"]}  # uniform: smoothing 1 makes every weight 1/P
@@ -75,33 +74,30 @@ def prefix_matched(args):
 
 
 def cell_list(text):
-    """--cells: comma-separated PxN_PREFIX pairs, P >= 2 (P = 1 has no prefixes) and N_PREFIX >= 1."""
+    """An argparse type for --cells: comma-separated PxN_PREFIX pairs, P >= 2 (P = 1 has no prefixes) and
+    N_PREFIX >= 1."""
     try:
         cells = [tuple(int(v) for v in c.split("x")) for c in text.split(",")]
     except ValueError:
         cells = []
     if not cells or any(len(c) != 2 or c[0] < 2 or c[1] < 1 for c in cells) or len(set(cells)) < len(cells):
-        raise UserError(f"--cells={text}: expected distinct PxN_PREFIX pairs such as 2x4,4x2 with P >= 2 and N_PREFIX >= 1")
+        raise argparse.ArgumentTypeError(f"{text}: expected distinct PxN_PREFIX pairs such as 2x4,4x2 with P >= 2 "
+                                         "and N_PREFIX >= 1")
     return cells
 
 
 def get_args(argv=None):
     p = runner.parser("prefix_matched.py", __doc__)
-    p.add_argument("--cells", default="", help="comma-separated PxN_PREFIX cells, e.g. 2x4,4x2,8x1,2x1; "
-                   "'' = the preset's matched_cells")
+    p.add_argument("--cells", type=cell_list, default=None, help="comma-separated PxN_PREFIX cells, e.g. "
+                   "2x4,4x2,8x1,2x1; default: the preset's matched_cells")
     p.add_argument("--base_iters", type=int, default=-1, help="steps of the P=1 base; -1 = the preset's")
     p.add_argument("--frozen_iters", type=int, default=-1, help="steps of each frozen-backbone run; -1 = the preset's")
     runner.add_seed_flags(p, "prefix_matched")
-    args = runner.parse(p, argv)
-    if args.cells:
-        args.cells = cell_list(args.cells)
-    return args
+    return runner.parse(p, argv)
 
 
 def main(argv=None):
-    result = prefix_matched(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(prefix_matched, get_args, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ read by noise.py's 0.01-nat rule. verdicts() is arithmetic on the rows alone, te
 --budget_min, arms are cut in CUT_ORDER (never seeds), and the cut is said. Runs land in <out>/repeated/;
 the result in <out>/repeated.json and, with --results, <results>/repeated_<preset>.json, .csv and .png.
 """
+import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -283,6 +284,8 @@ def run_phase(pre, args, data_dir, meta, arms, seeds, phase):
 
 def repeated(args):
     pre = runner.preset(args)
+    if args.threads == -1 and args.jobs > 1:
+        pre["threads"] = 1  # several processes: one thread each, or their OpenMP threads stall each other
     for key in ("repeated_iters", "repeated_train_tokens"):
         if getattr(args, key) > 0:
             pre[key] = getattr(args, key)
@@ -335,9 +338,12 @@ def get_args(argv=None):
     p = runner.parser("repeated.py", __doc__)
     p.add_argument("--repeated_iters", type=int, default=-1, help="steps per run; -1 = the preset's")
     p.add_argument("--repeated_train_tokens", type=int, default=-1, help="the capped training set, tokens; -1 = the preset's")
-    p.add_argument("--arms", default="", help=f"comma-separated arms to run, of {', '.join(ARMS)}; '' = all (p1 is always run)")
-    p.add_argument("--explore_seeds", default="", help="comma-separated train.py seeds to choose the arm on; '' = the preset's")
-    p.add_argument("--confirm_seeds", default="", help="comma-separated new seeds to confirm it on; '' = the preset's")
+    p.add_argument("--arms", type=arm_list, default="", help=f"comma-separated arms to run, of {', '.join(ARMS)}; "
+                   "'' = all (p1 is always run)")
+    p.add_argument("--explore_seeds", type=runner.int_list, default=None,
+                   help="comma-separated train.py seeds to choose the arm on; default: the preset's")
+    p.add_argument("--confirm_seeds", type=runner.int_list, default=None,
+                   help="comma-separated new seeds to confirm it on; default: the preset's")
     p.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (give each --threads=1 on a small CPU)")
     p.add_argument("--budget_min", type=float, default=60, help="minutes; arms are cut (CUT_ORDER) when the estimate "
                    "exceeds it; -1 = no budget")
@@ -346,26 +352,23 @@ def get_args(argv=None):
     args = runner.parse(p, argv, need_data=False)
     if args.jobs < 1:
         raise UserError(f"--jobs={args.jobs}: must be >= 1")
-    unknown = [a for a in args.arms.split(",") if a and a not in ARMS]
-    if unknown:
-        raise UserError(f"--arms: {', '.join(unknown)} is not an arm; the arms are {', '.join(ARMS)}")
-    args.arms = ["p1"] + [a for a in ARMS if a != "p1" and (not args.arms or a in args.arms.split(","))]
-    for flag in ("explore_seeds", "confirm_seeds"):
-        if getattr(args, flag):
-            setattr(args, flag, runner.int_list(f"--{flag}", getattr(args, flag), unique=True))
     if set(args.explore_seeds or []) & set(args.confirm_seeds or []):
         raise UserError("--explore_seeds and --confirm_seeds share a seed: the confirmation must use seeds the choice never saw")
     if not (args.budget_min > 0 or args.budget_min == -1):
         raise UserError(f"--budget_min={args.budget_min}: must be a number of minutes > 0, or -1 for none")
-    if args.threads == -1 and args.jobs > 1:
-        args.threads = 1  # several processes: one thread each, or their OpenMP threads stall each other
     return args
 
 
+def arm_list(text):
+    """An argparse type for --arms: the arms named (all when '') in ARMS's order, p1 always first."""
+    unknown = [a for a in text.split(",") if a and a not in ARMS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)} is not an arm; the arms are {', '.join(ARMS)}")
+    return ["p1"] + [a for a in ARMS if a != "p1" and (not text or a in text.split(","))]
+
+
 def main(argv=None):
-    result = repeated(get_args(argv))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "config")}))
-    return result
+    return runner.main(repeated, get_args, argv, shown=lambda r: {k: v for k, v in r.items() if k not in ("runs", "config")})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 import torch
 
 from checkpoint import load_checkpoint
-from common import UserError, flops_per_token, param_report, peak_flops
+from common import RenamedFlag, UserError, flops_per_token, param_report, peak_flops
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +56,7 @@ def preset(args, own=None):
     for key in ("max_iters", "base_iters", "extra_iters", "frozen_iters", "eval_iters", "batch_size"):
         if getattr(args, key, -1) > 0:
             pre[key] = getattr(args, key)
-    for key, flag in (("widths", "widths"), ("streams", "n_streams"), ("seeds", "seeds"), ("matched_cells", "cells")):
+    for key, flag in (("widths", "widths"), ("streams", "stream_counts"), ("seeds", "seeds"), ("matched_cells", "cells")):
         if getattr(args, flag, None):
             pre[key] = getattr(args, flag)
     if getattr(args, "reparam", -1) > 0:
@@ -282,19 +282,24 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
 
 
-def int_list(flag, text, multiple_of=1, unique=False):
-    """A comma-separated flag of positive integers (multiples of `multiple_of`; no repeats if unique),
-    or a UserError naming it."""
+def int_list(text, multiple_of=1, unique=True):
+    """An argparse type: comma-separated positive integers, multiples of `multiple_of`, each at most once
+    (each is a run folder of its own) unless unique=False."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         values = []
     if not values or any(v < 1 or v % multiple_of for v in values):
-        what = f"positive multiples of {multiple_of} (the preset's n_head)" if multiple_of > 1 else "positive integers"
-        raise UserError(f"{flag}={text}: expected comma-separated {what}")
+        what = f"positive multiples of {multiple_of}" if multiple_of > 1 else "positive integers"
+        raise argparse.ArgumentTypeError(f"{text}: expected comma-separated {what}")
     if unique and len(set(values)) < len(values):
-        raise UserError(f"{flag}={text}: a value is repeated (each is a run folder of its own)")
+        raise argparse.ArgumentTypeError(f"{text}: a value is repeated (each is a run folder of its own)")
     return values
+
+
+def absolute(path):
+    """An argparse type: the path made absolute (train.py runs in the repository root); '' stays ''."""
+    return os.path.abspath(path) if path else ""
 
 
 def parser(prog, doc):
@@ -302,8 +307,9 @@ def parser(prog, doc):
     Integer flags whose default is -1 mean "the preset's" (or torch's); parse refuses 0 and below -1."""
     p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=sorted(load_presets()))
-    p.add_argument("--out", default="", help="results and run folders; '' = out/scaling/<preset>")
-    p.add_argument("--data_dir", default=os.path.join(ROOT, "data", "stdlib_bytes"), help="prepare_data.py's output")
+    p.add_argument("--out", type=absolute, default="", help="results and run folders; '' = out/scaling/<preset>")
+    p.add_argument("--data_dir", type=absolute, default=os.path.join(ROOT, "data", "stdlib_bytes"),
+                   help="prepare_data.py's output")
     # every run: override the preset
     p.add_argument("--eval_iters", type=int, default=-1, help="batches per evaluation; -1 = the preset's")
     p.add_argument("--batch_size", type=int, default=-1, help="-1 = the preset's")
@@ -314,39 +320,51 @@ def parser(prog, doc):
     return p
 
 
+def add_stream_counts(p, preset_field):
+    """--stream_counts, the P values an experiment runs (train.py's --n_streams is one P); the old name, a
+    list under train.py's name for one P, is refused with one line naming the new one."""
+    p.add_argument("--stream_counts", type=int_list, default=None,
+                   help=f"comma-separated P, e.g. 1,2,4; default: the preset's {preset_field}")
+    p.add_argument("--n_streams", action=RenamedFlag, new="--stream_counts",
+                   why="a list of P values here; train.py's --n_streams is one P")
+
+
 def add_seed_flags(p, name):
     """--seeds and --results: the flags of an experiment that compares runs seed by seed (noise.py)."""
-    p.add_argument("--seeds", default="", help="comma-separated train.py seeds, e.g. 1,2; '' = the preset's")
-    p.add_argument("--results", default="", help=f"a folder that also gets {name}_<preset>.csv and .json, "
-                   "e.g. results; '' = --out only")
+    p.add_argument("--seeds", type=int_list, default=None, help="comma-separated train.py seeds, e.g. 1,2; "
+                   "default: the preset's")
+    p.add_argument("--results", type=absolute, default="", help=f"a folder that also gets {name}_<preset>.csv and "
+                   ".json, e.g. results; '' = --out only")
 
 
 def parse(p, argv, need_data=True):
-    """Parse and check the shared flags; paths made absolute (train.py runs in the repository root); the data
-    folder's meta.json read now, not after the first run (need_data=False: an experiment that prepares its
-    own). The experiment checks its own flags after."""
+    """Parse and check the shared flags; lists and paths are made by the flags' types (absolute paths: train.py
+    runs in the repository root); the data folder's meta.json read now, not after the first run
+    (need_data=False: an experiment that prepares its own). The experiment checks its own flags after."""
+    preset_name = p.parse_known_args(argv)[0].preset  # first: --out's default depends on it
+    p.set_defaults(out=os.path.join("out", "scaling", preset_name))
     args = p.parse_args(argv)
     for key, v in vars(args).items():
         if p.get_default(key) == -1 and (v == 0 or v < -1):
             raise UserError(f"--{key}={v}: must be a positive integer, or -1 for the "
                             + ("torch default" if key == "threads" else "preset's"))
-    if getattr(args, "n_streams", ""):
-        args.n_streams = int_list("--n_streams", args.n_streams, unique=True)
-    if getattr(args, "seeds", ""):
-        args.seeds = int_list("--seeds", args.seeds, unique=True)
-    if getattr(args, "results", ""):
-        args.results = os.path.abspath(args.results)
     device = args.device or load_presets()[args.preset]["device"]
     flag = f"--device={args.device}" if args.device else f"--preset={args.preset} (device {device})"
     if device.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise UserError(f"{flag}: expected cpu, cuda, cuda:N or mps")
     if device.startswith("cuda") and not torch.cuda.is_available() and not getattr(args, "dry_run", False):
         raise UserError(f"{flag}: no CUDA device here (torch {torch.__version__}); use --device=cpu or --preset=cpu")
-    args.out = os.path.abspath(args.out or os.path.join("out", "scaling", args.preset))
-    args.data_dir = os.path.abspath(args.data_dir)
     if need_data:
         read_meta(args.data_dir)
     return args
+
+
+def main(experiment, get_args, argv=None, shown=None):
+    """What every experiment script's main does: experiment(get_args(argv)), printed as one JSON line (shown:
+    a function of the result that picks what is printed) and returned, for the tests."""
+    result = experiment(get_args(argv))
+    print(json.dumps(shown(result) if shown else result))
+    return result
 
 
 def cli(main):

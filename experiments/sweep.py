@@ -20,6 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/sweep.py` from anywhere
     sys.path.insert(0, ROOT)
+from common import UserError  # noqa: E402
 from experiments import law, runner  # noqa: E402
 
 
@@ -91,21 +92,22 @@ def noise_row(pre, args, rows, d, width, P):
 
 def get_args(argv=None):
     p = runner.parser("sweep.py", __doc__)
-    p.add_argument("--widths", default="", help="comma-separated n_embd, e.g. 32,48,64; '' = the preset's")
-    p.add_argument("--n_streams", default="", help="comma-separated P, e.g. 1,2,4,8; '' = the preset's")
+    p.add_argument("--widths", type=runner.int_list, default=None,
+                   help="comma-separated n_embd, multiples of the preset's n_head, e.g. 32,48,64; default: the preset's")
+    runner.add_stream_counts(p, "streams")
     p.add_argument("--max_iters", type=int, default=-1, help="steps per run; -1 = the preset's")
     p.add_argument("--dry_run", action="store_true", help="print every run's train.py command and the estimated cost, "
                    "run nothing (needs no GPU)")
     args = runner.parse(p, argv)
-    if args.widths:
-        args.widths = runner.int_list("--widths", args.widths, runner.load_presets()[args.preset]["n_head"])
+    n_head = runner.load_presets()[args.preset]["n_head"]
+    if args.widths and any(w % n_head for w in args.widths):
+        raise UserError(f"--widths={','.join(map(str, args.widths))}: every width must be a multiple of the preset's "
+                        f"n_head, {n_head}")
     return args
 
 
 def main(argv=None):
-    result = sweep(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(sweep, get_args, argv)
 
 
 if __name__ == "__main__":

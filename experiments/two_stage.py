@@ -63,9 +63,7 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    result = two_stage(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(two_stage, get_args, argv)
 
 
 if __name__ == "__main__":

@@ -159,22 +159,22 @@ def test_presets_are_data():
 
 def test_every_experiment_parses_its_flags(data, tmp_path):
     common = [f"--data_dir={data}", "--preset=tiny"]
-    args = sweep.get_args(common + ["--widths=8,16", "--n_streams=1,4", "--max_iters=5", "--dry_run", "--threads=1"])
-    assert (args.widths, args.n_streams, args.max_iters, args.dry_run, args.threads) == ([8, 16], [1, 4], 5, True, 1)
+    args = sweep.get_args(common + ["--widths=8,16", "--stream_counts=1,4", "--max_iters=5", "--dry_run", "--threads=1"])
+    assert (args.widths, args.stream_counts, args.max_iters, args.dry_run, args.threads) == ([8, 16], [1, 4], 5, True, 1)
     assert args.out == os.path.abspath(os.path.join("out", "scaling", "tiny")) and os.path.isabs(args.data_dir)
     args = two_stage.get_args(common + ["--base_iters=4", "--extra_iters=6", "--eval_iters=2", "--batch_size=8"])
     assert (args.base_iters, args.extra_iters, args.eval_iters, args.batch_size) == (4, 6, 2, 8)
-    args = dynamic.get_args(common + ["--n_streams=2,8", "--prefix_init=random", f"--out={tmp_path}"])
-    assert (args.n_streams, args.prefix_init, args.out) == ([2, 8], "random", str(tmp_path))
+    args = dynamic.get_args(common + ["--stream_counts=2,8", "--prefix_init=random", f"--out={tmp_path}"])
+    assert (args.stream_counts, args.prefix_init, args.out) == ([2, 8], "random", str(tmp_path))
     assert dynamic.get_args(common).prefix_init == "kv"
     args = prefix_matched.get_args(common + ["--cells=2x2,4x1", "--seeds=3,4", "--frozen_iters=7", "--results=r"])
     assert (args.cells, args.seeds, args.frozen_iters, args.results) == ([(2, 2), (4, 1)], [3, 4], 7, os.path.abspath("r"))
-    args = diversity.get_args(common + ["--n_streams=1,2", "--seeds=5", "--reparam=16", "--max_iters=9"])
-    assert (args.n_streams, args.seeds, args.reparam, args.max_iters, args.results) == ([1, 2], [5], 16, 9, "")
+    args = diversity.get_args(common + ["--stream_counts=1,2", "--seeds=5", "--reparam=16", "--max_iters=9"])
+    assert (args.stream_counts, args.seeds, args.reparam, args.max_iters, args.results) == ([1, 2], [5], 16, 9, "")
     args = fit.get_args(["--paper", "--per_size", "--starts=3"])
     assert args.paper and args.per_size and args.starts == 3 and args.runs == ""
     args = plots.get_args(["--preset=tiny", f"--results={tmp_path}"])
-    assert args.out == os.path.join(str(tmp_path), "pays_tiny.png")
+    assert args.out == ""  # plot_pays writes <results>/pays_<preset>.png (test_plots_draws_the_committed_results)
     assert plots.get_args([]).results == os.path.join(ROOT, "results")  # the committed logs, wherever it runs from
 
 
@@ -198,24 +198,26 @@ def bad_inputs(tmp_path):
     (["fit", "--paper", "--preset=cpu"], ["--preset=cpu", "fit.py --help"]),  # another script's flag
     (["sweep", "--bogus=1", "--data_dir={data}"], ["--bogus", "sweep.py --help"]),
     (["two_stage", "--widths=8", "--data_dir={data}"], ["--widths", "two_stage.py"]),
-    (["sweep", "--preset=tiny", "--widths=8,x", "--data_dir={data}"], ["--widths=8,x"]),
+    (["sweep", "--preset=tiny", "--widths=8,x", "--data_dir={data}"], ["--widths", "8,x: expected comma-separated"]),
     (["sweep", "--preset=tiny", "--widths=7", "--data_dir={data}"], ["--widths=7", "n_head"]),
     (["sweep", "--max_iters=0", "--data_dir={data}"], ["--max_iters=0"]),
     (["sweep", "--preset=tiny", "--threads=-2", "--data_dir={data}"], ["--threads=-2"]),
     (["sweep", "--preset=bogus", "--data_dir={data}"], ["--preset", "invalid choice"]),
     (["two_stage", "--extra_iters=-3", "--data_dir={data}"], ["--extra_iters=-3"]),
-    (["dynamic", "--n_streams=1", "--data_dir={data}"], ["--n_streams=1", "P > 1"]),
+    (["dynamic", "--stream_counts=1", "--data_dir={data}"], ["--stream_counts=1", "P > 1"]),
+    (["dynamic", "--n_streams=2,4", "--data_dir={data}"], ["--n_streams is now --stream_counts", "train.py"]),
+    (["sweep", "--n_streams=2", "--data_dir={data}"], ["--n_streams is now --stream_counts"]),
     (["dynamic", "--prefix_init=zero", "--data_dir={data}"], ["--prefix_init", "invalid choice"]),
-    (["prefix_matched", "--cells=2x4,1x2", "--data_dir={data}"], ["--cells=2x4,1x2", "P >= 2"]),
-    (["prefix_matched", "--cells=2x4,2x4", "--data_dir={data}"], ["--cells=2x4,2x4", "distinct"]),
-    (["prefix_matched", "--cells=2-4", "--data_dir={data}"], ["--cells=2-4"]),
-    (["prefix_matched", "--seeds=1,1", "--data_dir={data}"], ["--seeds=1,1", "repeated"]),
-    (["prefix_matched", "--seeds=0", "--data_dir={data}"], ["--seeds=0"]),
+    (["prefix_matched", "--cells=2x4,1x2", "--data_dir={data}"], ["--cells", "2x4,1x2: expected", "P >= 2"]),
+    (["prefix_matched", "--cells=2x4,2x4", "--data_dir={data}"], ["--cells", "2x4,2x4: expected", "distinct"]),
+    (["prefix_matched", "--cells=2-4", "--data_dir={data}"], ["--cells", "2-4: expected"]),
+    (["prefix_matched", "--seeds=1,1", "--data_dir={data}"], ["--seeds", "1,1: a value is repeated"]),
+    (["prefix_matched", "--seeds=0", "--data_dir={data}"], ["--seeds", "0: expected comma-separated positive"]),
     (["prefix_matched", "--frozen_iters=0", "--data_dir={data}"], ["--frozen_iters=0"]),
     (["prefix_matched", "--n_streams=2", "--data_dir={data}"], ["--n_streams=2", "prefix_matched.py --help"]),
     (["prefix_matched", "--data_dir={missing}"], ["--data_dir", "prepare_data.py"]),
     (["diversity", "--reparam=0", "--data_dir={data}"], ["--reparam=0"]),
-    (["diversity", "--n_streams=2,2", "--data_dir={data}"], ["--n_streams=2,2", "repeated"]),
+    (["diversity", "--stream_counts=2,2", "--data_dir={data}"], ["--stream_counts", "2,2: a value is repeated"]),
     (["diversity", "--cells=2x1", "--data_dir={data}"], ["--cells=2x1", "diversity.py --help"]),
     (["two_stage", "--dry_run", "--data_dir={data}"], ["--dry_run", "two_stage.py --help"]),
     (["plots", "--results={missing}"], ["--results", "missing"]),
@@ -239,7 +241,7 @@ def cli(name, *argv, cwd):
 @pytest.mark.parametrize("argv, words", [
     (["sweep", "--preset=tiny", "--bogus"], ["--bogus"]),  # argparse's complaint
     (["fit", "--runs={bad_csv}"], ["--runs", "N, P, val"]),  # a file that is not a sweep's CSV
-    (["sweep", "--preset=tiny", "--widths=8", "--n_streams=1", "--data_dir={meta_only}", "--out={out}", ONE_THREAD],
+    (["sweep", "--preset=tiny", "--widths=8", "--stream_counts=1", "--data_dir={meta_only}", "--out={out}", ONE_THREAD],
      ["train.py", "no train.bin", "train.out"]),  # train.py refused the run: its own line, passed on
 ])
 def test_a_user_error_is_one_line_exit_1_no_traceback(tmp_path, argv, words):
@@ -258,7 +260,7 @@ def test_experiment_flags_override_the_preset(data):
     assert pre["matched_cells"] == [(2, 1), (8, 1)] and pre["seeds"] == [3] and pre["frozen_iters"] == 5
     pre = runner.preset(diversity.get_args(["--preset=cpu", f"--data_dir={data}"]), diversity.GRID)
     assert pre["streams"] == [1, 2, 4] and pre["max_iters"] == runner.load_presets()["cpu"]["diversity_iters"]  # not the sweep's
-    pre = runner.preset(diversity.get_args(["--preset=cpu", "--max_iters=7", "--n_streams=2", "--reparam=32",
+    pre = runner.preset(diversity.get_args(["--preset=cpu", "--max_iters=7", "--stream_counts=2", "--reparam=32",
                                             f"--data_dir={data}"]), diversity.GRID)
     assert (pre["max_iters"], pre["streams"], pre["reparam_hidden"]) == (7, [2], 32)
 
@@ -267,7 +269,7 @@ def test_experiment_flags_override_the_preset(data):
 # the experiments, end to end
 
 def test_sweep_runs_end_to_end_and_resumes_without_training(data, tmp_path, monkeypatch):
-    argv = ["--preset=tiny", "--widths=8,16", "--n_streams=1,4", f"--out={tmp_path / 'out'}", f"--data_dir={data}", ONE_THREAD]
+    argv = ["--preset=tiny", "--widths=8,16", "--stream_counts=1,4", f"--out={tmp_path / 'out'}", f"--data_dir={data}", ONE_THREAD]
     first = sweep.main(argv)
     with open(tmp_path / "out" / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
@@ -297,7 +299,7 @@ def test_a_failed_run_says_why(tmp_path):
 def test_dynamic_p_switches_kv_initialised_streams_on_an_untouched_backbone(data, tiny_base, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(tiny_base, out / "base")
-    result = dynamic.main(["--preset=tiny", "--n_streams=2,4", f"--out={out}", f"--data_dir={data}", ONE_THREAD])
+    result = dynamic.main(["--preset=tiny", "--stream_counts=2,4", f"--out={out}", f"--data_dir={data}", ONE_THREAD])
     assert set(result["val"]) == {1, 2, 4}
     base_ckpt = load_checkpoint(os.path.join(out, "base", "ckpt.pt"))
     assert result["val"][1] == round(runner.evals(out / "base")[-1]["val"], 4)
@@ -371,7 +373,7 @@ def test_prefix_matched_writes_cells_runs_and_contrasts(data, tiny_base, tmp_pat
 
 def test_diversity_writes_its_table_and_plots_reads_it(data, tmp_path, capsys):
     out, results = tmp_path / "out", tmp_path / "results"
-    diversity.main(["--preset=tiny", "--n_streams=1,2", "--seeds=1", f"--out={out}", f"--data_dir={data}",
+    diversity.main(["--preset=tiny", "--stream_counts=1,2", "--seeds=1", f"--out={out}", f"--data_dir={data}",
                     f"--results={results}", ONE_THREAD])
     with open(results / "diversity_tiny.csv") as f:
         cells = {c["prefix"]: c for c in csv.DictReader(f)}
