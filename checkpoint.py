@@ -60,7 +60,8 @@ def load_checkpoint(path, flag=""):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first_line = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"{say}checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: {first_line})") from e
+        raise UserError(f"{say}checkpoint {path} is corrupt or not a checkpoint "
+                        f"({type(e).__name__}: {first_line})") from e
     check(isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("model_args"), dict),
           f"{say}checkpoint {path} lacks 'model' or 'model_args': is it a training checkpoint?")
     ckpt["model"] = clean_state_dict(ckpt["model"])

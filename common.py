@@ -70,16 +70,18 @@ def resolve_device(name, allowed=("cpu", "cuda", "mps"), who="this script"):
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device={name} is not a device: use auto, {', '.join(allowed)} (cuda:N for one GPU of several)") from None
+        raise UserError(f"--device={name} is not a device: use auto, {', '.join(allowed)} "
+                        "(cuda:N for one GPU of several)") from None
     if dev.type not in allowed:
         raise UserError(f"--device={name}: {who} runs on {', '.join(allowed)}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name}, but this torch ({torch.__version__}) sees no CUDA GPU (torch.cuda.is_available() "
-                        "is False): use --device=cpu, or install a CUDA build of torch")
+        raise UserError(f"--device={name}, but this torch ({torch.__version__}) sees no CUDA GPU "
+                        "(torch.cuda.is_available() is False): use --device=cpu, or install a CUDA build of torch")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} GPU(s), cuda:0 and up")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device={name}, but MPS is not available (it needs Apple silicon and macOS): use --device=cpu")
+        raise UserError(f"--device={name}, but MPS is not available (it needs Apple silicon and macOS): "
+                        "use --device=cpu")
     return str(dev)
 
 
@@ -119,8 +121,8 @@ def resolve_dtype(name, device, cpu_auto="float32"):
     device_type = torch.device(device).type
     if name == "auto":
         if device_type == "cuda":
-            bf16 = torch.cuda.is_bf16_supported()
-            return (torch.bfloat16 if bf16 else torch.float32), f"{'bfloat16' if bf16 else 'float32'} (auto on this GPU)"
+            chosen = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+            return getattr(torch, chosen), f"{chosen} (auto on this GPU)"
         if device_type == "cpu" and cpu_auto == "probe":
             return choose_cpu_dtype()
         return torch.float32, f"float32 (auto on {device_type})"
@@ -128,7 +130,8 @@ def resolve_dtype(name, device, cpu_auto="float32"):
         raise UserError(f"--dtype=float16 is for GPUs: on {device_type} torch runs it far slower than float32 and with "
                         "float16's narrow range; use --dtype=float32 or bfloat16")
     if name == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--dtype=bfloat16, but {torch.cuda.get_device_name(device)} has no bfloat16: use --dtype=float16 or float32")
+        raise UserError(f"--dtype=bfloat16, but {torch.cuda.get_device_name(device)} has no bfloat16: "
+                        "use --dtype=float16 or float32")
     return getattr(torch, name), f"{name} (--dtype)"
 
 
@@ -147,7 +150,8 @@ def peak_flops(device_name):
 def load_meta(data_dir, files=("meta.json", "train.bin", "val.bin")):
     """meta.json of a folder prepare_data.py wrote, after checking that it holds `files` (sample.py
     needs only meta.json); refuses a missing folder or file and a meta.json without its two fields."""
-    todo = "run python prepare_data.py first (it writes train.bin, val.bin and meta.json), or point --data_dir at its output"
+    todo = ("run python prepare_data.py first (it writes train.bin, val.bin and meta.json), "
+            "or point --data_dir at its output")
     if not os.path.isdir(data_dir):
         raise UserError(f"--data_dir={data_dir} does not exist: {todo}")
     for name in files:

@@ -81,7 +81,8 @@ def read_prompt(start):
     except OSError as e:
         raise UserError(f"--start=FILE:{path}: cannot read it ({e.strerror}); check the path") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"--start=FILE:{path} is not valid UTF-8 (byte offset {e.start}); convert it to UTF-8") from None
+        raise UserError(f"--start=FILE:{path} is not valid UTF-8 (byte offset {e.start}); "
+                        "convert it to UTF-8") from None
 
 
 def tokenizer_meta(ckpt, flag, data_dir):
@@ -89,13 +90,15 @@ def tokenizer_meta(ckpt, flag, data_dir):
     meta = ckpt.get("meta")
     if data_dir:
         data_meta = load_meta(data_dir, files=("meta.json",))
-        if meta and (meta.get("tokenizer"), meta.get("vocab_size")) != (data_meta["tokenizer"], data_meta["vocab_size"]):
+        named = (data_meta["tokenizer"], data_meta["vocab_size"])
+        if meta and (meta.get("tokenizer"), meta.get("vocab_size")) != named:
             raise UserError(f"--data_dir: vocabulary mismatch: the checkpoint was trained on {meta.get('tokenizer')} "
                             f"({meta.get('vocab_size')}), {data_dir} holds {data_meta['tokenizer']} "
                             f"({data_meta['vocab_size']})")
         meta = data_meta
     if not meta:
-        raise UserError(f"{flag}: the checkpoint records no tokenizer; pass --data_dir=<the folder prepare_data.py wrote>")
+        raise UserError(f"{flag}: the checkpoint records no tokenizer; "
+                        "pass --data_dir=<the folder prepare_data.py wrote>")
     return meta
 
 

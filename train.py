@@ -261,7 +261,8 @@ def train(args, system, model, optimizer, meta, block_size, iter_num, best_val_l
         open(log, "a").close()
     # disable=None: a bar only on a terminal, so a redirected log is plain lines. `with`: the bar ends its line
     # even when a check or a save (a full disk) raises, so main's `error:` line is a line of its own
-    with tqdm(total=args.max_iters, initial=iter_num, disable=None if system.master else True, dynamic_ncols=True) as bar:
+    with tqdm(total=args.max_iters, initial=iter_num, disable=None if system.master else True,
+              dynamic_ncols=True) as bar:
         t0 = time.time()
         while True:
             lr = get_lr(args, iter_num)
@@ -270,8 +271,9 @@ def train(args, system, model, optimizer, meta, block_size, iter_num, best_val_l
 
             if system.master and (iter_num % args.eval_interval == 0 or iter_num == args.max_iters):
                 ev = evaluate(raw_model, args, system, block_size)
-                check(math.isfinite(ev["train"]) and math.isfinite(ev["val"]), f"non-finite eval loss at step {iter_num} "
-                      f"({ev}): lower --learning_rate? The last good checkpoint in {args.out_dir} is kept")
+                check(math.isfinite(ev["train"]) and math.isfinite(ev["val"]),
+                      f"non-finite eval loss at step {iter_num} ({ev}): lower --learning_rate? "
+                      f"The last good checkpoint in {args.out_dir} is kept")
                 best_val_loss = min(best_val_loss, ev["val"])
                 log_eval(ev, iter_num, log)
                 if iter_num > 0:
@@ -333,7 +335,9 @@ class System:
         return self.rank == 0
 
     def autocast(self):
-        return nullcontext() if self.dtype == "float32" else torch.autocast(self.device_type, dtype=getattr(torch, self.dtype))
+        if self.dtype == "float32":
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=getattr(torch, self.dtype))
 
 
 def setup(args):
@@ -347,8 +351,8 @@ def setup(args):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     device_type = device.split(":")[0]
-    # auto = bfloat16 on a CUDA GPU that supports it, else float32 (resolve_dtype's CPU rule, cpu_auto="float32"):
-    # on the CPU, bf16 autocast does not speed up training at the quickstart's width (docs/reference.md, Device and dtype)
+    # auto = bfloat16 on a CUDA GPU that supports it, else float32 (resolve_dtype's CPU rule, cpu_auto="float32"): on
+    # the CPU, bf16 autocast does not speed up training at the quickstart's width (docs/reference.md, Device and dtype)
     dtype = str(resolve_dtype(args.dtype, device)[0]).removeprefix("torch.")
     gpu_peak = peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
     peak = args.peak_flops if args.peak_flops > 0 else gpu_peak
@@ -451,7 +455,8 @@ def write_log(log, **record):
             with open(log, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            raise UserError(f"could not write {log} ({e.strerror or e}): free some space, or choose another --out_dir") from None
+            raise UserError(f"could not write {log} ({e.strerror or e}): free some space, or choose another "
+                            "--out_dir") from None
 
 
 def log_eval(ev, iter_num, log):
@@ -468,7 +473,8 @@ def log_step(model, lossf, lr, dt, iter_num, args, system, block_size, bar, log)
     tok_s = args.gradient_accumulation_steps * args.batch_size * block_size / dt
     mfu = estimate_mfu(model, tok_s, block_size, system.peak)
     mfu_s = f"{100 * mfu:5.1f}%" if mfu is not None else "  n/a"
-    tqdm.write(f"step {iter_num:6d} | loss {lossf:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms | {tok_s:9.0f} tok/s | mfu {mfu_s}")
+    tqdm.write(f"step {iter_num:6d} | loss {lossf:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms | {tok_s:9.0f} tok/s | "
+               f"mfu {mfu_s}")
     bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
     write_log(log, kind="train", step=iter_num, loss=lossf, lr=lr, ms=1000 * dt, tok_s=tok_s, mfu=mfu)
 
@@ -477,7 +483,8 @@ def report(args, system, model, origin, overridden, meta, tokens, block_size):
     """Say once, at start-up, what runs where: device, dtype, attention path and MFU peak; the model; the data."""
     cfg, r = model.config, param_report(model)
     attn = "SDPA causal (flash-eligible)" if cfg.n_streams == 1 else "SDPA with prefix + shared causal mask"
-    mfu = f"MFU against {system.peak / 1e12:.0f} TFLOP/s" if system.peak else "MFU n/a (peak FLOP/s unknown: --peak_flops)"
+    mfu = (f"MFU against {system.peak / 1e12:.0f} TFLOP/s" if system.peak else
+           "MFU n/a (peak FLOP/s unknown: --peak_flops)")
     print(f"device {system.device} ({system.device_type}), dtype {system.dtype}, attention: {attn}, "
           f"DDP world {system.world}, {mfu}")
     if overridden:
@@ -520,10 +527,13 @@ def check_args(args):
     for name in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "seed", "prefix_reparam"):
         check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ("lr_decay_iters", "threads", "peak_flops"):  # -1 = not set
-        check(getattr(args, name) == -1 or getattr(args, name) > 0, f"--{name} must be -1 or > 0, got {getattr(args, name)}")
+        value = getattr(args, name)
+        check(value == -1 or value > 0, f"--{name} must be -1 or > 0, got {value}")
     check(args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}")
-    check(args.min_lr <= args.learning_rate, f"--min_lr ({args.min_lr}) must not exceed --learning_rate ({args.learning_rate})")
-    check(0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, f"--beta1 and --beta2 must be in [0, 1), got {args.beta1} and {args.beta2}")
+    check(args.min_lr <= args.learning_rate,
+          f"--min_lr ({args.min_lr}) must not exceed --learning_rate ({args.learning_rate})")
+    check(0 <= args.beta1 < 1 and 0 <= args.beta2 < 1,
+          f"--beta1 and --beta2 must be in [0, 1), got {args.beta1} and {args.beta2}")
     check(args.bias in (0, 1), f"--bias must be 1 (biases) or 0 (none), got {args.bias}")
     check(not (args.prefix_reparam and args.prefix_init == "kv"),
           "--prefix_init=kv sets plain prefixes, --prefix_reparam makes them from an MLP: use one")
@@ -531,10 +541,12 @@ def check_args(args):
           "--streams attaches streams to a P=1 backbone: give that backbone's checkpoint as --init_from=PATH")
     check(args.prefix_init == "random" or args.init_from != "scratch",
           "--prefix_init=kv takes the prefixes from a trained P=1 model: give its checkpoint as --init_from=PATH")
-    check(not os.path.exists(args.out_dir) or os.path.isdir(args.out_dir), f"--out_dir={args.out_dir} is a file, not a folder")
+    check(not os.path.exists(args.out_dir) or os.path.isdir(args.out_dir),
+          f"--out_dir={args.out_dir} is a file, not a folder")
     world = int(os.environ.get("WORLD_SIZE", 1))
     check(args.gradient_accumulation_steps % world == 0,
-          f"--gradient_accumulation_steps ({args.gradient_accumulation_steps}) must be a multiple of the {world} DDP ranks")
+          f"--gradient_accumulation_steps ({args.gradient_accumulation_steps}) must be a multiple of the {world} "
+          "DDP ranks")
 
 
 def check_start(args, typed_flags, ckpt, path, src, meta):
@@ -556,7 +568,8 @@ def check_start(args, typed_flags, ckpt, path, src, meta):
     check(args.prefix_init == "random" or converts, "--prefix_init=kv sets the prefixes of a P=1 checkpoint "
           "converted to P > 1: give --n_streams > 1 and a P=1 --init_from")
     check(args.prefix_init == "random" or args.n_prefix <= src.block_size,
-          f"--prefix_init=kv reads --n_prefix={args.n_prefix} tokens, more than the model's block_size {src.block_size}")
+          f"--prefix_init=kv reads --n_prefix={args.n_prefix} tokens, more than the model's block_size "
+          f"{src.block_size}")
     check(not args.prefix_reparam or (src.n_streams == 1 and not args.streams),
           f"--prefix_reparam starts the prefixes afresh from an MLP: it would throw away the trained prefixes of "
           f"{'--streams=' + args.streams if args.streams else '--init_from=' + path}; use it from scratch or with a "

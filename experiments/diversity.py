@@ -19,7 +19,8 @@ if ROOT not in sys.path:  # run as a script: `python experiments/diversity.py` f
     sys.path.insert(0, ROOT)
 from experiments import noise, runner  # noqa: E402
 
-GRID = {"streams": "diversity_streams", "max_iters": "diversity_iters"}  # its own grid: fewer P and steps than the sweep's
+# its own grid: fewer P and steps than the sweep's
+GRID = {"streams": "diversity_streams", "max_iters": "diversity_iters"}
 
 
 def diversity(args):
@@ -29,7 +30,8 @@ def diversity(args):
     streams (lower rho) or make each stream alone better (lower stream_loss)?
     """
     pre = runner.preset(args, GRID)
-    out, w, iters, hidden = os.path.join(args.out, "diversity"), pre["base_width"], pre["max_iters"], pre["reparam_hidden"]
+    out, w = os.path.join(args.out, "diversity"), pre["base_width"]
+    iters, hidden = pre["max_iters"], pre["reparam_hidden"]
     variants = [(P, kind) for P in sorted(pre["streams"]) for kind in (["none"] if P == 1 else ["plain", "reparam"])]
     runs = []
     for seed in pre["seeds"]:
@@ -45,7 +47,8 @@ def diversity(args):
     cells = noise.summarise(runs, ("P", "prefix"))
     contrasts = [noise.contrast(f"P={P} reparam - plain", runs, dict(P=P, prefix="reparam"), dict(P=P, prefix="plain"))
                  for P in sorted(pre["streams"]) if P > 1]
-    print(f"from scratch, {iters} steps, width {w}; reparam = train.py --prefix_reparam={hidden}; {len(pre['seeds'])} seeds")
+    print(f"from scratch, {iters} steps, width {w}; reparam = train.py --prefix_reparam={hidden}; "
+          f"{len(pre['seeds'])} seeds")
     return noise.report(args, pre, "diversity", ["P", "prefix"], cells, runs, contrasts,
                         dict(iters=iters, reparam_hidden=hidden))
 

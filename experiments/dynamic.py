@@ -52,7 +52,8 @@ def get_args(argv=None):
     p.add_argument("--prefix_init", default="kv", choices=["kv", "random"], help="prefix init of the streams")
     args = runner.parse(p, argv)
     if args.stream_counts and max(args.stream_counts) < 2:
-        raise UserError(f"--stream_counts={','.join(map(str, args.stream_counts))}: dynamic trains streams for each P > 1; "
+        counts = ",".join(map(str, args.stream_counts))
+        raise UserError(f"--stream_counts={counts}: dynamic trains streams for each P > 1; "
                         "give at least one")
     return args
 

@@ -50,7 +50,8 @@ def print_k_per_size(fit):
     """--paper --per_size: k at each size of the paper's grid, then k extrapolated to toy sizes."""
     E, alpha = fit["E"], fit["alpha"]
     rows = law.k_per_size(law.PAPER_N, law.PAPER_LOSS, law.PAPER_STREAMS, E, alpha)
-    print(f"\nk at each size, E {E:.4f} and alpha {alpha:.4f} held from the fit above. Anchor: A_N = N_1 (L_1 - E)^(1/alpha),\n"
+    print(f"\nk at each size, E {E:.4f} and alpha {alpha:.4f} held from the fit above. "
+          "Anchor: A_N = N_1 (L_1 - E)^(1/alpha),\n"
           "so the law passes through that size's P = 1 loss exactly; L_P = E + (A_N / (N_P (k ln P + 1)))^alpha with\n"
           "N_P that P's own row of N. k: least squares on L_P over P = 2, 4, 8. k_P: the k that P alone implies;\n"
           "mean: their mean (least squares on k rather than on L).")
@@ -113,7 +114,8 @@ def get_args(argv=None):
     if not 1 <= args.starts <= 27:
         raise UserError(f"--starts={args.starts}: must be 1..27")
     if args.runs and not (os.path.isdir(args.runs) or (os.path.isfile(args.runs) and args.runs.endswith(".csv"))):
-        raise UserError(f"--runs={args.runs}: neither a folder nor a .csv file; give a sweep's run folder or its sweep.csv")
+        raise UserError(f"--runs={args.runs}: neither a folder nor a .csv file; give a sweep's run "
+                        "folder or its sweep.csv")
     return args
 
 

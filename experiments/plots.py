@@ -1,7 +1,8 @@
 """
 The figures, drawn from results alone: does P pay (prefix_matched's and diversity's JSON), repeated data
-(called by repeated.py), and the cost sweep's cost increase against P (called by cost_sweep.py --plot). matplotlib is optional: without it
-the pays figure is skipped with a note, and cost_sweep.py refuses --plot before measuring.
+(called by repeated.py), and the cost sweep's cost increase against P (called by cost_sweep.py --plot).
+matplotlib is optional: without it the pays figure is skipped with a note, and cost_sweep.py refuses --plot
+before measuring.
 
     python experiments/plots.py --preset=cpu                     # results/pays_cpu.png from the committed JSON
     python experiments/plots.py --preset=tiny --results=/tmp/r   # another folder of those files
@@ -43,8 +44,9 @@ def plot_pays(args):
             with open(path) as f:
                 found.append((name, json.load(f)))
     if not found:
-        raise UserError(f"--results={args.results} has no prefix_matched_{args.preset}.json or diversity_{args.preset}.json: "
-                        f"run those commands with --preset={args.preset} --results={args.results} first")
+        raise UserError(f"--results={args.results} has no prefix_matched_{args.preset}.json or "
+                        f"diversity_{args.preset}.json: run those commands with --preset={args.preset} "
+                        f"--results={args.results} first")
     if Figure is None:
         print("note: matplotlib is not installed, so no figure was drawn (pip install matplotlib); the numbers are in "
               + ", ".join(f"{n}_{args.preset}.json" for n, _ in found))
@@ -98,10 +100,12 @@ def plot_cost(rows, families, args):
             for i, kind in enumerate(families):
                 base = at.get((kind, path, "base", 1, B, ctx))
                 for side, style in (("parscale", "-o"), ("width", "--s")):
-                    pts = [(P, at[kind, path, side, P, B, ctx][key] - base[key]) for P in sorted(set(args.streams) - {1})
+                    pts = [(P, at[kind, path, side, P, B, ctx][key] - base[key])
+                           for P in sorted(set(args.streams) - {1})
                            if base is not None and (kind, path, side, P, B, ctx) in at]
                     if pts:
-                        ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{kind} {'ParScale' if side == 'parscale' else 'width'}")
+                        label = f"{kind} {'ParScale' if side == 'parscale' else 'width'}"
+                        ax.plot(*zip(*pts), style, color=f"C{i}", label=label)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{name}, batch {B}", fontsize=9)
             ax.set_xlabel("P (width side: N_base(1 + k ln P))", fontsize=8)
@@ -130,11 +134,13 @@ def plot_repeated(result, path):
             n = min(len(c) for c in curves)
             epoch = [curves[0][j]["epoch"] for j in range(n)]
             label = f"{arm} ({phase}, {len(curves)} seeds)"
-            ax_val.plot(epoch, [sum(c[j]["val"] for c in curves) / len(curves) for j in range(n)], style, color=f"C{i}", label=label)
+            val = [sum(c[j]["val"] for c in curves) / len(curves) for j in range(n)]
+            ax_val.plot(epoch, val, style, color=f"C{i}", label=label)
             rho = [[c[j]["rho"] for c in curves] for j in range(n)]
             if all(v != "" for vs in rho for v in vs):
                 ax_rho.plot(epoch, [sum(vs) / len(vs) for vs in rho], style, color=f"C{i}", label=label)
-    ax_val.set(xlabel="epoch", ylabel="val loss (nats per byte)", title=f"repeated data: {result['train_tokens']:,} train tokens")
+    ax_val.set(xlabel="epoch", ylabel="val loss (nats per byte)",
+               title=f"repeated data: {result['train_tokens']:,} train tokens")
     ax_rho.set(xlabel="epoch", ylabel="rho between streams' per-token losses", title="do the streams decorrelate?")
     ax_val.legend(fontsize=6)
     ax_rho.legend(fontsize=6)

@@ -35,8 +35,8 @@ def contrast_pairs(cells):
     for mix in MIXES:
         pairs += [(f"{P}x{n} - {line[0][0]}x{line[0][1]} ({mix})", dict(P=P, n_prefix=n, mix=mix),
                    dict(P=line[0][0], n_prefix=line[0][1], mix=mix)) for P, n in line[1:]]
-        pairs += [(f"{P}x{n} - {P}x{m} ({mix}: fewer slots)", dict(P=P, n_prefix=n, mix=mix), dict(P=P, n_prefix=m, mix=mix))
-                  for P, n in line for q, m in cells if q == P and m < n]
+        pairs += [(f"{P}x{n} - {P}x{m} ({mix}: fewer slots)", dict(P=P, n_prefix=n, mix=mix),
+                   dict(P=P, n_prefix=m, mix=mix)) for P, n in line for q, m in cells if q == P and m < n]
     pairs += [(f"{P}x{n} learned - uniform", dict(P=P, n_prefix=n, mix="learned"), dict(P=P, n_prefix=n, mix="uniform"))
               for P, n in cells]
     return pairs
@@ -61,14 +61,16 @@ def prefix_matched(args):
         d = os.path.join(out, f"p{P}_n{n}_{mix}_s{seed}")
         argv = runner.train_argv(pre, args.data_dir, d, w, P, iters, warmup_iters=iters // 10, eval_interval=iters,
                                  n_prefix=n, seed=seed)
-        status = runner.run(argv, d, iters, init_from=base, extra=["--freeze_backbone", "--prefix_init=kv", *MIXES[mix]])
+        status = runner.run(argv, d, iters, init_from=base,
+                            extra=["--freeze_backbone", "--prefix_init=kv", *MIXES[mix]])
         runs.append(noise.run_row(runner.params(d), p1_val[seed], runner.evals(d), P=P, n_prefix=n, mix=mix, seed=seed,
                                   status=status))
         print(f"P={P} n_prefix={n} {mix} seed {seed}: val {runs[-1]['val']:.4f} ({status})", flush=True)
     cells = noise.summarise(runs, ("P", "n_prefix", "mix"))
     contrasts = [noise.contrast(name, runs, a, b) for name, a, b in contrast_pairs(pre["matched_cells"])]
     print(f"P=1 base {os.path.relpath(base)} frozen; prefixes (kv init) and aggregator trained {iters} steps, "
-          f"lr {pre['learning_rate']:g}; {len(pre['seeds'])} seeds; P x n_prefix = prefix parameters / (2 n_layer width)")
+          f"lr {pre['learning_rate']:g}; {len(pre['seeds'])} seeds; "
+          "P x n_prefix = prefix parameters / (2 n_layer width)")
     return noise.report(args, pre, "prefix_matched", ["P", "n_prefix", "mix"], cells, runs, contrasts,
                         dict(base=os.path.relpath(base), base_iters=pre["base_iters"], frozen_iters=iters))
 

@@ -56,7 +56,8 @@ def preset(args, own=None):
     for key in ("max_iters", "base_iters", "extra_iters", "frozen_iters", "eval_iters", "batch_size"):
         if getattr(args, key, -1) > 0:
             pre[key] = getattr(args, key)
-    for key, flag in (("widths", "widths"), ("streams", "stream_counts"), ("seeds", "seeds"), ("matched_cells", "cells")):
+    for key, flag in (("widths", "widths"), ("streams", "stream_counts"), ("seeds", "seeds"),
+                      ("matched_cells", "cells")):
         if getattr(args, flag, None):
             pre[key] = getattr(args, flag)
     if getattr(args, "reparam", -1) > 0:
@@ -78,7 +79,8 @@ def train_argv(pre, data_dir, out_dir, width, P, max_iters, learning_rate=None, 
     return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--device={pre['device']}",
             f"--n_layer={pre['n_layer']}", f"--n_head={pre['n_head']}", f"--n_embd={width}",
             f"--block_size={pre['block_size']}", f"--n_prefix={pre['n_prefix'] if n_prefix is None else n_prefix}",
-            f"--n_streams={P}", f"--batch_size={pre['batch_size']}", f"--max_iters={max_iters}", f"--learning_rate={lr}",
+            f"--n_streams={P}", f"--batch_size={pre['batch_size']}", f"--max_iters={max_iters}",
+            f"--learning_rate={lr}",
             f"--min_lr={lr / 10}", f"--warmup_iters={pre['warmup_iters'] if warmup_iters is None else warmup_iters}",
             f"--eval_interval={max(1, min(eval_interval, max_iters))}", f"--eval_iters={pre['eval_iters']}",
             f"--log_interval={max(1, min(50, max_iters // 4))}", f"--threads={pre['threads']}",
@@ -160,7 +162,8 @@ def run(argv, out_dir, max_iters, init_from="scratch", extra=()):
 def eval_only(pre, data_dir, out_dir, init_from, streams="", seed=None):
     """train.py --eval_only on the P=1 base (plus a streams file), which ends its output with one JSON line
     {train, val, ...}: parse it. seed picks the evaluation batches (they are a function of train.py's --seed)."""
-    argv = train_argv(pre, data_dir, out_dir, pre["base_width"], 1, 0, seed=seed) + [f"--init_from={init_from}", "--eval_only"]
+    argv = train_argv(pre, data_dir, out_dir, pre["base_width"], 1, 0, seed=seed)
+    argv += [f"--init_from={init_from}", "--eval_only"]
     if streams:
         argv.append(f"--streams={streams}")
     return last_json(call_train(argv, out_dir))
@@ -241,7 +244,8 @@ def plan(pre, data_dir, runs):
         with torch.device("meta"):  # shapes only: counting needs no weights
             model = GPT(cfg)
         flops = flops_per_token(model, pre["block_size"]) * (tokens + eval_tokens / 3)
-        sec = flops / (ASSUMED_MFU * peak_flops("H200")) + pre["max_iters"] * ASSUMED_STEP_OVERHEAD + ASSUMED_RUN_OVERHEAD
+        sec = (flops / (ASSUMED_MFU * peak_flops("H200")) + pre["max_iters"] * ASSUMED_STEP_OVERHEAD
+               + ASSUMED_RUN_OVERHEAD)
         sec += ASSUMED_RUN_OVERHEAD if seed != SEED else 0  # the noise run's re-evaluation, a process of its own
         total, est = total + flops, est + sec
         lines.append(f"  {name}: {flops / 1e15:.3f} PFLOP" + (f", ~{sec:.0f} s" if gpu else "")

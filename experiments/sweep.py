@@ -4,7 +4,7 @@ scaling law (law.py) fitted to the grid's val losses.
 
     python experiments/sweep.py --preset=tiny              # 3 steps per run: P in {1,2,4,8} x 3 widths, fitted
     python experiments/sweep.py --preset=cpu               # hours on a 2-core CPU (add --threads=1 on a shared CPU)
-    python experiments/sweep.py --preset=gpu               # one H200 (run prepare_data.py first); prints its estimated cost
+    python experiments/sweep.py --preset=gpu               # one H200 (after prepare_data.py); prints the estimated cost
     python experiments/sweep.py --preset=gpu --dry_run     # every run's train.py command and the estimate; needs no GPU
     python experiments/fit.py --runs=out/scaling/cpu/sweep # the law fitted again to those runs
 
@@ -30,14 +30,14 @@ def sweep_runs(pre, args):
     runs = []
     for width, P in itertools.product(pre["widths"], pre["streams"]):
         d = os.path.join(args.out, "sweep", f"w{width}_p{P}")
-        runs.append((f"w{width}_p{P}", d, runner.train_argv(pre, args.data_dir, d, width, P, pre["max_iters"]), width, P,
-                     runner.SEED))
+        argv = runner.train_argv(pre, args.data_dir, d, width, P, pre["max_iters"])
+        runs.append((f"w{width}_p{P}", d, argv, width, P, runner.SEED))
     if pre["noise_cell"] and pre["noise_cell"][0] in pre["widths"] and pre["noise_cell"][1] in pre["streams"]:
         width, P = pre["noise_cell"]
         name = f"w{width}_p{P}_s{runner.NOISE_SEED}"
         d = os.path.join(args.out, "sweep_noise", name)
-        runs.append((name, d, runner.train_argv(pre, args.data_dir, d, width, P, pre["max_iters"], seed=runner.NOISE_SEED),
-                     width, P, runner.NOISE_SEED))
+        argv = runner.train_argv(pre, args.data_dir, d, width, P, pre["max_iters"], seed=runner.NOISE_SEED)
+        runs.append((name, d, argv, width, P, runner.NOISE_SEED))
     return runs
 
 
@@ -67,7 +67,8 @@ def sweep(args):
     print(runner.table(rows, ["width", "P", "N", "train", "val", "gain_vs_p1", "status"]))
     fit = None
     if len(rows) >= 5:
-        fit = law.fit_law([r["N"] for r in rows], [r["P"] for r in rows], [r["val"] for r in rows], pre.get("fit_starts", 27))
+        fit = law.fit_law([r["N"] for r in rows], [r["P"] for r in rows], [r["val"] for r in rows],
+                          pre.get("fit_starts", 27))
         print(f"fit on val loss: {law.fit_line(fit)}")
     else:
         print(f"no fit: {len(rows)} runs, a 4-parameter fit needs at least 5")
@@ -93,7 +94,8 @@ def noise_row(pre, args, rows, d, width, P):
 def get_args(argv=None):
     p = runner.parser("sweep.py", __doc__)
     p.add_argument("--widths", type=runner.int_list, default=None,
-                   help="comma-separated n_embd, multiples of the preset's n_head, e.g. 32,48,64; default: the preset's")
+                   help="comma-separated n_embd, multiples of the preset's n_head, e.g. 32,48,64; "
+                   "default: the preset's")
     runner.add_stream_counts(p, "streams")
     p.add_argument("--max_iters", type=int, default=-1, help="steps per run; -1 = the preset's")
     p.add_argument("--dry_run", action="store_true", help="print every run's train.py command and the estimated cost, "

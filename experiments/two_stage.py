@@ -4,7 +4,7 @@ fresh random prefixes, P=4 with the backbone frozen, and P=4 with kv-initialised
 start with a step-0 evaluation, so that the loss spike at conversion shows.
 
     python experiments/two_stage.py --preset=tiny           # seconds
-    python experiments/two_stage.py --preset=cpu            # P=1 base, then P=1 / P=4 / P=4 frozen / P=4 kv-init prefixes
+    python experiments/two_stage.py --preset=cpu            # P=1 base, then P=1 / P=4 / P=4 frozen / P=4 kv-init
     python experiments/two_stage.py --preset=cpu --extra_iters=80 --eval_iters=10 --threads=1   # docs/results.md
 
 Prefix init "kv" is train.py's --prefix_init=kv: instead of N(0, 0.02) draws, each stream's prefix is the
@@ -37,8 +37,9 @@ def two_stage(args):
     curves, final = {}, {}
     for name, P, flags in BRANCHES:
         d = os.path.join(args.out, "two_stage", name)
+        # a curve: its step-0 evaluation shows the spike at conversion
         argv = runner.train_argv(pre, args.data_dir, d, w, P, extra, learning_rate=lr, warmup_iters=extra // 10,
-                                 eval_interval=max(1, extra // 5))  # a curve: the step-0 evaluation shows the conversion spike
+                                 eval_interval=max(1, extra // 5))
         runner.run(argv, d, extra, init_from=base, extra=flags)
         curves[name] = {r["step"]: round(r["val"], 4) for r in runner.evals(d)}
         final[name] = curves[name][extra]

@@ -38,7 +38,8 @@ def test_a_full_disk_that_torch_reports_without_an_errno(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1393792 vs 1393680")
 
     monkeypatch.setattr(checkpoint.torch, "save", full)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: collections.namedtuple("usage", "total used free")(1, 1, 0))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(1, 1, 0))
     with pytest.raises(UserError, match="no space left on the device to save"):
         checkpoint.save_checkpoint({}, str(tmp_path))
     assert os.listdir(tmp_path) == []
@@ -87,5 +88,6 @@ def test_load_checks_a_nanogpt_checkpoint_and_a_streams_file(tmp_path):
     assert checkpoint.load_checkpoint(str(tmp_path / "streams_p2.pt"))["kind"] == "streams"
     streams["model"].pop("aggregator.proj_out.bias")
     torch.save(streams, tmp_path / "cut.pt")
-    with pytest.raises(UserError, match=r"--streams: checkpoint .*cut.pt: its weights do not fit .*aggregator.proj_out.bias"):
+    with pytest.raises(UserError, match=r"--streams: checkpoint .*cut.pt: its weights do not fit "
+                                        r".*aggregator.proj_out.bias"):
         checkpoint.load_checkpoint(str(tmp_path / "cut.pt"), "--streams")

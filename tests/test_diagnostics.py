@@ -15,11 +15,13 @@ from model import GPT
 
 
 def test_diversity_by_hand():
-    # streams alone: 2.0 and 2.0 nats; mixture 1.0 -> gain 1.0. Deviations (-1, 0, 1) and (-1, 1, 0): cov 1, var 2, 2 -> rho 0.5
+    # streams alone: 2.0 and 2.0 nats; mixture 1.0 -> gain 1.0.
+    # Deviations (-1, 0, 1) and (-1, 1, 0): cov 1, var 2, 2 -> rho 0.5
     d = diagnostics.diversity(torch.tensor([[1., 2., 3.], [1., 3., 2.]]), torch.tensor([0.5, 1.0, 1.5]))
     assert d["stream_loss"] == [2.0, 2.0] and d["mix_loss"] == 1.0 and d["gain"] == 1.0
     assert abs(d["rho"] - 0.5) < 1e-12
-    # three streams: pairs (0,1) rho -1, (0,2) rho 1, (1,2) rho -1 -> mean -1/3; a mixture worse than the streams: gain < 0
+    # three streams: pairs (0,1) rho -1, (0,2) rho 1, (1,2) rho -1 -> mean -1/3;
+    # a mixture worse than the streams: gain < 0
     d = diagnostics.diversity(torch.tensor([[1., 2., 3.], [3., 2., 1.], [2., 4., 6.]]), torch.tensor([3., 3., 3.]))
     assert abs(d["rho"] + 1 / 3) < 1e-12 and abs(d["gain"] - (2 + 2 + 4) / 3 + 3) < 1e-6
 
@@ -104,7 +106,8 @@ def test_prefix_reparam_refusals(data_dir, tmp_path):
         run(data_dir, tmp_path, "--max_iters=1", "--prefix_reparam=-1")
     run(data_dir, tmp_path / "p2", "--max_iters=1", "--eval_interval=1", "--n_streams=2")
     with pytest.raises(train.UserError, match="throw away the trained prefixes of --init_from"):
-        run(data_dir, tmp_path / "o", "--max_iters=1", "--prefix_reparam=8", f"--init_from={tmp_path / 'p2' / 'ckpt.pt'}")
+        run(data_dir, tmp_path / "o", "--max_iters=1", "--prefix_reparam=8",
+            f"--init_from={tmp_path / 'p2' / 'ckpt.pt'}")
     ck = torch.load(tmp_path / "p2" / "ckpt.pt", weights_only=True)
     ck["args"]["prefix_reparam"] = 8  # a checkpoint that names MLPs it does not hold
     torch.save(ck, tmp_path / "p2" / "ckpt.pt")

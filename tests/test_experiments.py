@@ -131,7 +131,8 @@ def test_rows_cells_and_contrasts_on_fixed_runs():
     assert list(cells) == [(1, "none"), (2, "plain"), (2, "reparam")]  # in order of first appearance
     plain, reparam = cells[2, "plain"], cells[2, "reparam"]
     assert plain["seeds"] == 2 and plain["val"] == 2.07 and (plain["val_min"], plain["val_max"]) == (2.03, 2.11)
-    assert plain["vs_p1"] == 0.02 and (plain["vs_p1_min"], plain["vs_p1_max"]) == (0.01, 0.03) and plain["verdict"] == "higher"
+    assert plain["vs_p1"] == 0.02 and (plain["vs_p1_min"], plain["vs_p1_max"]) == (0.01, 0.03)
+    assert plain["verdict"] == "higher"
     assert reparam["vs_p1"] == -0.015 and reparam["verdict"] == "lower" and reparam["rho"] == 0.91
     assert cells[1, "none"]["verdict"] == "" and cells[1, "none"]["vs_p1_min"] == ""
     c = noise.contrast("reparam - plain", runs, dict(P=2, prefix="reparam"), dict(P=2, prefix="plain"))
@@ -159,8 +160,10 @@ def test_presets_are_data():
 
 def test_every_experiment_parses_its_flags(data, tmp_path):
     common = [f"--data_dir={data}", "--preset=tiny"]
-    args = sweep.get_args(common + ["--widths=8,16", "--stream_counts=1,4", "--max_iters=5", "--dry_run", "--threads=1"])
-    assert (args.widths, args.stream_counts, args.max_iters, args.dry_run, args.threads) == ([8, 16], [1, 4], 5, True, 1)
+    args = sweep.get_args(common + ["--widths=8,16", "--stream_counts=1,4", "--max_iters=5", "--dry_run",
+                                    "--threads=1"])
+    assert (args.widths, args.stream_counts, args.max_iters, args.dry_run, args.threads) == ([8, 16], [1, 4], 5, True,
+                                                                                             1)
     assert args.out == os.path.abspath(os.path.join("out", "scaling", "tiny")) and os.path.isabs(args.data_dir)
     args = two_stage.get_args(common + ["--base_iters=4", "--extra_iters=6", "--eval_iters=2", "--batch_size=8"])
     assert (args.base_iters, args.extra_iters, args.eval_iters, args.batch_size) == (4, 6, 2, 8)
@@ -168,7 +171,8 @@ def test_every_experiment_parses_its_flags(data, tmp_path):
     assert (args.stream_counts, args.prefix_init, args.out) == ([2, 8], "random", str(tmp_path))
     assert dynamic.get_args(common).prefix_init == "kv"
     args = prefix_matched.get_args(common + ["--cells=2x2,4x1", "--seeds=3,4", "--frozen_iters=7", "--results=r"])
-    assert (args.cells, args.seeds, args.frozen_iters, args.results) == ([(2, 2), (4, 1)], [3, 4], 7, os.path.abspath("r"))
+    assert (args.cells, args.seeds, args.frozen_iters) == ([(2, 2), (4, 1)], [3, 4], 7)
+    assert args.results == os.path.abspath("r")
     args = diversity.get_args(common + ["--stream_counts=1,2", "--seeds=5", "--reparam=16", "--max_iters=9"])
     assert (args.stream_counts, args.seeds, args.reparam, args.max_iters, args.results) == ([1, 2], [5], 16, 9, "")
     args = fit.get_args(["--paper", "--per_size", "--starts=3"])
@@ -255,11 +259,13 @@ def test_a_user_error_is_one_line_exit_1_no_traceback(tmp_path, argv, words):
 
 
 def test_experiment_flags_override_the_preset(data):
-    args = prefix_matched.get_args(["--preset=tiny", "--cells=2x1,8x1", "--seeds=3", "--frozen_iters=5", f"--data_dir={data}"])
+    args = prefix_matched.get_args(["--preset=tiny", "--cells=2x1,8x1", "--seeds=3", "--frozen_iters=5",
+                                    f"--data_dir={data}"])
     pre = runner.preset(args)
     assert pre["matched_cells"] == [(2, 1), (8, 1)] and pre["seeds"] == [3] and pre["frozen_iters"] == 5
     pre = runner.preset(diversity.get_args(["--preset=cpu", f"--data_dir={data}"]), diversity.GRID)
-    assert pre["streams"] == [1, 2, 4] and pre["max_iters"] == runner.load_presets()["cpu"]["diversity_iters"]  # not the sweep's
+    # its own grid, not the sweep's
+    assert pre["streams"] == [1, 2, 4] and pre["max_iters"] == runner.load_presets()["cpu"]["diversity_iters"]
     pre = runner.preset(diversity.get_args(["--preset=cpu", "--max_iters=7", "--stream_counts=2", "--reparam=32",
                                             f"--data_dir={data}"]), diversity.GRID)
     assert (pre["max_iters"], pre["streams"], pre["reparam_hidden"]) == (7, [2], 32)
@@ -269,11 +275,13 @@ def test_experiment_flags_override_the_preset(data):
 # the experiments, end to end
 
 def test_sweep_runs_end_to_end_and_resumes_without_training(data, tmp_path, monkeypatch):
-    argv = ["--preset=tiny", "--widths=8,16", "--stream_counts=1,4", f"--out={tmp_path / 'out'}", f"--data_dir={data}", ONE_THREAD]
+    argv = ["--preset=tiny", "--widths=8,16", "--stream_counts=1,4", f"--out={tmp_path / 'out'}", f"--data_dir={data}",
+            ONE_THREAD]
     first = sweep.main(argv)
     with open(tmp_path / "out" / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["width"], r["P"], r["status"]) for r in rows] == [(w, P, "trained") for w in ("8", "16") for P in ("1", "4")]
+    assert [(r["width"], r["P"], r["status"]) for r in rows] == [(w, P, "trained") for w in ("8", "16")
+                                                                  for P in ("1", "4")]
     n = {(r["width"], r["P"]): int(r["N"]) for r in rows}
     assert n[("8", "1")] < n[("8", "4")] < n[("16", "1")] < n[("16", "4")]  # N counts prefixes + aggregator
     assert first["fit"] is None  # 4 runs: too few for a 4-parameter fit
@@ -293,7 +301,8 @@ def test_sweep_runs_end_to_end_and_resumes_without_training(data, tmp_path, monk
 
 def test_a_failed_run_says_why(tmp_path):
     with pytest.raises(UserError, match="prepare_data.py"):  # train.py's own error line
-        runner.call_train([f"--data_dir={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'out'}"], str(tmp_path / "out"))
+        runner.call_train([f"--data_dir={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'out'}"],
+                          str(tmp_path / "out"))
 
 
 def test_dynamic_p_switches_kv_initialised_streams_on_an_untouched_backbone(data, tiny_base, tmp_path):
@@ -308,7 +317,8 @@ def test_dynamic_p_switches_kv_initialised_streams_on_an_untouched_backbone(data
         assert run["args"]["prefix_init"] == "kv" and run["args"]["freeze_backbone"] and run["args"]["threads"] == 1
         for k, v in base_ckpt["model"].items():
             assert torch.equal(run["model"][k], v), k  # the frozen backbone never moved
-        model = attach_streams(model_from(base_ckpt), load_checkpoint(os.path.join(out, "dynamic", f"p{P}", f"streams_p{P}.pt")))
+        streams = load_checkpoint(os.path.join(out, "dynamic", f"p{P}", f"streams_p{P}.pt"))
+        model = attach_streams(model_from(base_ckpt), streams)
         assert model.config.n_streams == P
         assert result["val"][P] == round(runner.evals(out / "dynamic" / f"p{P}")[-1]["val"], 4)
 
@@ -342,7 +352,8 @@ def test_the_noise_run_is_evaluated_again_on_the_first_seeds_batches(data, tmp_p
     assert row == dict(width=256, P=2, seeds=[runner.SEED, runner.NOISE_SEED], val=[1.81, 1.8013], own_batches_val=1.9,
                        diff=0.0087)
     (argv,) = calls
-    assert argv[-2:] == ["--init_from=resume", "--eval_only"] and f"--seed={runner.SEED}" in argv and f"--out_dir={d}" in argv
+    assert argv[-2:] == ["--init_from=resume", "--eval_only"]
+    assert f"--seed={runner.SEED}" in argv and f"--out_dir={d}" in argv
 
 
 def test_prefix_matched_writes_cells_runs_and_contrasts(data, tiny_base, tmp_path):
@@ -363,7 +374,8 @@ def test_prefix_matched_writes_cells_runs_and_contrasts(data, tiny_base, tmp_pat
         assert abs(float(c["vs_p1"]) - (float(c["val"]) - float(p1["val"]))) < 2e-4  # one seed: the same batches
     with open(results / "prefix_matched_tiny.json") as f:
         saved = json.load(f)
-    assert saved["noise_nats"] == noise.NOISE and [c["contrast"] for c in saved["contrasts"]] == ["2x1 learned - uniform"]
+    assert saved["noise_nats"] == noise.NOISE
+    assert [c["contrast"] for c in saved["contrasts"]] == ["2x1 learned - uniform"]
     run = next(r for r in saved["runs"] if r.get("mix") == "uniform")
     assert abs(run["entropy"] - math.log(2)) < 1e-4 and len(run["curve"]) == 2  # a fixed 1/2, 1/2 mix; steps 0 and last
     ckpt = load_checkpoint(os.path.join(out, "prefix_matched", "p2_n1_uniform_s1", "ckpt.pt"))

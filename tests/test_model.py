@@ -41,9 +41,9 @@ def plain_gpt_logits(sd, cfg, idx, prefix=None):
         att = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
         att = att.masked_fill(torch.ones(T, T).tril() == 0, float("-inf"))
         if prefix is not None:
-            pk, pv = (t.repeat_interleave(H // KV, dim=0) for t in prefix[i])  # (H, n_prefix, hd)
-            att = torch.cat([(q @ pk.transpose(-2, -1)) / math.sqrt(hd), att], dim=-1)
-            v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+            prefix_k, prefix_v = (t.repeat_interleave(H // KV, dim=0) for t in prefix[i])  # (H, n_prefix, hd)
+            att = torch.cat([(q @ prefix_k.transpose(-2, -1)) / math.sqrt(hd), att], dim=-1)
+            v = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
         y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
         x = x + y @ g(p + "attn.c_proj.weight").T + g(p + "attn.c_proj.bias")
         h = F.gelu(ln(x, p + "ln_2") @ g(p + "mlp.c_fc.weight").T + g(p + "mlp.c_fc.bias"))
@@ -121,8 +121,8 @@ def test_fresh_aggregator_averages_streams_and_prefix_init_is_seeded():
     a, b = make(4, n_streams=4), make(4, n_streams=4)
     for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), na  # same seed, same model
-    pk = a.transformer.h[0].attn.prefix_k
-    assert torch.isfinite(pk).all() and (pk[0] - pk[1]).abs().max() > 0  # streams differ
+    prefix_k = a.transformer.h[0].attn.prefix_k
+    assert torch.isfinite(prefix_k).all() and (prefix_k[0] - prefix_k[1]).abs().max() > 0  # streams differ
     w = a.aggregator.weights(torch.randn(4 * 2, 3, a.config.n_embd))
     assert_close(w, torch.full_like(w, 0.25), what="uniform start")
 
@@ -242,7 +242,8 @@ def test_two_stage_conversion_keeps_backbone_and_freezing_trains_only_parscale()
 
 @pytest.mark.parametrize("P,paper_delta", [(2, 2_382_466), (4, 4_764_036), (8, 9_527_176)])
 def test_parscale_parameter_count_matches_the_paper(P, paper_delta):
-    """The paper's N rows (arXiv 2505.10475, the Stack-V2-Python grid), 0.5B model: N(P) - N(1) is ParScale's own parameters."""
+    """The paper's N rows (arXiv 2505.10475, the Stack-V2-Python grid), 0.5B model: N(P) - N(1) is ParScale's own
+    parameters."""
     with torch.device("meta"):
         model = GPT(GPTConfig(n_layer=36, n_embd=896, n_head=16, n_kv_head=2, n_streams=P, n_prefix=48, vocab_size=256))
     r = param_report(model)
@@ -346,7 +347,8 @@ def test_backbone_of_shares_the_tensors_and_computes_the_plain_gpt():
 def test_model_py_imports_torch_and_the_standard_library_only():
     with open(os.path.join(ROOT, "model.py")) as f:
         tree = ast.parse(f.read())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     project = {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py")} | {"kernels", "experiments"}
     assert imported & project == set(), imported & project

@@ -105,11 +105,13 @@ def test_every_added_line_gets_the_kind_its_rules_give():
 def test_the_command_line_prints_the_counts_and_lists_the_other_lines(tmp_path):
     (tmp_path / "nanogpt.py").write_text(ORIGINAL)
     (tmp_path / "ours.py").write_text(CHANGED)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "nanogpt_diff.py"), str(tmp_path / "nanogpt.py"),
-                          f"--model={tmp_path / 'ours.py'}"], capture_output=True, text=True, timeout=60)
+    script = os.path.join(ROOT, "scripts", "nanogpt_diff.py")
+    res = subprocess.run([sys.executable, script, str(tmp_path / "nanogpt.py"), f"--model={tmp_path / 'ours.py'}"],
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "added non-blank lines by kind: ParScale" in res.stdout
     assert "other, line 7: self.ln = nn.LayerNorm(config.n_embd)" in res.stdout
-    missing = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "nanogpt_diff.py"), str(tmp_path / "no.py")],
-                             capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 1 and missing.stderr.startswith("error: cannot read") and "Traceback" not in missing.stderr
+    missing = subprocess.run([sys.executable, script, str(tmp_path / "no.py")], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 1 and missing.stderr.startswith("error: cannot read")
+    assert "Traceback" not in missing.stderr

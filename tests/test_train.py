@@ -55,7 +55,8 @@ def test_short_run_lowers_loss_and_logs_stream_weights(data_dir, tmp_path, P):
     run(data_dir, tmp_path, "--max_iters=40", "--eval_interval=20", f"--n_streams={P}", "--peak_flops=1e12")
     ev = evals(tmp_path)
     with open(os.path.join(tmp_path, "log.jsonl")) as f:
-        assert all(r["mfu"] > 0 for r in map(json.loads, f) if r["kind"] == "train")  # common.estimate_mfu against the given peak
+        # common.estimate_mfu against the given peak
+        assert all(r["mfu"] > 0 for r in map(json.loads, f) if r["kind"] == "train")
     assert [r["step"] for r in ev] == [0, 20, 40]
     assert ev[-1]["val"] < ev[0]["val"] - 1.0, ev
     if P > 1:
@@ -234,9 +235,10 @@ def test_checkpoint_mistakes_are_named(data_dir, tmp_path, p1_ckpt):
         run(data_dir, tmp_path / "o", f"--init_from={p2}", f"--streams={p1_ckpt}")
     with pytest.raises(UserError, match="is a full checkpoint, not a streams_p"):
         run(data_dir, tmp_path / "o", f"--init_from={p1_ckpt}", f"--streams={p1_ckpt}")
-    other = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256))  # the right shape, other weights
+    other = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256))  # right shape, other weights
     torch.save(streams_state(convert_to_streams(other, 2, n_prefix=2)), tmp_path / "streams_p2.pt")
-    with pytest.raises(UserError, match="--streams=.*streams_p2.pt: these streams were trained on a different backbone"):
+    with pytest.raises(UserError, match="--streams=.*streams_p2.pt: these streams were trained on "
+                                        "a different backbone"):
         run(data_dir, tmp_path / "o", f"--init_from={p1_ckpt}", f"--streams={tmp_path / 'streams_p2.pt'}")
     assert not os.path.exists(tmp_path / "o")
 
@@ -261,7 +263,8 @@ def test_a_refused_run_leaves_out_dir_as_it_was(data_dir, tmp_path):
 @pytest.mark.parametrize("flag, start", [("--batch_size=0", "error: --batch_size must be >= 1, got 0\n"),
                                          ("--data_dir={tmp}/nowhere", "error: --data_dir=")])
 def test_the_command_line_prints_one_error_line(tmp_path, flag, start):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={tmp_path / 'o'}", flag.format(tmp=tmp_path)]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={tmp_path / 'o'}",
+           flag.format(tmp=tmp_path)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and res.stdout == "", res.stdout + res.stderr
     assert res.stderr.startswith(start) and res.stderr.count("\n") == 1, res.stderr  # no traceback, no usage text
@@ -308,7 +311,8 @@ def test_ddp_with_gloo_on_cpu(data_dir, tmp_path):
 def test_sample_from_checkpoint(data_dir, tmp_path, capsys):
     run(data_dir, tmp_path, "--max_iters=30", "--eval_interval=30", "--n_streams=2")
     capsys.readouterr()
-    argv = [f"--out_dir={tmp_path}", "--start=def f", "--temperature=0", "--num_samples=2", "--max_new_tokens=20", "--device=cpu"]
+    argv = [f"--out_dir={tmp_path}", "--start=def f", "--temperature=0", "--num_samples=2", "--max_new_tokens=20",
+            "--device=cpu"]
     sample.main(argv)
     first = capsys.readouterr()
     sample.main(argv)
