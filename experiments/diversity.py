@@ -30,7 +30,7 @@ def diversity(args):
     streams (lower rho) or make each stream alone better (lower stream_loss)?
     """
     pre = runner.preset(args, GRID)
-    out, w = os.path.join(args.out, "diversity"), pre["base_width"]
+    out, w = os.path.join(args.out_dir, "diversity"), pre["base_width"]
     iters, hidden = pre["max_iters"], pre["reparam_hidden"]
     variants = [(P, kind) for P in sorted(pre["streams"]) for kind in (["none"] if P == 1 else ["plain", "reparam"])]
     runs = []

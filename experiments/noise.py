@@ -113,7 +113,7 @@ def report(args, pre, name, keys, cells, runs, contrasts, extra):
           "N: non-embedding parameters; N_no_agg: without the aggregator.")
     result = dict(preset=args.preset, experiment=name, noise_nats=NOISE, config=pre, **extra, cells=cells,
                   contrasts=contrasts, runs=runs)
-    folders = [(args.out, name)] + ([(args.results, f"{name}_{args.preset}")] if args.results else [])
+    folders = [(args.out_dir, name)] + ([(args.results, f"{name}_{args.preset}")] if args.results else [])
     for folder, stem in folders:
         os.makedirs(folder, exist_ok=True)
         runner.write_csv(os.path.join(folder, f"{stem}.csv"), [{k: c[k] for k in keys + CELL_COLS} for c in cells])

@@ -15,7 +15,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/plots.py` from anywhere
     sys.path.insert(0, ROOT)
-from common import UserError  # noqa: E402
+from common import RenamedFlag, UserError  # noqa: E402
 from experiments import noise, runner  # noqa: E402
 
 try:  # optional; the object-oriented API needs no backend choice (no import-time side effects)
@@ -36,7 +36,7 @@ def plot_pays(args):
     dotted each stream alone, grey the +-NOISE band; right, rho against P. Lines are nudged apart along P so
     that equal ones stay visible. Written from the JSON alone, so it redraws committed results.
     """
-    out = args.out or os.path.join(args.results, f"pays_{args.preset}.png")
+    out = args.figure or os.path.join(args.results, f"pays_{args.preset}.png")
     found = []
     for name in SERIES:
         path = os.path.join(args.results, f"{name}_{args.preset}.json")
@@ -153,13 +153,14 @@ def get_args(argv=None):
     p.add_argument("--preset", default="cpu", choices=sorted(runner.load_presets()),
                    help="reads <results>/<experiment>_<preset>.json")
     p.add_argument("--results", default=os.path.join(ROOT, "results"), help="the folder of those files")
-    p.add_argument("--out", default="", help="the figure, a .png; '' = <results>/pays_<preset>.png")
+    p.add_argument("--figure", default="", help="the figure, a .png; '' = <results>/pays_<preset>.png")
+    p.add_argument("--out", action=RenamedFlag, new="--figure", why="--out_dir is a folder in the other scripts")
     args = p.parse_args(argv)
     if not os.path.isdir(args.results):
         raise UserError(f"--results={args.results}: no such folder; give the folder prefix_matched or diversity "
                         "wrote with --results")
-    if args.out and not args.out.endswith(".png"):
-        raise UserError(f"--out={args.out}: the figure is written as PNG: give a name ending in .png")
+    if args.figure and not args.figure.endswith(".png"):
+        raise UserError(f"--figure={args.figure}: the figure is written as PNG: give a name ending in .png")
     return args
 
 

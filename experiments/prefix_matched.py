@@ -51,7 +51,7 @@ def prefix_matched(args):
     """
     pre = runner.preset(args)
     base = runner.train_base(pre, args)
-    out, w, iters = os.path.join(args.out, "prefix_matched"), pre["base_width"], pre["frozen_iters"]
+    out, w, iters = os.path.join(args.out_dir, "prefix_matched"), pre["base_width"], pre["frozen_iters"]
     runs, p1_val = [], {}
     for seed in pre["seeds"]:
         p1_val[seed] = runner.eval_only(pre, args.data_dir, os.path.join(out, "base_eval"), base, seed=seed)["val"]

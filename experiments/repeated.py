@@ -267,7 +267,7 @@ def plan(pre, vocab_size, arms, jobs, budget_min, measure=True):
 
 def prepare(pre, args):
     """The capped data folder (prepare_data.py in a process of its own); reused when its meta says the same cap."""
-    path = os.path.join(args.out, "repeated", f"data_{pre['repeated_train_tokens']}")
+    path = os.path.join(args.out_dir, "repeated", f"data_{pre['repeated_train_tokens']}")
     meta = os.path.join(path, "meta.json")
     if not os.path.isfile(meta) or runner.read_meta(path).get("max_train_tokens") != pre["repeated_train_tokens"]:
         cmd = [sys.executable, os.path.join(ROOT, "prepare_data.py"),
@@ -289,7 +289,7 @@ def run_phase(pre, args, data_dir, meta, arms, seeds, phase):
     for seed in seeds:
         for arm in arms:
             key = run_key(pre, vocab, arm)
-            d = os.path.join(args.out, "repeated", run_name(key, seed))
+            d = os.path.join(args.out_dir, "repeated", run_name(key, seed))
             todo.setdefault(d, (key, seed))
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {d: pool.submit(runner.run, run_argv(pre, data_dir, d, key, seed), d, pre["repeated_iters"])
@@ -297,7 +297,7 @@ def run_phase(pre, args, data_dir, meta, arms, seeds, phase):
         for d, f in futures.items():
             print(f"{phase}: {os.path.basename(d)} {f.result()}", flush=True)
     per_step = pre["batch_size"] * pre["block_size"]
-    return [run_row(os.path.join(args.out, "repeated", run_name(run_key(pre, vocab, arm), seed)), arm, seed, phase,
+    return [run_row(os.path.join(args.out_dir, "repeated", run_name(run_key(pre, vocab, arm), seed)), arm, seed, phase,
                     meta["train_tokens"], per_step) for seed in seeds for arm in arms]
 
 
@@ -347,7 +347,7 @@ def report(args, result):
     for phase in ("explore", "confirm"):
         print(f"verdicts, {phase} seeds (paired at the same seed; a mean under {noise.NOISE} nats is noise):")
         print(runner.table(result["verdicts"][phase], ["hypothesis", "seeds", "mean", "min", "max", "verdict"]))
-    folders = [(args.out, "repeated")] + ([(args.results, f"repeated_{args.preset}")] if args.results else [])
+    folders = [(args.out_dir, "repeated")] + ([(args.results, f"repeated_{args.preset}")] if args.results else [])
     for folder, stem in folders:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"{stem}.json"), "w") as f:

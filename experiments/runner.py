@@ -1,12 +1,12 @@
 """
 The runner every experiment stands on: train.py runs as subprocesses, resumable; their evaluations read
 back; the presets (presets.json); a sweep's cost planned before it runs; and the command line that every
-experiment shares (--preset, --out, --data_dir, --device, --eval_iters, --batch_size, --threads).
+experiment shares (--preset, --out_dir, --data_dir, --device, --eval_iters, --batch_size, --threads).
 
 Every run is train.py in a process of its own, with its own out_dir; its output goes to out_dir/train.out.
 Runs are resumable: a run whose log.jsonl holds its final evaluation is skipped, one with a ckpt.pt
 resumes (--init_from=resume), so re-running an interrupted command (Ctrl-C: the run saves first) finishes
-the work. Results land in --out (default out/scaling/<preset>) as CSV and JSON; the last line printed is
+the work. Results land in --out_dir (default out/scaling/<preset>) as CSV and JSON; the last line printed is
 one JSON object. A mistake the user can fix (a bad flag, a missing or damaged file, a run that train.py
 refused) ends as one `error: ...` line on stderr and exit status 1 (cli); a traceback means a bug.
 """
@@ -109,7 +109,7 @@ def finished(out_dir, max_iters):
     """Whether the run in out_dir reached max_iters (its last evaluation is that step, and it has a checkpoint)."""
     ev = evals(out_dir)
     if ev and ev[-1]["step"] > max_iters:
-        raise UserError(f"{out_dir} holds a run of {ev[-1]['step']} steps, not {max_iters}: use another --out")
+        raise UserError(f"{out_dir} holds a run of {ev[-1]['step']} steps, not {max_iters}: use another --out_dir")
     return bool(ev) and ev[-1]["step"] == max_iters and os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
 
 
@@ -123,7 +123,7 @@ def call_train(argv, out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {out_dir} ({e.strerror}): choose another --out") from e
+        raise UserError(f"cannot create {out_dir} ({e.strerror}): choose another --out_dir") from e
     path = os.path.join(out_dir, "train.out")
     with open(path, "a") as log:
         log.write(f"$ python train.py {' '.join(argv)}\n")
@@ -194,7 +194,7 @@ def pick(ev):
 def train_base(pre, args):
     """The P=1 base at the preset's base_width, base_iters steps, in <out>/base (two_stage, dynamic and
     prefix_matched build on it; a finished base is reused). Returns its checkpoint's path."""
-    d = os.path.join(args.out, "base")
+    d = os.path.join(args.out_dir, "base")
     run(train_argv(pre, args.data_dir, d, pre["base_width"], 1, pre["base_iters"]), d, pre["base_iters"])
     return os.path.join(d, "ckpt.pt")
 
@@ -311,7 +311,8 @@ def parser(prog, doc):
     Integer flags whose default is -1 mean "the preset's" (or torch's); parse refuses 0 and below -1."""
     p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=sorted(load_presets()))
-    p.add_argument("--out", type=absolute, default="", help="results and run folders; '' = out/scaling/<preset>")
+    p.add_argument("--out_dir", type=absolute, default="", help="results and run folders; '' = out/scaling/<preset>")
+    p.add_argument("--out", action=RenamedFlag, new="--out_dir", why="an output folder is --out_dir in every script")
     p.add_argument("--data_dir", type=absolute, default=os.path.join(ROOT, "data", "stdlib_bytes"),
                    help="prepare_data.py's output")
     # every run: override the preset
@@ -338,15 +339,15 @@ def add_seed_flags(p, name):
     p.add_argument("--seeds", type=int_list, default=None, help="comma-separated train.py seeds, e.g. 1,2; "
                    "default: the preset's")
     p.add_argument("--results", type=absolute, default="", help=f"a folder that also gets {name}_<preset>.csv and "
-                   ".json, e.g. results; '' = --out only")
+                   ".json, e.g. results; '' = --out_dir only")
 
 
 def parse(p, argv, need_data=True):
     """Parse and check the shared flags; lists and paths are made by the flags' types (absolute paths: train.py
     runs in the repository root); the data folder's meta.json read now, not after the first run
     (need_data=False: an experiment that prepares its own). The experiment checks its own flags after."""
-    preset_name = p.parse_known_args(argv)[0].preset  # first: --out's default depends on it
-    p.set_defaults(out=os.path.join("out", "scaling", preset_name))
+    preset_name = p.parse_known_args(argv)[0].preset  # first: --out_dir's default depends on it
+    p.set_defaults(out_dir=os.path.join("out", "scaling", preset_name))
     args = p.parse_args(argv)
     for key, v in vars(args).items():
         if p.get_default(key) == -1 and (v == 0 or v < -1):

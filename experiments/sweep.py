@@ -29,13 +29,13 @@ def sweep_runs(pre, args):
     cell again at NOISE_SEED (in sweep_noise/, so that `fit.py --runs=<out>/sweep` leaves it out)."""
     runs = []
     for width, P in itertools.product(pre["widths"], pre["streams"]):
-        d = os.path.join(args.out, "sweep", f"w{width}_p{P}")
+        d = os.path.join(args.out_dir, "sweep", f"w{width}_p{P}")
         argv = runner.train_argv(pre, args.data_dir, d, width, P, pre["max_iters"])
         runs.append((f"w{width}_p{P}", d, argv, width, P, runner.SEED))
     if pre["noise_cell"] and pre["noise_cell"][0] in pre["widths"] and pre["noise_cell"][1] in pre["streams"]:
         width, P = pre["noise_cell"]
         name = f"w{width}_p{P}_s{runner.NOISE_SEED}"
-        d = os.path.join(args.out, "sweep_noise", name)
+        d = os.path.join(args.out_dir, "sweep_noise", name)
         argv = runner.train_argv(pre, args.data_dir, d, width, P, pre["max_iters"], seed=runner.NOISE_SEED)
         runs.append((name, d, argv, width, P, runner.NOISE_SEED))
     return runs
@@ -63,7 +63,7 @@ def sweep(args):
     for r in rows:  # what each P gained over P=1 at the same width ('' without a P=1 run)
         base = next((b for b in rows if b["width"] == r["width"] and b["P"] == 1), None)
         r["gain_vs_p1"] = round(base["val"] - r["val"], 4) if base else ""
-    runner.write_csv(os.path.join(args.out, "sweep.csv"), rows)
+    runner.write_csv(os.path.join(args.out_dir, "sweep.csv"), rows)
     print(runner.table(rows, ["width", "P", "N", "train", "val", "gain_vs_p1", "status"]))
     fit = None
     if len(rows) >= 5:
@@ -73,7 +73,7 @@ def sweep(args):
     else:
         print(f"no fit: {len(rows)} runs, a 4-parameter fit needs at least 5")
     result = dict(preset=args.preset, config=pre, runs=rows, noise=noise, fit=fit)
-    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+    with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
         json.dump(result, f, indent=1)
     return dict(preset=args.preset, fit=fit, noise=noise, val={f"w{r['width']}_p{r['P']}": r["val"] for r in rows})
 

@@ -33,7 +33,7 @@ def tiny_base(data, tmp_path_factory):
     """The tiny preset's P=1 base, trained once by runner.train_base; a test copies it into its --out, where the
     experiment finds it finished (as a second command in the same --out would)."""
     out = tmp_path_factory.mktemp("base_out")
-    args = dynamic.get_args(["--preset=tiny", f"--out={out}", f"--data_dir={data}", ONE_THREAD])
+    args = dynamic.get_args(["--preset=tiny", f"--out_dir={out}", f"--data_dir={data}", ONE_THREAD])
     runner.train_base(runner.preset(args), args)
     return out / "base"
 
@@ -164,11 +164,11 @@ def test_every_experiment_parses_its_flags(data, tmp_path):
                                     "--threads=1"])
     assert (args.widths, args.stream_counts, args.max_iters, args.dry_run, args.threads) == ([8, 16], [1, 4], 5, True,
                                                                                              1)
-    assert args.out == os.path.abspath(os.path.join("out", "scaling", "tiny")) and os.path.isabs(args.data_dir)
+    assert args.out_dir == os.path.abspath(os.path.join("out", "scaling", "tiny")) and os.path.isabs(args.data_dir)
     args = two_stage.get_args(common + ["--base_iters=4", "--extra_iters=6", "--eval_iters=2", "--batch_size=8"])
     assert (args.base_iters, args.extra_iters, args.eval_iters, args.batch_size) == (4, 6, 2, 8)
-    args = dynamic.get_args(common + ["--stream_counts=2,8", "--prefix_init=random", f"--out={tmp_path}"])
-    assert (args.stream_counts, args.prefix_init, args.out) == ([2, 8], "random", str(tmp_path))
+    args = dynamic.get_args(common + ["--stream_counts=2,8", "--prefix_init=random", f"--out_dir={tmp_path}"])
+    assert (args.stream_counts, args.prefix_init, args.out_dir) == ([2, 8], "random", str(tmp_path))
     assert dynamic.get_args(common).prefix_init == "kv"
     args = prefix_matched.get_args(common + ["--cells=2x2,4x1", "--seeds=3,4", "--frozen_iters=7", "--results=r"])
     assert (args.cells, args.seeds, args.frozen_iters) == ([(2, 2), (4, 1)], [3, 4], 7)
@@ -178,7 +178,7 @@ def test_every_experiment_parses_its_flags(data, tmp_path):
     args = fit.get_args(["--paper", "--per_size", "--starts=3"])
     assert args.paper and args.per_size and args.starts == 3 and args.runs == ""
     args = plots.get_args(["--preset=tiny", f"--results={tmp_path}"])
-    assert args.out == ""  # plot_pays writes <results>/pays_<preset>.png (test_plots_draws_the_committed_results)
+    assert args.figure == ""  # plot_pays writes <results>/pays_<preset>.png
     assert plots.get_args([]).results == os.path.join(ROOT, "results")  # the committed logs, wherever it runs from
 
 
@@ -225,7 +225,9 @@ def bad_inputs(tmp_path):
     (["diversity", "--cells=2x1", "--data_dir={data}"], ["--cells=2x1", "diversity.py --help"]),
     (["two_stage", "--dry_run", "--data_dir={data}"], ["--dry_run", "two_stage.py --help"]),
     (["plots", "--results={missing}"], ["--results", "missing"]),
-    (["plots", "--results={data}", "--out=fig.pdf"], ["--out=fig.pdf", ".png"]),
+    (["plots", "--results={data}", "--figure=fig.pdf"], ["--figure=fig.pdf", ".png"]),
+    (["plots", "--out=fig.png"], ["--out is now --figure"]),
+    (["sweep", "--out=x", "--data_dir={data}"], ["--out is now --out_dir"]),
     (["sweep", "--device=bogus", "--data_dir={data}"], ["--device=bogus"]),
     (["sweep", "--data_dir={missing}"], ["--data_dir", "prepare_data.py"]),
 ])
@@ -245,7 +247,8 @@ def cli(name, *argv, cwd):
 @pytest.mark.parametrize("argv, words", [
     (["sweep", "--preset=tiny", "--bogus"], ["--bogus"]),  # argparse's complaint
     (["fit", "--runs={bad_csv}"], ["--runs", "N, P, val"]),  # a file that is not a sweep's CSV
-    (["sweep", "--preset=tiny", "--widths=8", "--stream_counts=1", "--data_dir={meta_only}", "--out={out}", ONE_THREAD],
+    (["sweep", "--preset=tiny", "--widths=8", "--stream_counts=1", "--data_dir={meta_only}", "--out_dir={out}",
+      ONE_THREAD],
      ["train.py", "no train.bin", "train.out"]),  # train.py refused the run: its own line, passed on
 ])
 def test_a_user_error_is_one_line_exit_1_no_traceback(tmp_path, argv, words):
@@ -275,8 +278,8 @@ def test_experiment_flags_override_the_preset(data):
 # the experiments, end to end
 
 def test_sweep_runs_end_to_end_and_resumes_without_training(data, tmp_path, monkeypatch):
-    argv = ["--preset=tiny", "--widths=8,16", "--stream_counts=1,4", f"--out={tmp_path / 'out'}", f"--data_dir={data}",
-            ONE_THREAD]
+    argv = ["--preset=tiny", "--widths=8,16", "--stream_counts=1,4", f"--out_dir={tmp_path / 'out'}",
+            f"--data_dir={data}", ONE_THREAD]
     first = sweep.main(argv)
     with open(tmp_path / "out" / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
@@ -308,7 +311,8 @@ def test_a_failed_run_says_why(tmp_path):
 def test_dynamic_p_switches_kv_initialised_streams_on_an_untouched_backbone(data, tiny_base, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(tiny_base, out / "base")
-    result = dynamic.main(["--preset=tiny", "--stream_counts=2,4", f"--out={out}", f"--data_dir={data}", ONE_THREAD])
+    result = dynamic.main(["--preset=tiny", "--stream_counts=2,4", f"--out_dir={out}", f"--data_dir={data}",
+                           ONE_THREAD])
     assert set(result["val"]) == {1, 2, 4}
     base_ckpt = load_checkpoint(os.path.join(out, "base", "ckpt.pt"))
     assert result["val"][1] == round(runner.evals(out / "base")[-1]["val"], 4)
@@ -324,7 +328,7 @@ def test_dynamic_p_switches_kv_initialised_streams_on_an_untouched_backbone(data
 
 
 def test_gpu_sweep_dry_run_plans_ten_runs_within_four_minutes_without_a_gpu(data, tmp_path, capsys):
-    result = sweep.main(["--preset=gpu", "--dry_run", f"--data_dir={data}", f"--out={tmp_path / 'out'}"])
+    result = sweep.main(["--preset=gpu", "--dry_run", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"])
     printed = capsys.readouterr().out
     assert result["runs"] == 10 and result["estimated_s"] <= 4 * 60, result  # 3 widths x P in {1,2,4} + one noise run
     assert printed.count("python train.py") == 10 and "--n_embd=384" in printed and "--n_layer=6" in printed
@@ -335,7 +339,7 @@ def test_gpu_sweep_dry_run_plans_ten_runs_within_four_minutes_without_a_gpu(data
 def test_the_noise_run_is_evaluated_again_on_the_first_seeds_batches(data, tmp_path, monkeypatch):
     """sweep's noise cell (the gpu preset's; tiny has none, to keep this file fast), without a process: the
     re-evaluation must resume the run at SEED, and the difference is taken on those batches."""
-    args = sweep.get_args(["--preset=gpu", "--dry_run", f"--data_dir={data}", f"--out={tmp_path / 'out'}"])
+    args = sweep.get_args(["--preset=gpu", "--dry_run", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"])
     pre = runner.preset(args)
     name, d, argv, width, P, seed = sweep.sweep_runs(pre, args)[-1]
     assert (name, width, P, seed) == ("w256_p2_s2", 256, 2, runner.NOISE_SEED) and f"--seed={seed}" in argv
@@ -359,7 +363,7 @@ def test_the_noise_run_is_evaluated_again_on_the_first_seeds_batches(data, tmp_p
 def test_prefix_matched_writes_cells_runs_and_contrasts(data, tiny_base, tmp_path):
     out, results = tmp_path / "out", tmp_path / "results"
     shutil.copytree(tiny_base, out / "base")
-    result = prefix_matched.main(["--preset=tiny", "--cells=2x1", "--seeds=1", f"--out={out}", f"--data_dir={data}",
+    result = prefix_matched.main(["--preset=tiny", "--cells=2x1", "--seeds=1", f"--out_dir={out}", f"--data_dir={data}",
                                   f"--results={results}", ONE_THREAD])
     assert set(result["val"]) == {"1_0_-", "2_1_learned", "2_1_uniform"}
     with open(results / "prefix_matched_tiny.csv") as f:
@@ -385,7 +389,7 @@ def test_prefix_matched_writes_cells_runs_and_contrasts(data, tiny_base, tmp_pat
 
 def test_diversity_writes_its_table_and_plots_reads_it(data, tmp_path, capsys):
     out, results = tmp_path / "out", tmp_path / "results"
-    diversity.main(["--preset=tiny", "--stream_counts=1,2", "--seeds=1", f"--out={out}", f"--data_dir={data}",
+    diversity.main(["--preset=tiny", "--stream_counts=1,2", "--seeds=1", f"--out_dir={out}", f"--data_dir={data}",
                     f"--results={results}", ONE_THREAD])
     with open(results / "diversity_tiny.csv") as f:
         cells = {c["prefix"]: c for c in csv.DictReader(f)}

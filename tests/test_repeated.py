@@ -89,11 +89,11 @@ def test_over_budget_arms_are_cut_in_order_never_seeds(monkeypatch):
 ])
 def test_bad_flags_are_one_named_error(flags, match, tmp_path):
     with pytest.raises(UserError, match=match):
-        repeated.get_args(["--preset=tiny", f"--out={tmp_path}", *flags])
+        repeated.get_args(["--preset=tiny", f"--out_dir={tmp_path}", *flags])
 
 
 def test_the_flow_end_to_end_on_the_tiny_preset(tmp_path, capsys):
-    args = ["--preset=tiny", f"--out={tmp_path / 'out'}", f"--results={tmp_path / 'res'}", "--threads=1",
+    args = ["--preset=tiny", f"--out_dir={tmp_path / 'out'}", f"--results={tmp_path / 'res'}", "--threads=1",
             "--arms=p2_plain,p1_dropout,p1_matched_p2,p1_law_p2", "--explore_seeds=1", "--confirm_seeds=2"]
     result = repeated.main(args)
     out = capsys.readouterr().out
