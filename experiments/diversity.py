@@ -17,6 +17,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/diversity.py` from anywhere
     sys.path.insert(0, ROOT)
+from common import RenamedFlag  # noqa: E402
 from experiments import noise, runner  # noqa: E402
 
 # its own grid: fewer P and steps than the sweep's
@@ -57,8 +58,9 @@ def get_args(argv=None):
     p = runner.parser("diversity.py", __doc__)
     runner.add_stream_counts(p, "diversity_streams")
     p.add_argument("--max_iters", type=int, default=-1, help="steps per run; -1 = the preset's diversity_iters")
-    p.add_argument("--reparam", type=int, default=-1, help="hidden size of train.py's --prefix_reparam MLP; "
-                   "-1 = the preset's reparam_hidden")
+    p.add_argument("--prefix_reparam", type=int, default=-1, help="hidden size of train.py's --prefix_reparam "
+                   "MLP, for the reparam runs; -1 = the preset's reparam_hidden")
+    p.add_argument("--reparam", action=RenamedFlag, new="--prefix_reparam", why="train.py's name for the same MLP")
     runner.add_seed_flags(p, "diversity")
     return runner.parse(p, argv)
 

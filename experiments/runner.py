@@ -60,8 +60,8 @@ def preset(args, own=None):
                       ("matched_cells", "cells")):
         if getattr(args, flag, None):
             pre[key] = getattr(args, flag)
-    if getattr(args, "reparam", -1) > 0:
-        pre["reparam_hidden"] = args.reparam
+    if getattr(args, "prefix_reparam", -1) > 0:
+        pre["reparam_hidden"] = args.prefix_reparam
     if args.device:
         pre["device"] = args.device
     pre["threads"] = args.threads

@@ -173,8 +173,8 @@ def test_every_experiment_parses_its_flags(data, tmp_path):
     args = prefix_matched.get_args(common + ["--cells=2x2,4x1", "--seeds=3,4", "--frozen_iters=7", "--results=r"])
     assert (args.cells, args.seeds, args.frozen_iters) == ([(2, 2), (4, 1)], [3, 4], 7)
     assert args.results == os.path.abspath("r")
-    args = diversity.get_args(common + ["--stream_counts=1,2", "--seeds=5", "--reparam=16", "--max_iters=9"])
-    assert (args.stream_counts, args.seeds, args.reparam, args.max_iters, args.results) == ([1, 2], [5], 16, 9, "")
+    args = diversity.get_args(common + ["--stream_counts=1,2", "--seeds=5", "--prefix_reparam=16", "--max_iters=9"])
+    assert (args.stream_counts, args.seeds, args.prefix_reparam, args.max_iters, args.results) == ([1, 2], [5], 16, 9, "")
     args = fit.get_args(["--paper", "--per_size", "--starts=3"])
     assert args.paper and args.per_size and args.starts == 3 and args.runs == ""
     args = plots.get_args(["--preset=tiny", f"--results={tmp_path}"])
@@ -220,7 +220,8 @@ def bad_inputs(tmp_path):
     (["prefix_matched", "--frozen_iters=0", "--data_dir={data}"], ["--frozen_iters=0"]),
     (["prefix_matched", "--n_streams=2", "--data_dir={data}"], ["--n_streams=2", "prefix_matched.py --help"]),
     (["prefix_matched", "--data_dir={missing}"], ["--data_dir", "prepare_data.py"]),
-    (["diversity", "--reparam=0", "--data_dir={data}"], ["--reparam=0"]),
+    (["diversity", "--prefix_reparam=0", "--data_dir={data}"], ["--prefix_reparam=0"]),
+    (["diversity", "--reparam=16", "--data_dir={data}"], ["--reparam is now --prefix_reparam"]),
     (["diversity", "--stream_counts=2,2", "--data_dir={data}"], ["--stream_counts", "2,2: a value is repeated"]),
     (["diversity", "--cells=2x1", "--data_dir={data}"], ["--cells=2x1", "diversity.py --help"]),
     (["two_stage", "--dry_run", "--data_dir={data}"], ["--dry_run", "two_stage.py --help"]),
@@ -269,7 +270,7 @@ def test_experiment_flags_override_the_preset(data):
     pre = runner.preset(diversity.get_args(["--preset=cpu", f"--data_dir={data}"]), diversity.GRID)
     # its own grid, not the sweep's
     assert pre["streams"] == [1, 2, 4] and pre["max_iters"] == runner.load_presets()["cpu"]["diversity_iters"]
-    pre = runner.preset(diversity.get_args(["--preset=cpu", "--max_iters=7", "--stream_counts=2", "--reparam=32",
+    pre = runner.preset(diversity.get_args(["--preset=cpu", "--max_iters=7", "--stream_counts=2", "--prefix_reparam=32",
                                             f"--data_dir={data}"]), diversity.GRID)
     assert (pre["max_iters"], pre["streams"], pre["reparam_hidden"]) == (7, [2], 32)
 
