@@ -353,3 +353,26 @@ def test_model_py_imports_torch_and_the_standard_library_only():
     project = {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py")} | {"kernels", "experiments"}
     assert imported & project == set(), imported & project
     assert "torch" in imported
+
+
+@pytest.mark.skipif(not os.path.isfile(os.environ.get("NANOGPT_MODEL_PY", "")),
+                    reason="set NANOGPT_MODEL_PY to nanoGPT's model.py (3adf61e; docs/model.md says how to get it)")
+def test_p1_computes_what_nanogpts_own_model_py_computes():
+    """Against nanoGPT's own file, not a rewrite of it: the same weights give the same logits, loss and greedy text."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("nanogpt_model", os.environ["NANOGPT_MODEL_PY"])
+    nanogpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nanogpt)
+    fields = dict(block_size=32, vocab_size=61, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
+    torch.manual_seed(16)
+    theirs = nanogpt.GPT(nanogpt.GPTConfig(**fields)).eval()
+    ours = GPT(GPTConfig(**fields)).eval()
+    ours.load_state_dict(clean_state_dict(theirs.state_dict()))
+    idx = torch.randint(0, 61, (3, 20))
+    with torch.no_grad():
+        for targets in (None, idx):
+            (a, loss_a), (b, loss_b) = ours(idx, targets), theirs(idx, targets)
+            assert_close(a, b, what=f"logits, targets={targets is not None}")
+            if targets is not None:
+                assert_close(loss_a, loss_b, what="loss")
+    assert torch.equal(ours.generate(idx[:, :4], 20, top_k=1), theirs.generate(idx[:, :4], 20, top_k=1))
