@@ -84,10 +84,10 @@ class CausalSelfAttention(nn.Module):
         k, v = cache.k[self.layer_idx], cache.v[self.layer_idx] # (R, Hkv, max_len, hs)
         q = q.reshape(R, Hkv, g, hs) / math.sqrt(hs) # scaled here: it is smaller than the scores
         scores = q @ k.transpose(-1, -2) # (R, Hkv, g, max_len)
-        scores[..., cache.pos + 1:] = float('-inf') # the empty slots: the cache holds pos + 1 tokens
+        scores[..., cache.pos + 1:] = float('-inf') # the empty slots: pos + 1 tokens are cached
         if self.n_streams > 1: # ParScale: the B rows of stream s score stream s's prefix
             P, n_pre = self.n_streams, self.prefix_k.size(2)
-            prefix_k = self.prefix_k.to(q.dtype).unsqueeze(1).transpose(-1, -2) # (P, 1, Hkv, hs, n_pre)
+            prefix_k = self.prefix_k.to(q.dtype).unsqueeze(1).transpose(-1, -2) # (P,1,Hkv,hs,n_pre)
             prefix = q.view(P, R // P, Hkv, g, hs) @ prefix_k # (P, B, Hkv, g, n_pre)
             scores = torch.cat([prefix.view(R, Hkv, g, n_pre), scores], dim=-1) # prefix, tokens
         w = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) # softmax in float32
@@ -113,13 +113,13 @@ class CausalSelfAttention(nn.Module):
             y = self.decode_attention(q, cache)
         else:
             k, v = self.keys_values(k, v, cache) # (B, nkvh, S, hs): ParScale prefix, cache, new
-            if self.n_kv_head != self.n_head: # GQA: a kv head serves n_head // n_kv_head query heads
+            if self.n_kv_head != self.n_head: # GQA: each kv head serves several query heads
                 k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
                 v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            # ParScale prefix and KV cache: the S - T keys before the new tokens are visible to every
-            # query; among the T new ones, query i sees key j <= i. Without either, plain causal
+            # ParScale prefix and KV cache: every query sees the S - T keys before the new tokens;
+            # among the T new ones, query i sees key j <= i. Without either, plain causal
             S = k.size(2)
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T) if S > T > 1 else None
+            mask = torch.ones(T, S, device=x.device).tril(S - T).bool() if S > T > 1 else None
             # causal self-attention; Self-attend: (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T)
             with sdpa_kernel(DECODE_BACKENDS) if cache is not None else nullcontext(): # KV cache
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T > 1,
@@ -196,7 +196,7 @@ class KVCache:
         cfg = model.config
         max_len = max_len or cfg.block_size
         if not 1 <= max_len <= cfg.block_size:
-            raise ValueError(f"KVCache max_len must be in [1, block_size {cfg.block_size}], got {max_len}")
+            raise ValueError(f"KVCache max_len must be in [1, {cfg.block_size}], got {max_len}")
         p = next(model.parameters())
         shape = (cfg.n_layer, cfg.n_streams * batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)
@@ -204,7 +204,7 @@ class KVCache:
         self.pos = 0
 
     def append(self, layer, k, v):
-        """Store this layer's k, v (P*B, n_kv_head, T, hs) after the cached ones; return all so far."""
+        """Appends this layer's k, v (P*B, n_kv_head, T, hs) to the cache; returns all it holds."""
         end = self.pos + k.size(2)
         if end > self.k.size(3):
             raise ValueError(f"KVCache holds {self.k.size(3)} tokens; {end} do not fit")
@@ -224,9 +224,9 @@ class GPTConfig:
     bias: bool = True # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
     n_streams: int = 1 # ParScale: P, the number of parallel streams; 1 = the plain GPT above
     n_prefix: int = 48 # ParScale: prefix key/value slots per layer and stream (the paper: 48)
-    # ParScale: eps in the aggregator's w(1 - eps) + eps / P: 0.1, the paper's text (arXiv 2505.10475).
-    # The official modeling code defaults to 0.01; its released checkpoints' config.json set
-    # parscale_attn_smooth, reportedly to 0.1
+    # ParScale: eps in the aggregator's w(1 - eps) + eps / P: 0.1, the paper's text (arXiv
+    # 2505.10475). The official modeling code defaults to 0.01; its released checkpoints'
+    # config.json set parscale_attn_smooth, reportedly to 0.1
     agg_smoothing: float = 0.1
     prefix_init_std: float = 0.02 # ParScale: prefixes start as N(0, prefix_init_std)
 
@@ -234,7 +234,8 @@ class GPTConfig:
         # config checks: a ValueError naming the field, before any weight is made
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'n_streams'):
+        for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd',
+                     'n_streams'):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head != 0:
@@ -244,7 +245,8 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_prefix < (1 if self.n_streams > 1 else 0): # no prefix: the streams are all equal
-            raise ValueError(f"n_prefix must be >= 1 if n_streams > 1, else >= 0; got {self.n_prefix}")
+            raise ValueError(f"n_prefix must be >= {int(self.n_streams > 1)} at n_streams="
+                             f"{self.n_streams}, got {self.n_prefix}")
         if not 0.0 <= self.agg_smoothing <= 1.0:
             raise ValueError(f"agg_smoothing must be in [0, 1], got {self.agg_smoothing}")
         if not self.prefix_init_std >= 0:
@@ -343,7 +345,7 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :]) # note: using list [-1] to preserve the time dim
             loss = None
 
-        if streams: # ParScale: also each stream's own logits, (P, b, t, vocab_size), for its own loss
+        if streams: # ParScale: also each stream's own logits, (P, b, t, vocab_size)
             return logits, loss, self.lm_head(h_streams).view(self.config.n_streams, *logits.shape)
         return logits, loss
 

@@ -151,7 +151,7 @@ def save_model(path, **config):
     ("--n_embd=31", r"the model flags: n_embd \(31\) must be divisible by n_head \(2\)"),
     ("--n_kv_head=3", r"the model flags: n_kv_head \(3\) must divide n_head \(2\)"),
     ("--n_kv_head=-1", r"the model flags: n_kv_head must be a positive integer, got -1"),  # left out = n_head
-    ("--n_prefix=0", "the model flags: n_prefix must be >= 1 if n_streams > 1"),
+    ("--n_prefix=0", "the model flags: n_prefix must be >= 1 at n_streams=2, got 0"),
     ("--agg_smoothing=2", r"the model flags: agg_smoothing must be in \[0, 1\]"),
     ("--dropout=1", r"the model flags: dropout must be in \[0, 1\)"),
     ("--n_layer=0", "the model flags: n_layer must be a positive integer, got 0"),
