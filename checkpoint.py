@@ -36,7 +36,8 @@ def save_checkpoint(ckpt, out_dir, name="ckpt.pt"):
     except (OSError, RuntimeError) as e:
         # torch's writer can report a full disk as RuntimeError("... unexpected pos ..."), without an
         # errno: then the free space, read before the temporary file is removed, says what happened
-        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(out_dir).free < 2**20
+        full = (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+                or shutil.disk_usage(out_dir).free < 2**20)
         if os.path.exists(tmp):
             os.remove(tmp)
         if full:
@@ -55,14 +56,15 @@ def load_checkpoint(path, flag=""):
     here. Every refusal is a UserError that starts with flag ("--ckpt: ...") when one is given.
     """
     say = f"{flag}: " if flag else ""
-    check(os.path.isfile(path), f"{say}no checkpoint at {path}: train one first (python train.py), or check the path")
+    check(os.path.isfile(path),
+          f"{say}no checkpoint at {path}: train one first (python train.py), or check the path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first_line = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"{say}checkpoint {path} is corrupt or not a checkpoint "
                         f"({type(e).__name__}: {first_line})") from e
-    check(isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("model_args"), dict),
+    check(isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model", "model_args")),
           f"{say}checkpoint {path} lacks 'model' or 'model_args': is it a training checkpoint?")
     ckpt["model"] = clean_state_dict(ckpt["model"])
     with torch.device("meta"):  # the model the file describes, without memory or init: only its shapes
@@ -71,9 +73,9 @@ def load_checkpoint(path, flag=""):
             if ckpt.get("kind") != "streams" or is_parscale_param(k)}
     have = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
     if have != want:
-        wrong = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
-        raise UserError(f"{say}checkpoint {path}: its weights do not fit its model_args ({wrong[0]}: "
-                        f"{have.get(wrong[0], 'missing')} in the file, {want.get(wrong[0], 'none')} in the model)")
+        wrong = (sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]])[0]
+        raise UserError(f"{say}checkpoint {path}: its weights do not fit its model_args ({wrong}: "
+                        f"{have.get(wrong, 'missing')} in the file, {want.get(wrong, 'none')} in the model)")
     return ckpt
 
 
@@ -125,10 +127,11 @@ def load_streams(backbone, path, model_flag):
     """Dynamic P from the command line (train.py and sample.py --streams=PATH): the P = 1 model that
     model_flag ("--ckpt=PATH") names, with the streams file at path attached. Every refusal names both."""
     check(backbone.config.n_streams == 1, f"--streams attaches to a P=1 backbone, but {model_flag} holds a "
-                                          f"P={backbone.config.n_streams} model: give a P=1 one, or drop --streams")
+          f"P={backbone.config.n_streams} model: give a P=1 one, or drop --streams")
     streams = load_checkpoint(path, "--streams")
-    check(streams.get("kind") == "streams", f"--streams={path} is a full checkpoint, not a streams_p{{P}}.pt file "
-          f"(train.py --freeze_backbone writes one); a full checkpoint goes to {model_flag.split('=')[0]}")
+    check(streams.get("kind") == "streams", f"--streams={path} is a full checkpoint, not a streams_p{{P}}.pt "
+          "file (train.py --freeze_backbone writes one); a full checkpoint goes to "
+          f"{model_flag.split('=')[0]}")
     try:
         return attach_streams(backbone, streams)
     except UserError as e:  # "trained on a different backbone" alone would not say which file

@@ -36,7 +36,8 @@ class RenamedFlag(argparse.Action):
     parser.add_argument("--old", action=RenamedFlag, new="--new", why="what the new name says")."""
 
     def __init__(self, option_strings, dest, new, why="", **kwargs):
-        super().__init__(option_strings, dest, **{**kwargs, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS})
+        kwargs.update(default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # never in args, never in --help
+        super().__init__(option_strings, dest, **kwargs)
         self.new, self.why = new, why
 
     def __call__(self, parser, namespace, values, option_string=None):
@@ -76,9 +77,11 @@ def resolve_device(name, allowed=("cpu", "cuda", "mps"), who="this script"):
         raise UserError(f"--device={name}: {who} runs on {', '.join(allowed)}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device={name}, but this torch ({torch.__version__}) sees no CUDA GPU "
-                        "(torch.cuda.is_available() is False): use --device=cpu, or install a CUDA build of torch")
+                        "(torch.cuda.is_available() is False): use --device=cpu, or install a CUDA build of "
+                        "torch")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} GPU(s), cuda:0 and up")
+        raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} GPU(s), "
+                        "cuda:0 and up")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device={name}, but MPS is not available (it needs Apple silicon and macOS): "
                         "use --device=cpu")
@@ -89,7 +92,8 @@ def resolve_device(name, allowed=("cpu", "cuda", "mps"), who="this script"):
 # dtype
 
 def linear_ms(dtype, rows=8, width=2048, reps=15):
-    """Median ms of an (rows x width) @ (width x width) Linear on the CPU: the shape of a decode step's cost."""
+    """Median ms of an (rows x width) @ (width x width) Linear on the CPU: the shape of a decode step's
+    cost."""
     x, w = torch.randn(rows, width, dtype=dtype), torch.randn(width, width, dtype=dtype) * 0.02
     times = []
     for _ in range(reps + 3):
@@ -127,8 +131,8 @@ def resolve_dtype(name, device, cpu_auto="float32"):
             return choose_cpu_dtype()
         return torch.float32, f"float32 (auto on {device_type})"
     if name == "float16" and device_type != "cuda":
-        raise UserError(f"--dtype=float16 is for GPUs: on {device_type} torch runs it far slower than float32 and with "
-                        "float16's narrow range; use --dtype=float32 or bfloat16")
+        raise UserError(f"--dtype=float16 is for GPUs: on {device_type} torch runs it far slower than "
+                        "float32 and with float16's narrow range; use --dtype=float32 or bfloat16")
     if name == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"--dtype=bfloat16, but {torch.cuda.get_device_name(device)} has no bfloat16: "
                         "use --dtype=float16 or float32")
@@ -165,7 +169,8 @@ def load_meta(data_dir, files=("meta.json", "train.bin", "val.bin")):
         raise UserError(f"--data_dir={data_dir}: {path} is not readable JSON ({e}): {todo}") from None
     if not (isinstance(meta, dict) and isinstance(meta.get("tokenizer"), str)
             and isinstance(meta.get("vocab_size"), int) and meta["vocab_size"] > 0):
-        raise UserError(f"--data_dir={data_dir}: {path} lacks a 'tokenizer' or a positive integer 'vocab_size': {todo}")
+        raise UserError(f"--data_dir={data_dir}: {path} lacks a 'tokenizer' or a positive integer "
+                        f"'vocab_size': {todo}")
     return meta
 
 
@@ -179,7 +184,8 @@ def param_report(model):
     r = dict(embedding=0, backbone=0, prefixes=0, aggregator=0)
     for name, p in model.named_parameters():
         role = ("embedding" if name.startswith(("transformer.wte", "transformer.wpe")) else
-                "prefixes" if ".prefix_" in name else "aggregator" if name.startswith("aggregator.") else "backbone")
+                "prefixes" if ".prefix_" in name else
+                "aggregator" if name.startswith("aggregator.") else "backbone")
         r[role] += p.numel()
     r["non_embedding"] = r["backbone"] + r["prefixes"] + r["aggregator"]
     r["total"] = r["non_embedding"] + r["embedding"]

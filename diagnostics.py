@@ -44,8 +44,10 @@ def stream_losses(model, X, Y):
     for i in range(0, y.numel(), chunk):
         logp = F.log_softmax(model.lm_head(h[:, i:i + chunk]).float(), dim=-1)  # (P, n, V)
         nlls.append(-logp.gather(-1, y[i:i + chunk].view(1, -1, 1).expand(P, -1, 1)).squeeze(-1))
-        mixes.append(F.cross_entropy(model.lm_head(mixed[i:i + chunk]).float(), y[i:i + chunk], reduction="none"))
-        # summed over ordered pairs, sum_x p_a (log p_a - log p_b) = P sum_a p_a log p_a - (sum_a p_a)(sum_b log p_b)
+        mix_logits = model.lm_head(mixed[i:i + chunk]).float()
+        mixes.append(F.cross_entropy(mix_logits, y[i:i + chunk], reduction="none"))
+        # summed over ordered pairs, sum_x p_a (log p_a - log p_b)
+        #   = P sum_a p_a log p_a - (sum_a p_a)(sum_b log p_b)
         p = logp.exp()
         kl += (P * (p * logp).sum() - (p.sum(0) * logp.sum(0)).sum()).item()
     return torch.cat(nlls, dim=1), torch.cat(mixes), kl / (P * (P - 1) * y.numel())

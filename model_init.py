@@ -56,7 +56,7 @@ def convert_to_streams(model, n_streams, **stream_fields):
     new = GPT(dataclasses.replace(model.config, n_streams=n_streams, **stream_fields)).to(p.device, p.dtype)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False, assign=True)
     assert not unexpected and all(is_parscale_param(k) for k in missing), (missing, unexpected)
-    new.lm_head.weight = new.transformer.wte.weight  # tied again: assign=True gives each key its own Parameter
+    new.lm_head.weight = new.transformer.wte.weight  # tied again: assign=True gave each key a Parameter
     return new
 
 
@@ -107,7 +107,7 @@ class PrefixMLP(nn.Module):
         P, H, S, hd = self.shape
         return self.mlp(emb).view(P, S, H, hd).transpose(1, 2)
 
-    def right_inverse(self, prefix):  # at registration: a fresh N(0, 1) embedding takes the plain prefix's place
+    def right_inverse(self, prefix):  # at registration: a fresh N(0, 1) embedding replaces the plain prefix
         P, _, S, _ = self.shape
         return torch.randn(P, S, self.width, device=prefix.device, dtype=prefix.dtype)
 
@@ -117,7 +117,8 @@ def add_prefix_reparam(model, hidden):
         raise ValueError("add_prefix_reparam needs n_streams > 1: P = 1 has no prefixes")
     for block in model.transformer.h:
         for name in ("prefix_k", "prefix_v"):
-            parametrize.register_parametrization(block.attn, name, PrefixMLP(model.config, hidden), unsafe=True)
+            mlp = PrefixMLP(model.config, hidden)
+            parametrize.register_parametrization(block.attn, name, mlp, unsafe=True)
 
 
 def is_reparameterised(model):

@@ -41,9 +41,12 @@ def get_args(argv=None):
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
     p.add_argument("--ckpt", default="", help="checkpoint path; '' = out_dir/ckpt.pt")
     p.add_argument("--streams", default="",
-                   help="dynamic P: a streams_p{P}.pt file (train.py --freeze_backbone) to attach to a P=1 checkpoint")
-    p.add_argument("--data_dir", default="", help="folder with meta.json, for checkpoints that carry none (nanoGPT's)")
-    p.add_argument("--gpt2_vocab", default="", help="GPT-2 BPE file; '' = $PARSCALE_GPT2_VOCAB or data/gpt2.tiktoken")
+                   help="dynamic P: a streams_p{P}.pt file (train.py --freeze_backbone) to attach to a P=1 "
+                   "checkpoint")
+    p.add_argument("--data_dir", default="",
+                   help="folder with meta.json, for checkpoints that carry none (nanoGPT's)")
+    p.add_argument("--gpt2_vocab", default="",
+                   help="GPT-2 BPE file; '' = $PARSCALE_GPT2_VOCAB or data/gpt2.tiktoken")
     # sampling
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a UTF-8 file")
     p.add_argument("--num_samples", type=int, default=2, help="samples, decoded as one batch")
@@ -92,9 +95,9 @@ def tokenizer_meta(ckpt, flag, data_dir):
         data_meta = load_meta(data_dir, files=("meta.json",))
         named = (data_meta["tokenizer"], data_meta["vocab_size"])
         if meta and (meta.get("tokenizer"), meta.get("vocab_size")) != named:
-            raise UserError(f"--data_dir: vocabulary mismatch: the checkpoint was trained on {meta.get('tokenizer')} "
-                            f"({meta.get('vocab_size')}), {data_dir} holds {data_meta['tokenizer']} "
-                            f"({data_meta['vocab_size']})")
+            raise UserError(f"--data_dir: vocabulary mismatch: the checkpoint was trained on "
+                            f"{meta.get('tokenizer')} ({meta.get('vocab_size')}), {data_dir} holds "
+                            f"{data_meta['tokenizer']} ({data_meta['vocab_size']})")
         meta = data_meta
     if not meta:
         raise UserError(f"{flag}: the checkpoint records no tokenizer; "
@@ -134,12 +137,12 @@ def main(argv=None):
         raise UserError("--start is empty: give the prompt at least one character (the default is a newline)")
     block_size = model.config.block_size
     if len(ids) > block_size:
-        print(f"note: the prompt is {len(ids)} tokens, more than block_size {block_size}: the model sees only "
-              f"its last {block_size} (the whole prompt is printed)", file=sys.stderr)
+        print(f"note: the prompt is {len(ids)} tokens, more than block_size {block_size}: the model sees "
+              f"only its last {block_size} (the whole prompt is printed)", file=sys.stderr)
     elif len(ids) + args.max_new_tokens > block_size:
-        print(f"note: prompt + --max_new_tokens = {len(ids) + args.max_new_tokens} tokens > block_size {block_size}: "
-              f"past that the model sees the last {block_size}, recomputed every step without the KV cache",
-              file=sys.stderr)
+        print(f"note: prompt + --max_new_tokens = {len(ids) + args.max_new_tokens} tokens > block_size "
+              f"{block_size}: past that the model sees the last {block_size}, recomputed every step without "
+              "the KV cache", file=sys.stderr)
     x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(args.num_samples, 1)
 
     decoder, why = None, "not on CUDA"
@@ -147,11 +150,12 @@ def main(argv=None):
         decoder, why = fused_decoder_for(model, args.num_samples, ptdtype, x.size(1) + args.max_new_tokens)
     elif device.startswith("cuda"):
         why = "--fused=0"
-    decoding = f"fused CUDA kernels + CUDA graph ({why})" if decoder else f"reference PyTorch with KV cache ({why})"
+    decoding = "fused CUDA kernels + CUDA graph" if decoder else "reference PyTorch with KV cache"
     print(f"device {device}, dtype {str(ptdtype).removeprefix('torch.')}, P={model.config.n_streams}, "
-          f"decoding: {decoding}", file=sys.stderr)
+          f"decoding: {decoding} ({why})", file=sys.stderr)
 
-    # greedy (--temperature=0) samples from the top token alone: generate, as nanoGPT's, divides by the temperature
+    # greedy (--temperature=0) samples from the top token alone: generate, as nanoGPT's, divides by
+    # the temperature
     temperature, top_k = args.temperature, None if args.top_k == -1 else args.top_k
     if temperature == 0:
         temperature, top_k = 1.0, 1
@@ -169,8 +173,8 @@ def main(argv=None):
     print(f"{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s (batch {args.num_samples})", file=sys.stderr)
     dropped = sum(1 for row in rows for i in row if i >= tok.vocab_size)
     if dropped:
-        print(f"note: {dropped} sampled ids were past the tokenizer's vocabulary ({tok.vocab_size}, the model's "
-              f"{model.config.vocab_size}): they have no text and were left out", file=sys.stderr)
+        print(f"note: {dropped} sampled ids were past the tokenizer's vocabulary ({tok.vocab_size}, the "
+              f"model's {model.config.vocab_size}): they have no text and were left out", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ CPU toy run (the quickstart; a few minutes on a laptop, byte-level Python stdlib
 P = 1 against P = 4 at equal steps:
     python train.py --n_streams=1 --out_dir=out/p1 && python train.py --n_streams=4 --out_dir=out/p4
 One GPU (bf16; docs/model.md, "Walk-through: every recipe as a command", has the whole command):
-    python train.py --device=cuda --n_layer=6 --n_head=6 --n_embd=384 --block_size=512 --batch_size=64 --n_prefix=8
+    python train.py --device=cuda --n_layer=6 --n_head=6 --n_embd=384 --block_size=512 --batch_size=64 \
+        --n_prefix=8
 Several GPUs (DDP; gloo on CPU):
     torchrun --standalone --nproc_per_node=4 train.py --device=cuda ...
 Two-stage (train P=1, then continue as P=4 with fresh prefixes and aggregator):
@@ -45,8 +46,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_streams, save_checkpoint, streams_state
-from common import (UserError, check, estimate_mfu, load_meta, model_config, param_report, peak_flops, resolve_device,
-                    resolve_dtype)
+from common import (UserError, check, estimate_mfu, load_meta, model_config, param_report, peak_flops,
+                    resolve_device, resolve_dtype)
 from diagnostics import diversity, stream_losses
 from model import GPT, GPTConfig
 from model_init import (add_prefix_reparam, convert_to_streams, folded_state_dict, freeze_backbone,
@@ -88,16 +89,16 @@ def get_args(argv=None):
     # ParScale
     p.add_argument("--n_streams", type=int, default=2, help="P, parallel streams; 1 = plain GPT")
     p.add_argument("--n_prefix", type=int, default=2,
-                   help="prefix slots per layer per stream (paper: 48 at block 2048, ~2%%; here 2 at block 128)")
+                   help="prefix slots per layer per stream (paper: 48 at block 2048, ~2%%; here 2 at 128)")
     p.add_argument("--agg_smoothing", type=float, default=0.1,
-                   help="aggregator label smoothing eps: 0.1 is the paper's text, 0.01 the official code's default")
+                   help="aggregator label smoothing eps: 0.1, the paper's text; 0.01 = the official code's")
     p.add_argument("--prefix_init_std", type=float, default=0.02, help="std of the N(0, std) prefix init")
     p.add_argument("--prefix_init", default="random", choices=["random", "kv"],
-                   help="when converting P=1 -> P>1: random N(0, prefix_init_std), or kv = the base model's own "
-                   "keys/values on training snippets")
+                   help="when converting P=1 -> P>1: random N(0, prefix_init_std), or kv = the base "
+                   "model's own keys/values on training snippets")
     p.add_argument("--prefix_reparam", type=int, default=0,
-                   help="train the prefixes through an MLP with this hidden size (Li & Liang); 0 = plain prefixes. "
-                   "Checkpoints hold the MLP; their model is folded")
+                   help="train the prefixes through an MLP with this hidden size (Li & Liang); 0 = plain "
+                   "prefixes. Checkpoints hold the MLP; their model is folded")
     p.add_argument("--freeze_backbone", action="store_true",
                    help="train only prefixes and aggregator; also writes streams_p{P}.pt")
     p.add_argument("--streams", default="",
@@ -124,7 +125,8 @@ def get_args(argv=None):
     p.add_argument("--peak_flops", type=float, default=-1,
                    help="peak FLOP/s for MFU; -1 = the GPU's datasheet bf16 peak if known")
     args = p.parse_args(argv)
-    p.set_defaults(**{name: None for name in vars(args)})  # parse again without defaults: what is left was typed
+    # parse again without defaults: what is left was typed
+    p.set_defaults(**{name: None for name in vars(args)})
     typed_flags = {name for name, value in vars(p.parse_args(argv)).items() if value is not None}
     check_args(args)
     model_config("the model flags", **model_fields(args))  # vocab_size aside, which the data sets
@@ -153,7 +155,8 @@ def main(argv=None):
 
 
 def run(args, typed_flags):
-    """Set up, build, check, then train (or evaluate). Nothing is written to out_dir before every check has passed."""
+    """Set up, build, check, then train (or evaluate). Nothing is written to out_dir before every check has
+    passed."""
     system = setup(args)
     meta = load_meta(args.data_dir)  # and checks that train.bin and val.bin are there
     model, ckpt, origin, overridden = init_model(args, typed_flags, meta)
@@ -186,7 +189,8 @@ def init_model(args, typed_flags, meta):
     and --freeze_backbone. Returns (model, the checkpoint a resume continues or None, where the model
     came from, "--flag=typed -> used" for each typed flag a checkpoint overrides).
     """
-    model_args = model_fields(args, vocab_size=math.ceil(meta["vocab_size"] / 64) * 64)  # padded for fast matmuls
+    vocab_size = math.ceil(meta["vocab_size"] / 64) * 64  # padded to a multiple of 64 for fast matmuls
+    model_args = model_fields(args, vocab_size)
     ckpt, overridden = None, []
     if args.init_from == "scratch":
         model = GPT(GPTConfig(**model_args))
@@ -199,11 +203,11 @@ def init_model(args, typed_flags, meta):
         check_start(args, typed_flags, loaded, path, src, meta)
         model = GPT(src)
         model.load_state_dict(loaded["model"])
-        keeps_p = src.n_streams > 1 or args.streams or args.init_from == "resume"  # else P comes from the flags
+        keeps_p = src.n_streams > 1 or args.streams or args.init_from == "resume"  # else P is the flags'
         fixed = BACKBONE_FIELDS + (STREAM_FIELDS if keeps_p else ())
-        if args.init_from == "resume":  # the run goes on as if never stopped: its shape, step, optimizer state
+        if args.init_from == "resume":  # goes on as if never stopped: its shape, step, optimizer state
             ckpt, origin = loaded, f"resumed at step {loaded['iter_num']}"
-        elif args.streams:  # dynamic P: the streams file's prefixes and aggregator on this frozen P=1 backbone
+        elif args.streams:  # dynamic P: a streams file's prefixes and aggregator on this frozen backbone
             model = load_streams(model, args.streams, f"--init_from={path}")
             origin = f"backbone {path} + streams {args.streams}"
         elif src.n_streams == 1 and args.n_streams > 1:  # two-stage: fresh prefixes and aggregator
@@ -259,8 +263,8 @@ def train(args, system, model, optimizer, meta, block_size, iter_num, best_val_l
     if log:  # the first write to out_dir
         os.makedirs(args.out_dir, exist_ok=True)
         open(log, "a").close()
-    # disable=None: a bar only on a terminal, so a redirected log is plain lines. `with`: the bar ends its line
-    # even when a check or a save (a full disk) raises, so main's `error:` line is a line of its own
+    # disable=None: a bar only on a terminal, so a redirected log is plain lines. `with`: the bar ends its
+    # line even when a check or a save (a full disk) raises, so main's `error:` line is a line of its own
     with tqdm(total=args.max_iters, initial=iter_num, disable=None if system.master else True,
               dynamic_ncols=True) as bar:
         t0 = time.time()
@@ -283,12 +287,14 @@ def train(args, system, model, optimizer, meta, block_size, iter_num, best_val_l
 
             # forward / backward with gradient accumulation
             for micro in range(accum):
-                X, Y = get_batch(args, system, block_size, "train", 1, iter_num, micro * system.world + system.rank)
+                micro_key = micro * system.world + system.rank  # every rank's micro-batches differ
+                X, Y = get_batch(args, system, block_size, "train", 1, iter_num, micro_key)
                 if system.ddp:  # all-reduce gradients only on the last micro-step
                     model.require_backward_grad_sync = micro == accum - 1
                 with system.autocast():
-                    # the forward. model(X, Y, streams=True) also returns each stream's logits, (P, B, T, vocab):
-                    # an extra loss on them belongs here, before the division, and trains under DDP as this one does
+                    # the forward. model(X, Y, streams=True) also returns each stream's logits,
+                    # (P, B, T, vocab): an extra loss on them belongs here, before the division, and
+                    # trains under DDP as this one does
                     logits, loss = model(X, Y)
                     loss = loss / accum
                 scaler.scale(loss).backward()
@@ -343,16 +349,19 @@ class System:
 def setup(args):
     """DDP, device, dtype and seeds. Writes no file."""
     ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    rank, local_rank, world = (0, 0, 1)
+    if ddp:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = resolve_device(args.device, who="train.py")
     if ddp and device.startswith("cuda"):  # one GPU per process: the local rank's
-        check(local_rank < torch.cuda.device_count(), f"torchrun started more processes per node than the "
-                                                      f"{torch.cuda.device_count()} GPUs: lower --nproc_per_node")
+        check(local_rank < torch.cuda.device_count(), "torchrun started more processes per node than the "
+              f"{torch.cuda.device_count()} GPUs: lower --nproc_per_node")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     device_type = device.split(":")[0]
-    # auto = bfloat16 on a CUDA GPU that supports it, else float32 (resolve_dtype's CPU rule, cpu_auto="float32"): on
-    # the CPU, bf16 autocast does not speed up training at the quickstart's width (docs/reference.md, Device and dtype)
+    # auto = bfloat16 on a CUDA GPU that supports it, else float32 (resolve_dtype's CPU rule,
+    # cpu_auto="float32"): on the CPU, bf16 autocast does not speed up training at the quickstart's width
+    # (docs/reference.md, Device and dtype)
     dtype = str(resolve_dtype(args.dtype, device)[0]).removeprefix("torch.")
     gpu_peak = peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
     peak = args.peak_flops if args.peak_flops > 0 else gpu_peak
@@ -376,21 +385,23 @@ def count_tokens(args, block_size):
     for split in ("train", "val"):
         path = os.path.join(args.data_dir, f"{split}.bin")
         tokens[split] = os.path.getsize(path) // 2  # uint16
-        check(tokens[split] >= block_size + 1, f"{path} has {tokens[split]} tokens, fewer than --block_size + 1 = "
-                                               f"{block_size + 1}: lower --block_size or prepare more data")
+        check(tokens[split] >= block_size + 1, f"{path} has {tokens[split]} tokens, fewer than --block_size "
+              f"+ 1 = {block_size + 1}: lower --block_size or prepare more data")
     return tokens
 
 
 def get_batch(args, system, block_size, split, *key):
     """A batch that is a pure function of (seed, split, key): the data position is the step number,
     so a resumed run reads exactly the batches the uninterrupted run would have."""
-    data = np.memmap(os.path.join(args.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")  # reopened: memmaps leak
+    # reopened every time: memmaps leak
+    data = np.memmap(os.path.join(args.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
     rng = np.random.default_rng([args.seed, split == "val", *key])
     ix = rng.integers(0, len(data) - block_size, size=args.batch_size)
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))  # (B, T)
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))  # x shifted by one
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))  # x + 1
     if system.device_type == "cuda":
-        return x.pin_memory().to(system.device, non_blocking=True), y.pin_memory().to(system.device, non_blocking=True)
+        x, y = x.pin_memory(), y.pin_memory()
+        return x.to(system.device, non_blocking=True), y.to(system.device, non_blocking=True)
     return x.to(system.device), y.to(system.device)
 
 
@@ -417,7 +428,7 @@ def evaluate(model, args, system, block_size):
     for split in ("train", "val"):
         losses, nlls, mixes, kls = torch.zeros(args.eval_iters), [], [], []
         for k in range(args.eval_iters):
-            X, Y = get_batch(args, system, block_size, split, 0, k)  # key (0, k): batches no training step draws
+            X, Y = get_batch(args, system, block_size, split, 0, k)  # key (0, k): no training step's batch
             with system.autocast():
                 if split == "val" and P > 1:  # the mixture's loss and each stream's, from one forward
                     nll, mix, kl = stream_losses(model, X, Y)
@@ -442,14 +453,16 @@ def save(model, optimizer, iter_num, best_val_loss, args, meta):
     folded = folded_state_dict(model)  # plain prefixes: what sample.py and the fused path read
     save_checkpoint(dict(model=folded, optimizer=optimizer.state_dict(), model_args=asdict(model.config),
                          iter_num=iter_num, best_val_loss=best_val_loss, args=vars(args), meta=meta,
-                         rng=dict(torch=torch.get_rng_state()), prefix_reparam=reparam_state(model)), args.out_dir)
+                         rng=dict(torch=torch.get_rng_state()), prefix_reparam=reparam_state(model)),
+                    args.out_dir)
     if not all(p.requires_grad for p in model.parameters()):  # a frozen backbone: its streams file too
         plain = model_on(model.config, folded) if is_reparameterised(model) else model
         save_checkpoint(streams_state(plain), args.out_dir, f"streams_p{model.config.n_streams}.pt")
 
 
 def write_log(log, **record):
-    """Append a JSON line to log.jsonl (None off rank 0): opened per record, a full disk leaves one UserError."""
+    """Append a JSON line to log.jsonl (None off rank 0): opened per record, so a full disk leaves one
+    UserError."""
     if log:
         try:
             with open(log, "a") as f:
@@ -460,8 +473,10 @@ def write_log(log, **record):
 
 
 def log_eval(ev, iter_num, log):
-    agg = (f", stream weights {ev['stream_weight']}, entropy {ev['stream_entropy']:.3f}, streams alone "
-           f"{ev['stream_loss']}, gain {ev['gain']:+.4f}, rho {ev['rho']:.3f}" if "stream_weight" in ev else "")
+    agg = ""
+    if "stream_weight" in ev:
+        agg = (f", stream weights {ev['stream_weight']}, entropy {ev['stream_entropy']:.3f}, streams alone "
+               f"{ev['stream_loss']}, gain {ev['gain']:+.4f}, rho {ev['rho']:.3f}")
     tqdm.write(f"step {iter_num}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}{agg}")
     write_log(log, kind="eval", step=iter_num, **ev)
 
@@ -473,14 +488,15 @@ def log_step(model, lossf, lr, dt, iter_num, args, system, block_size, bar, log)
     tok_s = args.gradient_accumulation_steps * args.batch_size * block_size / dt
     mfu = estimate_mfu(model, tok_s, block_size, system.peak)
     mfu_s = f"{100 * mfu:5.1f}%" if mfu is not None else "  n/a"
-    tqdm.write(f"step {iter_num:6d} | loss {lossf:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms | {tok_s:9.0f} tok/s | "
-               f"mfu {mfu_s}")
+    tqdm.write(f"step {iter_num:6d} | loss {lossf:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms | "
+               f"{tok_s:9.0f} tok/s | mfu {mfu_s}")
     bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
     write_log(log, kind="train", step=iter_num, loss=lossf, lr=lr, ms=1000 * dt, tok_s=tok_s, mfu=mfu)
 
 
 def report(args, system, model, origin, overridden, meta, tokens, block_size):
-    """Say once, at start-up, what runs where: device, dtype, attention path and MFU peak; the model; the data."""
+    """Say once, at start-up, what runs where (device, dtype, attention path, MFU peak), the model, the
+    data."""
     cfg, r = model.config, param_report(model)
     attn = "SDPA causal (flash-eligible)" if cfg.n_streams == 1 else "SDPA with prefix + shared causal mask"
     mfu = (f"MFU against {system.peak / 1e12:.0f} TFLOP/s" if system.peak else
@@ -489,12 +505,14 @@ def report(args, system, model, origin, overridden, meta, tokens, block_size):
           f"DDP world {system.world}, {mfu}")
     if overridden:
         print(f"the checkpoint overrides {', '.join(overridden)}")
-    print(f"model {origin}: P={cfg.n_streams}, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} kv), "
-          f"width {cfg.n_embd}, block {cfg.block_size}, prefix {cfg.n_prefix_slots}, vocab {cfg.vocab_size}")
+    print(f"model {origin}: P={cfg.n_streams}, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} "
+          f"kv), width {cfg.n_embd}, block {cfg.block_size}, prefix {cfg.n_prefix_slots}, "
+          f"vocab {cfg.vocab_size}")
     frozen = " (backbone frozen)" if not all(p.requires_grad for p in model.parameters()) else ""
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in r.items()) + frozen)
-    print(f"data {args.data_dir}: {meta.get('tokenizer')} tokens, train {tokens['train']:,}, val {tokens['val']:,}; "
-          f"{args.gradient_accumulation_steps * args.batch_size * block_size:,} tokens per step")
+    per_step = args.gradient_accumulation_steps * args.batch_size * block_size
+    print(f"data {args.data_dir}: {meta.get('tokenizer')} tokens, train {tokens['train']:,}, "
+          f"val {tokens['val']:,}; {per_step:,} tokens per step")
 
 
 def stop_on_signal():
@@ -524,7 +542,8 @@ def check_args(args):
     own fields (sizes, dropout, the ParScale fields) are model.py's to check: get_args asks GPTConfig."""
     for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         check(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "seed", "prefix_reparam"):
+    for name in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "seed",
+                 "prefix_reparam"):
         check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ("lr_decay_iters", "threads", "peak_flops"):  # -1 = not set
         value = getattr(args, name)
@@ -540,25 +559,26 @@ def check_args(args):
     check(not args.streams or args.init_from not in ("scratch", "resume"),
           "--streams attaches streams to a P=1 backbone: give that backbone's checkpoint as --init_from=PATH")
     check(args.prefix_init == "random" or args.init_from != "scratch",
-          "--prefix_init=kv takes the prefixes from a trained P=1 model: give its checkpoint as --init_from=PATH")
+          "--prefix_init=kv takes the prefixes from a trained P=1 model: give its checkpoint as "
+          "--init_from=PATH")
     check(not os.path.exists(args.out_dir) or os.path.isdir(args.out_dir),
           f"--out_dir={args.out_dir} is a file, not a folder")
     world = int(os.environ.get("WORLD_SIZE", 1))
     check(args.gradient_accumulation_steps % world == 0,
-          f"--gradient_accumulation_steps ({args.gradient_accumulation_steps}) must be a multiple of the {world} "
-          "DDP ranks")
+          f"--gradient_accumulation_steps ({args.gradient_accumulation_steps}) must be a multiple of the "
+          f"{world} DDP ranks")
 
 
 def check_start(args, typed_flags, ckpt, path, src, meta):
     """Refuse what the checkpoint at path (its config src) cannot start or resume, naming the flags."""
     vocab_size, tokenizer = src.vocab_size, ckpt.get("meta", {}).get("tokenizer")
     check(vocab_size >= meta["vocab_size"] and tokenizer in (None, meta.get("tokenizer")),
-          f"vocabulary mismatch: {path} holds a model of {vocab_size} tokens ({tokenizer or 'tokenizer unknown'}), the "
-          f"data in --data_dir={args.data_dir} has {meta['vocab_size']} ({meta.get('tokenizer')}): use the data it was "
-          "trained on")
+          f"vocabulary mismatch: {path} holds a model of {vocab_size} tokens "
+          f"({tokenizer or 'tokenizer unknown'}), the data in --data_dir={args.data_dir} has "
+          f"{meta['vocab_size']} ({meta.get('tokenizer')}): use the data it was trained on")
     if "block_size" in typed_flags:  # a shorter context than the model's is fine, a longer one is not
-        check(args.block_size <= src.block_size, f"--block_size={args.block_size} exceeds the checkpoint's block_size "
-                                                 f"{src.block_size}: the model has no positions past it")
+        check(args.block_size <= src.block_size, f"--block_size={args.block_size} exceeds the checkpoint's "
+              f"block_size {src.block_size}: the model has no positions past it")
     if args.init_from == "resume":
         check(all(k in ckpt for k in ("optimizer", "iter_num", "best_val_loss", "rng", "args")),
               f"{path} is not a train.py checkpoint that can resume (no optimizer state): start from it with "
@@ -571,12 +591,13 @@ def check_start(args, typed_flags, ckpt, path, src, meta):
           f"--prefix_init=kv reads --n_prefix={args.n_prefix} tokens, more than the model's block_size "
           f"{src.block_size}")
     check(not args.prefix_reparam or (src.n_streams == 1 and not args.streams),
-          f"--prefix_reparam starts the prefixes afresh from an MLP: it would throw away the trained prefixes of "
-          f"{'--streams=' + args.streams if args.streams else '--init_from=' + path}; use it from scratch or with a "
-          "P=1 --init_from")
-    check(args.streams or src.n_streams == 1 or "n_streams" not in typed_flags or args.n_streams == src.n_streams,
-          f"cannot start P={args.n_streams} from a P={src.n_streams} checkpoint ({path}): convert a P=1 checkpoint, "
-          f"or drop --n_streams to go on at P={src.n_streams}")
+          "--prefix_reparam starts the prefixes afresh from an MLP: it would throw away the trained prefixes "
+          f"of {'--streams=' + args.streams if args.streams else '--init_from=' + path}; use it from scratch "
+          "or with a P=1 --init_from")
+    same_p = "n_streams" not in typed_flags or args.n_streams == src.n_streams
+    check(args.streams or src.n_streams == 1 or same_p,
+          f"cannot start P={args.n_streams} from a P={src.n_streams} checkpoint ({path}): convert a P=1 "
+          f"checkpoint, or drop --n_streams to go on at P={src.n_streams}")
 
 
 if __name__ == "__main__":
