@@ -32,14 +32,22 @@ def stream_losses(model, X, Y):
     this does not call model(X, Y, streams=True), which makes all (P, B, T, vocab) logits at once.
     """
     P, V = model.config.n_streams, model.config.vocab_size
-    h = model.stream_hidden(X)  # (P*B, T, C), after ln_f
-    mixed = model.aggregator(h).flatten(0, 1)  # (N, C), N = B*T
-    h, y = h.view(P, -1, h.size(-1)), Y.reshape(-1)  # (P, N, C): rows are stream-major
+    seen = {}  # the aggregator's input and output: every stream's hidden states after ln_f, and their mix
+    hook = model.aggregator.register_forward_hook(lambda module, inp, out: seen.update(h=inp[0], mixed=out))
+    try:
+        model(X)  # its LM head runs on the last position only; the losses are taken below, in chunks
+    finally:
+        hook.remove()
+    h, mixed, y = seen["h"].view(P, -1, seen["h"].size(-1)), seen["mixed"].flatten(0, 1), Y.reshape(-1)
+    # h (P, N, C), rows stream-major; mixed (N, C), N = B*T
     nlls, mixes, kl, chunk = [], [], 0.0, max(1, 2**26 // (P * V))
     for i in range(0, y.numel(), chunk):
         logp = F.log_softmax(model.lm_head(h[:, i:i + chunk]).float(), dim=-1)  # (P, n, V)
         nlls.append(-logp.gather(-1, y[i:i + chunk].view(1, -1, 1).expand(P, -1, 1)).squeeze(-1))
-        mixes.append(F.cross_entropy(model.lm_head(mixed[i:i + chunk]).float(), y[i:i + chunk], reduction="none"))
-        p = logp.exp()  # sum over ordered pairs of sum_x p_a (log p_a - log p_b) = P sum_a p_a log p_a - (sum_a p_a)(sum_b log p_b)
+        mix_logits = model.lm_head(mixed[i:i + chunk]).float()
+        mixes.append(F.cross_entropy(mix_logits, y[i:i + chunk], reduction="none"))
+        # summed over ordered pairs, sum_x p_a (log p_a - log p_b)
+        #   = P sum_a p_a log p_a - (sum_a p_a)(sum_b log p_b)
+        p = logp.exp()
         kl += (P * (p * logp).sum() - (p.sum(0) * logp.sum(0)).sum()).item()
     return torch.cat(nlls, dim=1), torch.cat(mixes), kl / (P * (P - 1) * y.numel())

@@ -20,7 +20,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import UserError, resolve_dtype
+from common import UserError, param_report, resolve_dtype
 from kernels.fused import FusedDecoder, fused_decoder_for, fused_status
 from model import GPT, GPTConfig, KVCache
 
@@ -49,12 +49,12 @@ _COUNTS = {}
 
 
 def param_counts(cfg):
-    """Exact GPT(cfg).param_report(), from a model built on the meta device (no memory), once per config:
+    """Exact common.param_report(GPT(cfg)), from a model built on the meta device (no memory), once per config:
     even on meta the init costs ~0.1 s a model, and width matching asks for the same configs many times."""
     key = repr(cfg)  # a dataclass's repr names every field
     if key not in _COUNTS:
         with torch.device("meta"):
-            _COUNTS[key] = GPT(cfg).param_report()
+            _COUNTS[key] = param_report(GPT(cfg))
     return dict(_COUNTS[key])
 
 

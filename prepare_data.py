@@ -128,12 +128,12 @@ class GPT2Tokenizer:
 
 def find_gpt2_vocab(path=None):
     """The GPT-2 vocabulary file: path, else $PARSCALE_GPT2_VOCAB, else data/gpt2.tiktoken next to this script."""
-    for given, where in [(path, "--gpt2_vocab"), (os.environ.get(GPT2_VOCAB_ENV), f"${GPT2_VOCAB_ENV}")]:
-        if given:
-            if not os.path.isfile(given):  # named explicitly: never fall back past it
-                raise UserError(f"GPT-2 vocabulary file from {where} does not exist or is not a file: {given}; "
+    for named_path, where in [(path, "--gpt2_vocab"), (os.environ.get(GPT2_VOCAB_ENV), f"${GPT2_VOCAB_ENV}")]:
+        if named_path:
+            if not os.path.isfile(named_path):  # named explicitly: never fall back past it
+                raise UserError(f"GPT-2 vocabulary file from {where} does not exist or is not a file: {named_path}; "
                                 "run `bash scripts/get_gpt2_vocab.sh` to fetch it, or fix the path")
-            return given
+            return named_path
     default = os.path.join(DATA_DIR, "gpt2.tiktoken")
     if not os.path.isfile(default):
         raise UserError(f"GPT-2 vocabulary file not found (looked at --gpt2_vocab, ${GPT2_VOCAB_ENV}, {default}); "
@@ -237,10 +237,12 @@ def read_input_corpus(path, max_files=-1):
             rels = rels[:max_files]
     elif os.path.isfile(path):
         if max_files != -1:
-            raise UserError(f"--max_files={max_files} picks files from a folder, but --input={path} is a single file; drop --max_files")
+            raise UserError(f"--max_files={max_files} picks files from a folder, but "
+                            f"--input={path} is a single file; drop --max_files")
         root, rels, kind = os.path.dirname(path), [os.path.basename(path)], "file"
     elif os.path.exists(path):
-        raise UserError(f"--input={path} is neither a regular file nor a folder; give a UTF-8 text file or a folder of them")
+        raise UserError(f"--input={path} is neither a regular file nor a folder; give a UTF-8 text "
+                        "file or a folder of them")
     else:
         raise UserError(f"--input={path} does not exist; give a UTF-8 text file or a folder of them")
     docs, h = [], hashlib.sha256()
@@ -288,7 +290,8 @@ def write_atomic(path, payload):
             f.write(payload)
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a read-only folder: the user's to fix
-        raise UserError(f"--out_dir: cannot write {path} ({e.strerror}); free some space or choose another --out_dir") from None
+        raise UserError(f"--out_dir: cannot write {path} ({e.strerror}); free some space or choose "
+                        "another --out_dir") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -318,7 +321,8 @@ def get_args(argv=None):
     parser.add_argument("--tokenizer", type=str, default="bytes", choices=["bytes", "gpt2"],
                         help="bytes (vocab 256, needs nothing) or gpt2 (BPE, vocab 50257)")
     parser.add_argument("--gpt2_vocab", type=str, default="",
-                        help=f"gpt2.tiktoken file, for --tokenizer=gpt2; '' = ${GPT2_VOCAB_ENV}, else data/gpt2.tiktoken")
+                        help=f"gpt2.tiktoken file, for --tokenizer=gpt2; '' = ${GPT2_VOCAB_ENV}, "
+                        "else data/gpt2.tiktoken")
     # checks
     parser.add_argument("--block_size", type=int, default=128,
                         help="each split must hold one block: at least block_size + 1 tokens")
@@ -327,7 +331,8 @@ def get_args(argv=None):
     if args.max_files == 0 or args.max_files < -1:
         raise UserError(f"--max_files must be a number of files >= 1, or -1 for all; got {args.max_files}")
     if args.max_train_tokens == 0 or args.max_train_tokens < -1:
-        raise UserError(f"--max_train_tokens must be a number of tokens >= 1, or -1 for all; got {args.max_train_tokens}")
+        raise UserError("--max_train_tokens must be a number of tokens >= 1, or -1 for all; got "
+                        f"{args.max_train_tokens}")
     if args.block_size < 1:
         raise UserError(f"--block_size must be >= 1 (use train.py's --block_size), got {args.block_size}")
     if args.gpt2_vocab and args.tokenizer != "gpt2":

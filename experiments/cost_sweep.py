@@ -33,7 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/cost_sweep.py` from anywhere
     sys.path.insert(0, ROOT)
-from common import UserError, peak_flops, resolve_device, resolve_dtype  # noqa: E402
+from common import UserError, estimate_mfu, flops_per_token, peak_flops, resolve_device, resolve_dtype  # noqa: E402
 from experiments import plots  # noqa: E402
 from experiments.crossovers import paper_comparison, print_summary, summarise  # noqa: E402
 from measure import (PRESETS, attn_label, build_model, decode_paths, free_memory, int_list, make_decoder,  # noqa: E402
@@ -250,9 +250,9 @@ def bench_train(args, base_cfgs):
                 continue
             step = statistics.median(times[2:])
             tok_s = B * T / step
-            flops = model.flops_per_token(T) * tok_s
+            flops = flops_per_token(model, T) * tok_s
             r = dict(attn=attn_label(base_cfg), P=P, tokens_per_s=tok_s, step_ms=step * 1e3, flops_per_s=flops,
-                     mfu=model.estimate_mfu(tok_s, T, peak),
+                     mfu=estimate_mfu(model, tok_s, T, peak),
                      peak_gb=torch.cuda.max_memory_allocated(args.device) / 2**30 if cuda else None)
             first = next((o for o in out if o["attn"] == r["attn"] and "error" not in o), r)  # normally P=1
             mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"

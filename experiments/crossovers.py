@@ -58,12 +58,14 @@ def summarise(rows, args):
                         xs = [c for c in args.contexts if (name, B, c) in margins]
                         if xs:
                             status, x = crossover(xs, [margins[name, B, c] for c in xs])
-                            crossovers.append(dict(attn=kind, path=path, metric=name, P=P, along="context", batch=B, status=status, at=x))
+                            crossovers.append(dict(attn=kind, path=path, metric=name, P=P, along="context", batch=B,
+                                                   status=status, at=x))
                     for ctx in args.contexts:
                         xs = [b for b in args.batches if (name, b, ctx) in margins]
                         if xs:
                             status, x = crossover(xs, [margins[name, b, ctx] for b in xs])
-                            crossovers.append(dict(attn=kind, path=path, metric=name, P=P, along="batch", context=ctx, status=status, at=x))
+                            crossovers.append(dict(attn=kind, path=path, metric=name, P=P, along="batch", context=ctx,
+                                                   status=status, at=x))
     return headline, crossovers
 
 
@@ -93,11 +95,13 @@ def print_summary(headline, crossovers, args):
                     f"{format_ratio(cells[c]['latency_ratio'], cells[c]['latency_increase_width']):>8}"
                     if c in cells else f"{'-':^17}" for c in args.contexts)
                 print(f"{P:2d} {B:2d} | {line}")
-    print("\ncrossovers: where ParScale stops being cheaper than width scaling (linear interpolation between measured points)")
+    print("\ncrossovers: where ParScale stops being cheaper than width scaling "
+          "(linear interpolation between measured points)")
     lines = {}
     for c in crossovers:
         where = f"B={c['batch']}" if c["along"] == "context" else f"ctx={c['context']}"
-        what = c["status"] if c["at"] is None else f"stops near {'ctx' if c['along'] == 'context' else 'B'} {c['at']:.3g}"
+        axis = "ctx" if c["along"] == "context" else "B"
+        what = c["status"] if c["at"] is None else f"stops near {axis} {c['at']:.3g}"
         lines.setdefault((c["attn"], c["path"], c["metric"], c["P"], c["along"]), []).append(f"{where}: {what}")
     for (kind, path, metric, P, along), parts in lines.items():
         print(f"{kind:5} {path:5} {metric:7} P={P} along {along:7}: " + " | ".join(parts))

@@ -3,7 +3,7 @@ Diversity: from scratch, plain prefixes against prefixes trained through an MLP 
 --prefix_reparam, Li & Liang's reparameterisation): does it lower rho, the correlation of the streams'
 errors, or the loss of each stream alone?
 
-    python experiments/diversity.py --preset=tiny --n_streams=1,2 --seeds=1     # seconds
+    python experiments/diversity.py --preset=tiny --stream_counts=1,2 --seeds=1     # seconds
     python experiments/diversity.py --preset=cpu --threads=1 --results=results  # ~15 min on 2 cores
 
 Its own grid (the preset's diversity_streams, diversity_iters, reparam_hidden), at the base width; P = 1
@@ -11,16 +11,17 @@ once per seed (no prefixes). Each run is compared with that seed's P = 1, and th
 noise.py's rule. Runs land in <out>/diversity/; the cells in <out>/diversity.csv and .json, and with
 --results also in <results>/diversity_<preset>.csv and .json (plots.py draws them).
 """
-import json
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/diversity.py` from anywhere
     sys.path.insert(0, ROOT)
+from common import RenamedFlag  # noqa: E402
 from experiments import noise, runner  # noqa: E402
 
-GRID = {"streams": "diversity_streams", "max_iters": "diversity_iters"}  # its own grid: fewer P and steps than the sweep's
+# its own grid: fewer P and steps than the sweep's
+GRID = {"streams": "diversity_streams", "max_iters": "diversity_iters"}
 
 
 def diversity(args):
@@ -30,7 +31,8 @@ def diversity(args):
     streams (lower rho) or make each stream alone better (lower stream_loss)?
     """
     pre = runner.preset(args, GRID)
-    out, w, iters, hidden = os.path.join(args.out, "diversity"), pre["base_width"], pre["max_iters"], pre["reparam_hidden"]
+    out, w = os.path.join(args.out_dir, "diversity"), pre["base_width"]
+    iters, hidden = pre["max_iters"], pre["reparam_hidden"]
     variants = [(P, kind) for P in sorted(pre["streams"]) for kind in (["none"] if P == 1 else ["plain", "reparam"])]
     runs = []
     for seed in pre["seeds"]:
@@ -46,25 +48,25 @@ def diversity(args):
     cells = noise.summarise(runs, ("P", "prefix"))
     contrasts = [noise.contrast(f"P={P} reparam - plain", runs, dict(P=P, prefix="reparam"), dict(P=P, prefix="plain"))
                  for P in sorted(pre["streams"]) if P > 1]
-    print(f"from scratch, {iters} steps, width {w}; reparam = train.py --prefix_reparam={hidden}; {len(pre['seeds'])} seeds")
+    print(f"from scratch, {iters} steps, width {w}; reparam = train.py --prefix_reparam={hidden}; "
+          f"{len(pre['seeds'])} seeds")
     return noise.report(args, pre, "diversity", ["P", "prefix"], cells, runs, contrasts,
                         dict(iters=iters, reparam_hidden=hidden))
 
 
 def get_args(argv=None):
     p = runner.parser("diversity.py", __doc__)
-    p.add_argument("--n_streams", default="", help="comma-separated P, e.g. 1,2,4; '' = the preset's diversity_streams")
+    runner.add_stream_counts(p, "diversity_streams")
     p.add_argument("--max_iters", type=int, default=-1, help="steps per run; -1 = the preset's diversity_iters")
-    p.add_argument("--reparam", type=int, default=-1, help="hidden size of train.py's --prefix_reparam MLP; "
-                   "-1 = the preset's reparam_hidden")
+    p.add_argument("--prefix_reparam", type=int, default=-1, help="hidden size of train.py's --prefix_reparam "
+                   "MLP, for the reparam runs; -1 = the preset's reparam_hidden")
+    p.add_argument("--reparam", action=RenamedFlag, new="--prefix_reparam", why="train.py's name for the same MLP")
     runner.add_seed_flags(p, "diversity")
     return runner.parse(p, argv)
 
 
 def main(argv=None):
-    result = diversity(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(diversity, get_args, argv)
 
 
 if __name__ == "__main__":

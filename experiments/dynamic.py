@@ -26,41 +26,40 @@ def dynamic(args):
     pre = runner.preset(args)
     base = runner.train_base(pre, args)
     w, extra, lr = pre["base_width"], pre["extra_iters"], pre["learning_rate"] / 2
-    evals_dir = os.path.join(args.out, "dynamic", "eval")
+    evals_dir = os.path.join(args.out_dir, "dynamic", "eval")
     rows = [dict(P=1, streams_file="(none: the backbone alone)",
                  **runner.pick(runner.eval_only(pre, args.data_dir, evals_dir, base)))]
     for P in [P for P in pre["streams"] if P > 1]:
-        d = os.path.join(args.out, "dynamic", f"p{P}")
+        d = os.path.join(args.out_dir, "dynamic", f"p{P}")
         argv = runner.train_argv(pre, args.data_dir, d, w, P, extra, learning_rate=lr, warmup_iters=extra // 10)
         runner.run(argv, d, extra, init_from=base, extra=["--freeze_backbone", f"--prefix_init={args.prefix_init}"])
         streams = os.path.join(d, f"streams_p{P}.pt")
         ev = runner.eval_only(pre, args.data_dir, evals_dir, base, streams)
-        rows.append(dict(P=P, streams_file=os.path.relpath(streams, args.out), **runner.pick(ev)))
+        rows.append(dict(P=P, streams_file=os.path.relpath(streams, args.out_dir), **runner.pick(ev)))
     base = os.path.relpath(base)  # as the user would type it
     print(f"one frozen backbone ({base}), streams trained {extra} steps each, prefix init {args.prefix_init}:")
     print(runner.table(rows, ["P", "train", "val", "streams_file"]))
-    with open(os.path.join(args.out, "dynamic.json"), "w") as f:
+    with open(os.path.join(args.out_dir, "dynamic.json"), "w") as f:
         json.dump(dict(preset=args.preset, backbone=base, prefix_init=args.prefix_init, rows=rows), f, indent=1)
     return dict(preset=args.preset, val={r["P"]: r["val"] for r in rows})
 
 
 def get_args(argv=None):
     p = runner.parser("dynamic.py", __doc__)
-    p.add_argument("--n_streams", default="", help="comma-separated P, e.g. 1,2,4,8; '' = the preset's (trains those > 1)")
+    runner.add_stream_counts(p, "streams (trains those > 1)")
     p.add_argument("--base_iters", type=int, default=-1, help="steps of the P=1 base; -1 = the preset's")
     p.add_argument("--extra_iters", type=int, default=-1, help="steps of each streams run; -1 = the preset's")
     p.add_argument("--prefix_init", default="kv", choices=["kv", "random"], help="prefix init of the streams")
     args = runner.parse(p, argv)
-    if args.n_streams and max(args.n_streams) < 2:
-        raise UserError(f"--n_streams={','.join(map(str, args.n_streams))}: dynamic trains streams for each P > 1; "
+    if args.stream_counts and max(args.stream_counts) < 2:
+        counts = ",".join(map(str, args.stream_counts))
+        raise UserError(f"--stream_counts={counts}: dynamic trains streams for each P > 1; "
                         "give at least one")
     return args
 
 
 def main(argv=None):
-    result = dynamic(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(dynamic, get_args, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ run (a ckpt.pt and an evaluation) is a point, N its non-embedding parameters, L 
 """
 import argparse
 import csv
-import json
 import os
 import sys
 
@@ -19,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/fit.py` from anywhere
     sys.path.insert(0, ROOT)
 from checkpoint import load_checkpoint  # noqa: E402
-from common import UserError  # noqa: E402
+from common import UserError, param_report  # noqa: E402
 from experiments import law, runner  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -51,7 +50,8 @@ def print_k_per_size(fit):
     """--paper --per_size: k at each size of the paper's grid, then k extrapolated to toy sizes."""
     E, alpha = fit["E"], fit["alpha"]
     rows = law.k_per_size(law.PAPER_N, law.PAPER_LOSS, law.PAPER_STREAMS, E, alpha)
-    print(f"\nk at each size, E {E:.4f} and alpha {alpha:.4f} held from the fit above. Anchor: A_N = N_1 (L_1 - E)^(1/alpha),\n"
+    print(f"\nk at each size, E {E:.4f} and alpha {alpha:.4f} held from the fit above. "
+          "Anchor: A_N = N_1 (L_1 - E)^(1/alpha),\n"
           "so the law passes through that size's P = 1 loss exactly; L_P = E + (A_N / (N_P (k ln P + 1)))^alpha with\n"
           "N_P that P's own row of N. k: least squares on L_P over P = 2, 4, 8. k_P: the k that P alone implies;\n"
           "mean: their mean (least squares on k rather than on L).")
@@ -93,7 +93,7 @@ def points_from(path):
     for dirpath, _, files in sorted(os.walk(path)):
         if "ckpt.pt" in files and runner.evals(dirpath):
             ckpt = load_checkpoint(os.path.join(dirpath, "ckpt.pt"))
-            N.append(GPT(GPTConfig(**ckpt["model_args"])).param_report()["non_embedding"])
+            N.append(param_report(GPT(GPTConfig(**ckpt["model_args"])))["non_embedding"])
             P.append(ckpt["model_args"]["n_streams"])
             L.append(runner.evals(dirpath)[-1]["val"])
     return N, P, L
@@ -114,14 +114,13 @@ def get_args(argv=None):
     if not 1 <= args.starts <= 27:
         raise UserError(f"--starts={args.starts}: must be 1..27")
     if args.runs and not (os.path.isdir(args.runs) or (os.path.isfile(args.runs) and args.runs.endswith(".csv"))):
-        raise UserError(f"--runs={args.runs}: neither a folder nor a .csv file; give a sweep's run folder or its sweep.csv")
+        raise UserError(f"--runs={args.runs}: neither a folder nor a .csv file; give a sweep's run "
+                        "folder or its sweep.csv")
     return args
 
 
 def main(argv=None):
-    result = fit(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(fit, get_args, argv)
 
 
 if __name__ == "__main__":

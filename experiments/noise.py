@@ -42,7 +42,8 @@ def verdict(d, low, high):
 
 def run_row(counts, p1_val, ev, status, **keys):
     """One run: keys, N with and without the aggregator, val and its difference to P=1 (p1_val: None = no P=1
-    run; '' for P=1 itself), and the stream diagnostics of its last evaluation; 'curve' is every evaluation (for the JSON).
+    run; '' for P=1 itself), and the stream diagnostics of its last evaluation; 'curve' is every evaluation (for
+    the JSON).
     counts: runner.params of the run; ev: the run's evaluations ([] for the base, whose val comes in keys)."""
     row = dict(keys, N=counts["non_embedding"], N_no_agg=counts["non_embedding"] - counts["aggregator"],
                prefix_params=counts["prefixes"], reparam_params=counts["reparam"], status=status)
@@ -54,7 +55,8 @@ def run_row(counts, p1_val, ev, status, **keys):
                              stream_loss=e.get("stream_loss", "")) for e in ev]
     diag = ev[-1] if ev and "stream_loss" in ev[-1] else None
     stream = sum(diag["stream_loss"]) / len(diag["stream_loss"]) if diag else None
-    row.update(vs_p1=rnd(row["val"] - p1_val if p1_val is not None and keys["P"] > 1 else None), stream_loss=rnd(stream),
+    row.update(vs_p1=rnd(row["val"] - p1_val if p1_val is not None and keys["P"] > 1 else None),
+               stream_loss=rnd(stream),
                stream_vs_p1=rnd(stream - p1_val if diag and p1_val is not None else None),
                gain=rnd(diag and diag["gain"]), rho=rnd(diag and diag["rho"]), kl=rnd(diag and diag["kl"], 5),
                entropy=rnd(diag and diag["stream_entropy"]))
@@ -101,15 +103,17 @@ def report(args, pre, name, keys, cells, runs, contrasts, extra):
     contrasts = [c for c in contrasts if c]
     print(runner.table(cells, keys + CELL_COLS))
     if contrasts:
-        print(runner.table(contrasts, ["contrast", "seeds", "val", "val_min", "val_max", "verdict", "rho", "stream_loss", "gain"]))
-    print(f"val: mean over seeds (min, max); vs_p1: val - P=1 on the same seed's val batches; verdict: a mean difference\n"
-          f"under {NOISE} nats is noise ('seeds disagree': their differences have both signs). stream_loss: each stream\n"
-          "alone (its hidden state through ln_f and the LM head), averaged over streams; gain = stream_loss - val; rho: the\n"
+        cols = ["contrast", "seeds", "val", "val_min", "val_max", "verdict", "rho", "stream_loss", "gain"]
+        print(runner.table(contrasts, cols))
+    print("val: mean over seeds (min, max); vs_p1: val - P=1 on the same seed's val batches; verdict: a mean "
+          f"difference\nunder {NOISE} nats is noise ('seeds disagree': their differences have both signs). "
+          "stream_loss: each stream\nalone (its hidden state through ln_f and the LM head), averaged over streams; "
+          "gain = stream_loss - val; rho: the\n"
           "mean pairwise correlation over tokens of the streams' per-token losses; kl: the mean KL between streams.\n"
           "N: non-embedding parameters; N_no_agg: without the aggregator.")
     result = dict(preset=args.preset, experiment=name, noise_nats=NOISE, config=pre, **extra, cells=cells,
                   contrasts=contrasts, runs=runs)
-    folders = [(args.out, name)] + ([(args.results, f"{name}_{args.preset}")] if args.results else [])
+    folders = [(args.out_dir, name)] + ([(args.results, f"{name}_{args.preset}")] if args.results else [])
     for folder, stem in folders:
         os.makedirs(folder, exist_ok=True)
         runner.write_csv(os.path.join(folder, f"{stem}.csv"), [{k: c[k] for k in keys + CELL_COLS} for c in cells])

@@ -1,7 +1,8 @@
 """
 The figures, drawn from results alone: does P pay (prefix_matched's and diversity's JSON), repeated data
-(called by repeated.py), and the cost sweep's cost increase against P (called by cost_sweep.py --plot). matplotlib is optional: without it
-the pays figure is skipped with a note, and cost_sweep.py refuses --plot before measuring.
+(called by repeated.py), and the cost sweep's cost increase against P (called by cost_sweep.py --plot).
+matplotlib is optional: without it the pays figure is skipped with a note, and cost_sweep.py refuses --plot
+before measuring.
 
     python experiments/plots.py --preset=cpu                     # results/pays_cpu.png from the committed JSON
     python experiments/plots.py --preset=tiny --results=/tmp/r   # another folder of those files
@@ -14,7 +15,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/plots.py` from anywhere
     sys.path.insert(0, ROOT)
-from common import UserError  # noqa: E402
+from common import RenamedFlag, UserError  # noqa: E402
 from experiments import noise, runner  # noqa: E402
 
 try:  # optional; the object-oriented API needs no backend choice (no import-time side effects)
@@ -35,6 +36,7 @@ def plot_pays(args):
     dotted each stream alone, grey the +-NOISE band; right, rho against P. Lines are nudged apart along P so
     that equal ones stay visible. Written from the JSON alone, so it redraws committed results.
     """
+    out = args.figure or os.path.join(args.results, f"pays_{args.preset}.png")
     found = []
     for name in SERIES:
         path = os.path.join(args.results, f"{name}_{args.preset}.json")
@@ -42,8 +44,9 @@ def plot_pays(args):
             with open(path) as f:
                 found.append((name, json.load(f)))
     if not found:
-        raise UserError(f"--results={args.results} has no prefix_matched_{args.preset}.json or diversity_{args.preset}.json: "
-                        f"run those commands with --preset={args.preset} --results={args.results} first")
+        raise UserError(f"--results={args.results} has no prefix_matched_{args.preset}.json or "
+                        f"diversity_{args.preset}.json: run those commands with --preset={args.preset} "
+                        f"--results={args.results} first")
     if Figure is None:
         print("note: matplotlib is not installed, so no figure was drawn (pip install matplotlib); the numbers are in "
               + ", ".join(f"{n}_{args.preset}.json" for n, _ in found))
@@ -79,9 +82,9 @@ def plot_pays(args):
         ax_rho.set_title(f"{name}: rho, 1 = the streams err alike", fontsize=10)
         ax_loss.legend(fontsize=7)
         ax_rho.legend(fontsize=7)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
-    return dict(figure=args.out)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+    return dict(figure=out)
 
 
 def plot_cost(rows, families, args):
@@ -97,10 +100,12 @@ def plot_cost(rows, families, args):
             for i, kind in enumerate(families):
                 base = at.get((kind, path, "base", 1, B, ctx))
                 for side, style in (("parscale", "-o"), ("width", "--s")):
-                    pts = [(P, at[kind, path, side, P, B, ctx][key] - base[key]) for P in sorted(set(args.streams) - {1})
+                    pts = [(P, at[kind, path, side, P, B, ctx][key] - base[key])
+                           for P in sorted(set(args.streams) - {1})
                            if base is not None and (kind, path, side, P, B, ctx) in at]
                     if pts:
-                        ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{kind} {'ParScale' if side == 'parscale' else 'width'}")
+                        label = f"{kind} {'ParScale' if side == 'parscale' else 'width'}"
+                        ax.plot(*zip(*pts), style, color=f"C{i}", label=label)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{name}, batch {B}", fontsize=9)
             ax.set_xlabel("P (width side: N_base(1 + k ln P))", fontsize=8)
@@ -129,11 +134,13 @@ def plot_repeated(result, path):
             n = min(len(c) for c in curves)
             epoch = [curves[0][j]["epoch"] for j in range(n)]
             label = f"{arm} ({phase}, {len(curves)} seeds)"
-            ax_val.plot(epoch, [sum(c[j]["val"] for c in curves) / len(curves) for j in range(n)], style, color=f"C{i}", label=label)
+            val = [sum(c[j]["val"] for c in curves) / len(curves) for j in range(n)]
+            ax_val.plot(epoch, val, style, color=f"C{i}", label=label)
             rho = [[c[j]["rho"] for c in curves] for j in range(n)]
             if all(v != "" for vs in rho for v in vs):
                 ax_rho.plot(epoch, [sum(vs) / len(vs) for vs in rho], style, color=f"C{i}", label=label)
-    ax_val.set(xlabel="epoch", ylabel="val loss (nats per byte)", title=f"repeated data: {result['train_tokens']:,} train tokens")
+    ax_val.set(xlabel="epoch", ylabel="val loss (nats per byte)",
+               title=f"repeated data: {result['train_tokens']:,} train tokens")
     ax_rho.set(xlabel="epoch", ylabel="rho between streams' per-token losses", title="do the streams decorrelate?")
     ax_val.legend(fontsize=6)
     ax_rho.legend(fontsize=6)
@@ -146,21 +153,19 @@ def get_args(argv=None):
     p.add_argument("--preset", default="cpu", choices=sorted(runner.load_presets()),
                    help="reads <results>/<experiment>_<preset>.json")
     p.add_argument("--results", default=os.path.join(ROOT, "results"), help="the folder of those files")
-    p.add_argument("--out", default="", help="the figure, a .png; '' = <results>/pays_<preset>.png")
+    p.add_argument("--figure", default="", help="the figure, a .png; '' = <results>/pays_<preset>.png")
+    p.add_argument("--out", action=RenamedFlag, new="--figure", why="--out_dir is a folder in the other scripts")
     args = p.parse_args(argv)
     if not os.path.isdir(args.results):
         raise UserError(f"--results={args.results}: no such folder; give the folder prefix_matched or diversity "
                         "wrote with --results")
-    args.out = args.out or os.path.join(args.results, f"pays_{args.preset}.png")
-    if not args.out.endswith(".png"):
-        raise UserError(f"--out={args.out}: the figure is written as PNG: give a name ending in .png")
+    if args.figure and not args.figure.endswith(".png"):
+        raise UserError(f"--figure={args.figure}: the figure is written as PNG: give a name ending in .png")
     return args
 
 
 def main(argv=None):
-    result = plot_pays(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(plot_pays, get_args, argv)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,14 @@ are read by noise.py's rule (a mean difference under 0.01 nats is noise). Runs l
 <out>/prefix_matched/; the cells in <out>/prefix_matched.csv and .json, and with --results also in
 <results>/prefix_matched_<preset>.csv and .json (plots.py draws them).
 """
+import argparse
 import itertools
-import json
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/prefix_matched.py` from anywhere
     sys.path.insert(0, ROOT)
-from common import UserError  # noqa: E402
 from experiments import noise, runner  # noqa: E402
 
 MIXES = {"learned": [], "uniform": ["--agg_smoothing=1.0"]}  # uniform: smoothing 1 makes every weight 1/P
@@ -36,8 +35,8 @@ def contrast_pairs(cells):
     for mix in MIXES:
         pairs += [(f"{P}x{n} - {line[0][0]}x{line[0][1]} ({mix})", dict(P=P, n_prefix=n, mix=mix),
                    dict(P=line[0][0], n_prefix=line[0][1], mix=mix)) for P, n in line[1:]]
-        pairs += [(f"{P}x{n} - {P}x{m} ({mix}: fewer slots)", dict(P=P, n_prefix=n, mix=mix), dict(P=P, n_prefix=m, mix=mix))
-                  for P, n in line for q, m in cells if q == P and m < n]
+        pairs += [(f"{P}x{n} - {P}x{m} ({mix}: fewer slots)", dict(P=P, n_prefix=n, mix=mix),
+                   dict(P=P, n_prefix=m, mix=mix)) for P, n in line for q, m in cells if q == P and m < n]
     pairs += [(f"{P}x{n} learned - uniform", dict(P=P, n_prefix=n, mix="learned"), dict(P=P, n_prefix=n, mix="uniform"))
               for P, n in cells]
     return pairs
@@ -52,7 +51,7 @@ def prefix_matched(args):
     """
     pre = runner.preset(args)
     base = runner.train_base(pre, args)
-    out, w, iters = os.path.join(args.out, "prefix_matched"), pre["base_width"], pre["frozen_iters"]
+    out, w, iters = os.path.join(args.out_dir, "prefix_matched"), pre["base_width"], pre["frozen_iters"]
     runs, p1_val = [], {}
     for seed in pre["seeds"]:
         p1_val[seed] = runner.eval_only(pre, args.data_dir, os.path.join(out, "base_eval"), base, seed=seed)["val"]
@@ -62,46 +61,45 @@ def prefix_matched(args):
         d = os.path.join(out, f"p{P}_n{n}_{mix}_s{seed}")
         argv = runner.train_argv(pre, args.data_dir, d, w, P, iters, warmup_iters=iters // 10, eval_interval=iters,
                                  n_prefix=n, seed=seed)
-        status = runner.run(argv, d, iters, init_from=base, extra=["--freeze_backbone", "--prefix_init=kv", *MIXES[mix]])
+        status = runner.run(argv, d, iters, init_from=base,
+                            extra=["--freeze_backbone", "--prefix_init=kv", *MIXES[mix]])
         runs.append(noise.run_row(runner.params(d), p1_val[seed], runner.evals(d), P=P, n_prefix=n, mix=mix, seed=seed,
                                   status=status))
         print(f"P={P} n_prefix={n} {mix} seed {seed}: val {runs[-1]['val']:.4f} ({status})", flush=True)
     cells = noise.summarise(runs, ("P", "n_prefix", "mix"))
     contrasts = [noise.contrast(name, runs, a, b) for name, a, b in contrast_pairs(pre["matched_cells"])]
     print(f"P=1 base {os.path.relpath(base)} frozen; prefixes (kv init) and aggregator trained {iters} steps, "
-          f"lr {pre['learning_rate']:g}; {len(pre['seeds'])} seeds; P x n_prefix = prefix parameters / (2 n_layer width)")
+          f"lr {pre['learning_rate']:g}; {len(pre['seeds'])} seeds; "
+          "P x n_prefix = prefix parameters / (2 n_layer width)")
     return noise.report(args, pre, "prefix_matched", ["P", "n_prefix", "mix"], cells, runs, contrasts,
                         dict(base=os.path.relpath(base), base_iters=pre["base_iters"], frozen_iters=iters))
 
 
 def cell_list(text):
-    """--cells: comma-separated PxN_PREFIX pairs, P >= 2 (P = 1 has no prefixes) and N_PREFIX >= 1."""
+    """An argparse type for --cells: comma-separated PxN_PREFIX pairs, P >= 2 (P = 1 has no prefixes) and
+    N_PREFIX >= 1."""
     try:
         cells = [tuple(int(v) for v in c.split("x")) for c in text.split(",")]
     except ValueError:
         cells = []
     if not cells or any(len(c) != 2 or c[0] < 2 or c[1] < 1 for c in cells) or len(set(cells)) < len(cells):
-        raise UserError(f"--cells={text}: expected distinct PxN_PREFIX pairs such as 2x4,4x2 with P >= 2 and N_PREFIX >= 1")
+        raise argparse.ArgumentTypeError(f"{text}: expected distinct PxN_PREFIX pairs such as 2x4,4x2 with P >= 2 "
+                                         "and N_PREFIX >= 1")
     return cells
 
 
 def get_args(argv=None):
     p = runner.parser("prefix_matched.py", __doc__)
-    p.add_argument("--cells", default="", help="comma-separated PxN_PREFIX cells, e.g. 2x4,4x2,8x1,2x1; "
-                   "'' = the preset's matched_cells")
+    p.add_argument("--cells", type=cell_list, default=None, help="comma-separated PxN_PREFIX cells, e.g. "
+                   "2x4,4x2,8x1,2x1; default: the preset's matched_cells")
     p.add_argument("--base_iters", type=int, default=-1, help="steps of the P=1 base; -1 = the preset's")
     p.add_argument("--frozen_iters", type=int, default=-1, help="steps of each frozen-backbone run; -1 = the preset's")
     runner.add_seed_flags(p, "prefix_matched")
-    args = runner.parse(p, argv)
-    if args.cells:
-        args.cells = cell_list(args.cells)
-    return args
+    return runner.parse(p, argv)
 
 
 def main(argv=None):
-    result = prefix_matched(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(prefix_matched, get_args, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ read by noise.py's 0.01-nat rule. verdicts() is arithmetic on the rows alone, te
 --budget_min, arms are cut in CUT_ORDER (never seeds), and the cut is said. Runs land in <out>/repeated/;
 the result in <out>/repeated.json and, with --results, <results>/repeated_<preset>.json, .csv and .png.
 """
+import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -78,7 +79,10 @@ def arm_width(pre, vocab_size, rule):
         return base.n_embd
     kind, P = rule
     n_base = param_counts(base)["non_embedding"]
-    target = param_counts(dataclasses.replace(base, n_streams=P))["non_embedding"] if kind == "matched" else n_base * (1 + K * math.log(P))
+    if kind == "matched":
+        target = param_counts(dataclasses.replace(base, n_streams=P))["non_embedding"]
+    else:
+        target = n_base * (1 + K * math.log(P))
     return match_width(base, target).n_embd
 
 
@@ -96,9 +100,10 @@ def run_name(key, seed):
 
 def run_argv(pre, data_dir, out_dir, key, seed):
     P, width, extra = key
-    argv = runner.train_argv(pre, data_dir, out_dir, width, P, pre["repeated_iters"], eval_interval=pre["repeated_eval_interval"],
-                             seed=seed) + [f"--n_layer={pre['repeated_n_layer']}", f"--n_head={width // pre['repeated_head_dim']}",
-                                     f"--eval_iters={pre['repeated_eval_iters']}"]
+    argv = runner.train_argv(pre, data_dir, out_dir, width, P, pre["repeated_iters"],
+                             eval_interval=pre["repeated_eval_interval"], seed=seed)
+    argv += [f"--n_layer={pre['repeated_n_layer']}", f"--n_head={width // pre['repeated_head_dim']}",
+             f"--eval_iters={pre['repeated_eval_iters']}"]
     return argv + [f"--prefix_reparam={pre['reparam_hidden']}" if f == "reparam" else f for f in extra]
 
 
@@ -109,12 +114,14 @@ def run_row(out_dir, arm, seed, phase, tokens_per_epoch, tokens_per_step):
     ev = runner.evals(out_dir)
     counts = runner.params(out_dir)
     best = min(ev, key=lambda e: e["val"])
-    curve = [dict(step=e["step"], epoch=round(e["step"] * tokens_per_step / tokens_per_epoch, 3), train=noise.rnd(e["train"]),
-                  val=noise.rnd(e["val"]), rho=noise.rnd(e.get("rho")), gain=noise.rnd(e.get("gain")), kl=noise.rnd(e.get("kl"), 5),
+    curve = [dict(step=e["step"], epoch=round(e["step"] * tokens_per_step / tokens_per_epoch, 3),
+                  train=noise.rnd(e["train"]), val=noise.rnd(e["val"]), rho=noise.rnd(e.get("rho")),
+                  gain=noise.rnd(e.get("gain")), kl=noise.rnd(e.get("kl"), 5),
                   stream_loss=noise.rnd(noise.mean(e["stream_loss"])) if e.get("stream_loss") else "") for e in ev]
-    return dict(arm=arm, seed=seed, phase=phase, P=ARMS[arm][0], N=counts["non_embedding"], best_val=noise.rnd(best["val"]),
-                best_epoch=round(best["step"] * tokens_per_step / tokens_per_epoch, 2), final_val=noise.rnd(ev[-1]["val"]),
-                final_train=noise.rnd(ev[-1]["train"]), overfit=noise.rnd(ev[-1]["val"] - best["val"]),
+    return dict(arm=arm, seed=seed, phase=phase, P=ARMS[arm][0], N=counts["non_embedding"],
+                best_val=noise.rnd(best["val"]), best_epoch=round(best["step"] * tokens_per_step / tokens_per_epoch, 2),
+                final_val=noise.rnd(ev[-1]["val"]), final_train=noise.rnd(ev[-1]["train"]),
+                overfit=noise.rnd(ev[-1]["val"] - best["val"]),
                 gap=noise.rnd(ev[-1]["val"] - ev[-1]["train"]), curve=curve)
 
 
@@ -143,7 +150,8 @@ def judged(hypothesis, diffs, better_if_lower=True, matches_ok=False, missing="n
         verdict = "holds" if good else "null: seeds disagree"
     else:
         verdict = "refuted" if bad else "null: seeds disagree (the mean goes the other way)"
-    return dict(hypothesis=hypothesis, seeds=len(diffs), mean=noise.rnd(m), min=noise.rnd(lo), max=noise.rnd(hi), verdict=verdict)
+    return dict(hypothesis=hypothesis, seeds=len(diffs), mean=noise.rnd(m), min=noise.rnd(lo), max=noise.rnd(hi),
+                verdict=verdict)
 
 
 def rho_trend(rows, arm, phase):
@@ -176,9 +184,10 @@ def verdicts(rows, chosen, phase="confirm"):
         judged(f"{chosen} overfits less than P = 1 (final - best val)", paired(rows, chosen, "p1", "overfit", phase)),
         judged(f"{chosen} generalises better than P = 1 (final val - train)", paired(rows, chosen, "p1", "gap", phase)),
         judged(f"{chosen} beats P = 1 with dropout 0.1", paired(rows, chosen, "p1_dropout", "best_val", phase)),
-        judged(f"{chosen} beats the parameter-matched P = 1", paired(rows, chosen, f"p1_matched_p{P}", "best_val", phase)),
-        judged(f"{chosen} beats or matches the law-width P = 1", paired(rows, chosen, f"p1_law_p{P}", "best_val", phase),
-               matches_ok=True),
+        judged(f"{chosen} beats the parameter-matched P = 1",
+               paired(rows, chosen, f"p1_matched_p{P}", "best_val", phase)),
+        judged(f"{chosen} beats or matches the law-width P = 1",
+               paired(rows, chosen, f"p1_law_p{P}", "best_val", phase), matches_ok=True),
         judged(f"{chosen}'s rho falls with the epoch (last - first evaluation)", rho_trend(rows, chosen, phase),
                missing="not measured (P = 1, or fewer than two evaluations)"),
     ]
@@ -217,16 +226,21 @@ def plan(pre, vocab_size, arms, jobs, budget_min, measure=True):
             key = run_key(pre, vocab_size, arm)
             if key not in cost:
                 evals = pre["repeated_iters"] // pre["repeated_eval_interval"] + 1
-                steps = pre["repeated_iters"] + evals * 2 * pre["repeated_eval_iters"] / 3  # an eval batch ~ a third of a step
-                cost[key] = steps * (step_seconds(base_config(pre, vocab_size, key[0], key[1]), pre, "reparam" in key[2]) if measure else 0)
+                steps = pre["repeated_iters"] + evals * 2 * pre["repeated_eval_iters"] / 3  # eval batch ~ 1/3 step
+                cfg = base_config(pre, vocab_size, key[0], key[1])
+                cost[key] = steps * (step_seconds(cfg, pre, "reparam" in key[2]) if measure else 0)
     finally:
         torch.set_num_threads(threads)
 
     def minutes(arms):
         explore = {run_key(pre, vocab_size, a) for a in arms}
         worst = max((a for a in arms if ARMS[a][0] > 1), key=lambda a: cost[run_key(pre, vocab_size, a)], default=None)
-        confirm = {run_key(pre, vocab_size, a) for a in ["p1", worst] + [c.format(P=ARMS[worst][0]) for c in CONTROLS]} if worst else set()
-        total = sum(cost[k] for k in explore) * len(pre["repeated_explore_seeds"]) + sum(cost[k] for k in confirm) * len(pre["repeated_confirm_seeds"])
+        confirm = set()
+        if worst:
+            controls = [c.format(P=ARMS[worst][0]) for c in CONTROLS]
+            confirm = {run_key(pre, vocab_size, a) for a in ["p1", worst] + controls}
+        total = (sum(cost[k] for k in explore) * len(pre["repeated_explore_seeds"])
+                 + sum(cost[k] for k in confirm) * len(pre["repeated_confirm_seeds"]))
         return total / jobs / 60, len(explore), len(confirm)
 
     arms, cut = list(arms), []
@@ -234,12 +248,17 @@ def plan(pre, vocab_size, arms, jobs, budget_min, measure=True):
         cut.append(next(a for a in CUT_ORDER if a in arms))
         arms.remove(cut[-1])
     est, n_explore, n_confirm = minutes(arms)
-    lines = [f"{a}: P={ARMS[a][0]} width {run_key(pre, vocab_size, a)[1]}, N {param_counts(base_config(pre, vocab_size, *run_key(pre, vocab_size, a)[:2]))['non_embedding']:,}"
-             f", ~{cost[run_key(pre, vocab_size, a)]:.0f} s a run on one thread" for a in arms]
-    lines.append(f"estimate: {n_explore} distinct runs x {len(pre['repeated_explore_seeds'])} exploration seeds + up to {n_confirm} x "
-                 f"{len(pre['repeated_confirm_seeds'])} confirmation seeds, {jobs} at a time: ~{est:.0f} min"
+    lines = []
+    for a in arms:
+        key = run_key(pre, vocab_size, a)
+        n = param_counts(base_config(pre, vocab_size, *key[:2]))["non_embedding"]
+        lines.append(f"{a}: P={ARMS[a][0]} width {key[1]}, N {n:,}, ~{cost[key]:.0f} s a run on one thread")
+    n_seeds = (len(pre["repeated_explore_seeds"]), len(pre["repeated_confirm_seeds"]))
+    lines.append(f"estimate: {n_explore} distinct runs x {n_seeds[0]} exploration seeds + up to {n_confirm} x "
+                 f"{n_seeds[1]} confirmation seeds, {jobs} at a time: ~{est:.0f} min"
                  + (f"; over the {budget_min} min budget, arms cut: {', '.join(cut)}" if cut else "")
-                 + (" - still over the budget: lower --repeated_iters, or raise --budget_min" if 0 < budget_min < est else ""))
+                 + (" - still over the budget: lower --repeated_iters, or raise --budget_min"
+                    if 0 < budget_min < est else ""))
     return arms, est, cut, lines
 
 
@@ -248,11 +267,12 @@ def plan(pre, vocab_size, arms, jobs, budget_min, measure=True):
 
 def prepare(pre, args):
     """The capped data folder (prepare_data.py in a process of its own); reused when its meta says the same cap."""
-    path = os.path.join(args.out, "repeated", f"data_{pre['repeated_train_tokens']}")
+    path = os.path.join(args.out_dir, "repeated", f"data_{pre['repeated_train_tokens']}")
     meta = os.path.join(path, "meta.json")
     if not os.path.isfile(meta) or runner.read_meta(path).get("max_train_tokens") != pre["repeated_train_tokens"]:
-        cmd = [sys.executable, os.path.join(ROOT, "prepare_data.py"), f"--max_train_tokens={pre['repeated_train_tokens']}",
-               f"--out_dir={path}", f"--block_size={pre['block_size']}"]
+        cmd = [sys.executable, os.path.join(ROOT, "prepare_data.py"),
+               f"--max_train_tokens={pre['repeated_train_tokens']}", f"--out_dir={path}",
+               f"--block_size={pre['block_size']}"]
         if pre.get("repeated_max_files", -1) > 0:
             cmd.append(f"--max_files={pre['repeated_max_files']}")
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -269,7 +289,7 @@ def run_phase(pre, args, data_dir, meta, arms, seeds, phase):
     for seed in seeds:
         for arm in arms:
             key = run_key(pre, vocab, arm)
-            d = os.path.join(args.out, "repeated", run_name(key, seed))
+            d = os.path.join(args.out_dir, "repeated", run_name(key, seed))
             todo.setdefault(d, (key, seed))
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {d: pool.submit(runner.run, run_argv(pre, data_dir, d, key, seed), d, pre["repeated_iters"])
@@ -277,12 +297,14 @@ def run_phase(pre, args, data_dir, meta, arms, seeds, phase):
         for d, f in futures.items():
             print(f"{phase}: {os.path.basename(d)} {f.result()}", flush=True)
     per_step = pre["batch_size"] * pre["block_size"]
-    return [run_row(os.path.join(args.out, "repeated", run_name(run_key(pre, vocab, arm), seed)), arm, seed, phase,
+    return [run_row(os.path.join(args.out_dir, "repeated", run_name(run_key(pre, vocab, arm), seed)), arm, seed, phase,
                     meta["train_tokens"], per_step) for seed in seeds for arm in arms]
 
 
 def repeated(args):
     pre = runner.preset(args)
+    if args.threads == -1 and args.jobs > 1:
+        pre["threads"] = 1  # several processes: one thread each, or their OpenMP threads stall each other
     for key in ("repeated_iters", "repeated_train_tokens"):
         if getattr(args, key) > 0:
             pre[key] = getattr(args, key)
@@ -293,13 +315,15 @@ def repeated(args):
             pre[f"repeated_{key}"] = getattr(args, key)
     data_dir, meta = prepare(pre, args)
     vocab, epoch_steps = meta["vocab_size"], meta["train_tokens"] / (pre["batch_size"] * pre["block_size"])
-    print(f"data: {data_dir}: {meta['train_tokens']:,} train tokens (capped from {meta.get('uncapped_train_tokens', '?'):,}), "
-          f"{meta['val_tokens']:,} val tokens; {pre['repeated_iters']} steps = {pre['repeated_iters'] / epoch_steps:.1f} epochs, "
-          f"an evaluation every {pre['repeated_eval_interval']} steps ({pre['repeated_eval_interval'] / epoch_steps:.2f} epochs)")
+    print(f"data: {data_dir}: {meta['train_tokens']:,} train tokens (capped from "
+          f"{meta.get('uncapped_train_tokens', '?'):,}), {meta['val_tokens']:,} val tokens; "
+          f"{pre['repeated_iters']} steps = {pre['repeated_iters'] / epoch_steps:.1f} epochs, an evaluation every "
+          f"{pre['repeated_eval_interval']} steps ({pre['repeated_eval_interval'] / epoch_steps:.2f} epochs)")
     arms, est, cut, lines = plan(pre, vocab, args.arms, args.jobs, args.budget_min)
     print("\n".join(lines), flush=True)
     if args.dry_run:
-        return dict(preset=args.preset, experiment="repeated", dry_run=True, arms=arms, cut=cut, estimate_min=round(est, 1))
+        return dict(preset=args.preset, experiment="repeated", dry_run=True, arms=arms, cut=cut,
+                    estimate_min=round(est, 1))
     rows = run_phase(pre, args, data_dir, meta, arms, pre["repeated_explore_seeds"], "explore")
     chosen, scores = choose(rows)
     P = ARMS[chosen][0]
@@ -308,9 +332,10 @@ def repeated(args):
     confirm_arms = [a for a in ["p1", chosen] + [c.format(P=P) for c in CONTROLS] if a in arms]
     rows += run_phase(pre, args, data_dir, meta, confirm_arms, pre["repeated_confirm_seeds"], "confirm")
     result = dict(preset=args.preset, experiment="repeated", noise_nats=noise.NOISE, config=pre, data=data_dir,
-                  train_tokens=meta["train_tokens"], epochs=round(pre["repeated_iters"] / epoch_steps, 2), arms=arms, cut=cut,
-                  chosen=chosen, choice_scores={a: noise.rnd(s) for a, s in scores.items()},
-                  verdicts=dict(explore=verdicts(rows, chosen, "explore"), confirm=verdicts(rows, chosen, "confirm")), runs=rows)
+                  train_tokens=meta["train_tokens"], epochs=round(pre["repeated_iters"] / epoch_steps, 2), arms=arms,
+                  cut=cut, chosen=chosen, choice_scores={a: noise.rnd(s) for a, s in scores.items()},
+                  verdicts=dict(explore=verdicts(rows, chosen, "explore"), confirm=verdicts(rows, chosen, "confirm")),
+                  runs=rows)
     report(args, result)
     return result
 
@@ -322,7 +347,7 @@ def report(args, result):
     for phase in ("explore", "confirm"):
         print(f"verdicts, {phase} seeds (paired at the same seed; a mean under {noise.NOISE} nats is noise):")
         print(runner.table(result["verdicts"][phase], ["hypothesis", "seeds", "mean", "min", "max", "verdict"]))
-    folders = [(args.out, "repeated")] + ([(args.results, f"repeated_{args.preset}")] if args.results else [])
+    folders = [(args.out_dir, "repeated")] + ([(args.results, f"repeated_{args.preset}")] if args.results else [])
     for folder, stem in folders:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"{stem}.json"), "w") as f:
@@ -334,11 +359,16 @@ def report(args, result):
 def get_args(argv=None):
     p = runner.parser("repeated.py", __doc__)
     p.add_argument("--repeated_iters", type=int, default=-1, help="steps per run; -1 = the preset's")
-    p.add_argument("--repeated_train_tokens", type=int, default=-1, help="the capped training set, tokens; -1 = the preset's")
-    p.add_argument("--arms", default="", help=f"comma-separated arms to run, of {', '.join(ARMS)}; '' = all (p1 is always run)")
-    p.add_argument("--explore_seeds", default="", help="comma-separated train.py seeds to choose the arm on; '' = the preset's")
-    p.add_argument("--confirm_seeds", default="", help="comma-separated new seeds to confirm it on; '' = the preset's")
-    p.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (give each --threads=1 on a small CPU)")
+    p.add_argument("--repeated_train_tokens", type=int, default=-1,
+                   help="the capped training set, tokens; -1 = the preset's")
+    p.add_argument("--arms", type=arm_list, default="", help=f"comma-separated arms to run, of {', '.join(ARMS)}; "
+                   "'' = all (p1 is always run)")
+    p.add_argument("--explore_seeds", type=runner.int_list, default=None,
+                   help="comma-separated train.py seeds to choose the arm on; default: the preset's")
+    p.add_argument("--confirm_seeds", type=runner.int_list, default=None,
+                   help="comma-separated new seeds to confirm it on; default: the preset's")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="train.py processes at a time (give each --threads=1 on a small CPU)")
     p.add_argument("--budget_min", type=float, default=60, help="minutes; arms are cut (CUT_ORDER) when the estimate "
                    "exceeds it; -1 = no budget")
     p.add_argument("--dry_run", action="store_true", help="print the arms, the runs and the estimate; train nothing")
@@ -346,26 +376,25 @@ def get_args(argv=None):
     args = runner.parse(p, argv, need_data=False)
     if args.jobs < 1:
         raise UserError(f"--jobs={args.jobs}: must be >= 1")
-    unknown = [a for a in args.arms.split(",") if a and a not in ARMS]
-    if unknown:
-        raise UserError(f"--arms: {', '.join(unknown)} is not an arm; the arms are {', '.join(ARMS)}")
-    args.arms = ["p1"] + [a for a in ARMS if a != "p1" and (not args.arms or a in args.arms.split(","))]
-    for flag in ("explore_seeds", "confirm_seeds"):
-        if getattr(args, flag):
-            setattr(args, flag, runner.int_list(f"--{flag}", getattr(args, flag), unique=True))
     if set(args.explore_seeds or []) & set(args.confirm_seeds or []):
-        raise UserError("--explore_seeds and --confirm_seeds share a seed: the confirmation must use seeds the choice never saw")
+        raise UserError("--explore_seeds and --confirm_seeds share a seed: the confirmation must "
+                        "use seeds the choice never saw")
     if not (args.budget_min > 0 or args.budget_min == -1):
         raise UserError(f"--budget_min={args.budget_min}: must be a number of minutes > 0, or -1 for none")
-    if args.threads == -1 and args.jobs > 1:
-        args.threads = 1  # several processes: one thread each, or their OpenMP threads stall each other
     return args
 
 
+def arm_list(text):
+    """An argparse type for --arms: the arms named (all when '') in ARMS's order, p1 always first."""
+    unknown = [a for a in text.split(",") if a and a not in ARMS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)} is not an arm; the arms are {', '.join(ARMS)}")
+    return ["p1"] + [a for a in ARMS if a != "p1" and (not text or a in text.split(","))]
+
+
 def main(argv=None):
-    result = repeated(get_args(argv))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "config")}))
-    return result
+    return runner.main(repeated, get_args, argv,
+                       shown=lambda result: {k: v for k, v in result.items() if k not in ("runs", "config")})
 
 
 if __name__ == "__main__":

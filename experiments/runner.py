@@ -1,12 +1,12 @@
 """
 The runner every experiment stands on: train.py runs as subprocesses, resumable; their evaluations read
 back; the presets (presets.json); a sweep's cost planned before it runs; and the command line that every
-experiment shares (--preset, --out, --data_dir, --device, --eval_iters, --batch_size, --threads).
+experiment shares (--preset, --out_dir, --data_dir, --device, --eval_iters, --batch_size, --threads).
 
 Every run is train.py in a process of its own, with its own out_dir; its output goes to out_dir/train.out.
 Runs are resumable: a run whose log.jsonl holds its final evaluation is skipped, one with a ckpt.pt
 resumes (--init_from=resume), so re-running an interrupted command (Ctrl-C: the run saves first) finishes
-the work. Results land in --out (default out/scaling/<preset>) as CSV and JSON; the last line printed is
+the work. Results land in --out_dir (default out/scaling/<preset>) as CSV and JSON; the last line printed is
 one JSON object. A mistake the user can fix (a bad flag, a missing or damaged file, a run that train.py
 refused) ends as one `error: ...` line on stderr and exit status 1 (cli); a traceback means a bug.
 """
@@ -21,7 +21,7 @@ import sys
 import torch
 
 from checkpoint import load_checkpoint
-from common import UserError, peak_flops
+from common import RenamedFlag, UserError, flops_per_token, param_report, peak_flops
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,11 +56,12 @@ def preset(args, own=None):
     for key in ("max_iters", "base_iters", "extra_iters", "frozen_iters", "eval_iters", "batch_size"):
         if getattr(args, key, -1) > 0:
             pre[key] = getattr(args, key)
-    for key, flag in (("widths", "widths"), ("streams", "n_streams"), ("seeds", "seeds"), ("matched_cells", "cells")):
+    for key, flag in (("widths", "widths"), ("streams", "stream_counts"), ("seeds", "seeds"),
+                      ("matched_cells", "cells")):
         if getattr(args, flag, None):
             pre[key] = getattr(args, flag)
-    if getattr(args, "reparam", -1) > 0:
-        pre["reparam_hidden"] = args.reparam
+    if getattr(args, "prefix_reparam", -1) > 0:
+        pre["reparam_hidden"] = args.prefix_reparam
     if args.device:
         pre["device"] = args.device
     pre["threads"] = args.threads
@@ -78,7 +79,8 @@ def train_argv(pre, data_dir, out_dir, width, P, max_iters, learning_rate=None, 
     return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--device={pre['device']}",
             f"--n_layer={pre['n_layer']}", f"--n_head={pre['n_head']}", f"--n_embd={width}",
             f"--block_size={pre['block_size']}", f"--n_prefix={pre['n_prefix'] if n_prefix is None else n_prefix}",
-            f"--n_streams={P}", f"--batch_size={pre['batch_size']}", f"--max_iters={max_iters}", f"--learning_rate={lr}",
+            f"--n_streams={P}", f"--batch_size={pre['batch_size']}", f"--max_iters={max_iters}",
+            f"--learning_rate={lr}",
             f"--min_lr={lr / 10}", f"--warmup_iters={pre['warmup_iters'] if warmup_iters is None else warmup_iters}",
             f"--eval_interval={max(1, min(eval_interval, max_iters))}", f"--eval_iters={pre['eval_iters']}",
             f"--log_interval={max(1, min(50, max_iters // 4))}", f"--threads={pre['threads']}",
@@ -107,7 +109,7 @@ def finished(out_dir, max_iters):
     """Whether the run in out_dir reached max_iters (its last evaluation is that step, and it has a checkpoint)."""
     ev = evals(out_dir)
     if ev and ev[-1]["step"] > max_iters:
-        raise UserError(f"{out_dir} holds a run of {ev[-1]['step']} steps, not {max_iters}: use another --out")
+        raise UserError(f"{out_dir} holds a run of {ev[-1]['step']} steps, not {max_iters}: use another --out_dir")
     return bool(ev) and ev[-1]["step"] == max_iters and os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
 
 
@@ -121,7 +123,7 @@ def call_train(argv, out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {out_dir} ({e.strerror}): choose another --out") from e
+        raise UserError(f"cannot create {out_dir} ({e.strerror}): choose another --out_dir") from e
     path = os.path.join(out_dir, "train.out")
     with open(path, "a") as log:
         log.write(f"$ python train.py {' '.join(argv)}\n")
@@ -160,7 +162,8 @@ def run(argv, out_dir, max_iters, init_from="scratch", extra=()):
 def eval_only(pre, data_dir, out_dir, init_from, streams="", seed=None):
     """train.py --eval_only on the P=1 base (plus a streams file), which ends its output with one JSON line
     {train, val, ...}: parse it. seed picks the evaluation batches (they are a function of train.py's --seed)."""
-    argv = train_argv(pre, data_dir, out_dir, pre["base_width"], 1, 0, seed=seed) + [f"--init_from={init_from}", "--eval_only"]
+    argv = train_argv(pre, data_dir, out_dir, pre["base_width"], 1, 0, seed=seed)
+    argv += [f"--init_from={init_from}", "--eval_only"]
     if streams:
         argv.append(f"--streams={streams}")
     return last_json(call_train(argv, out_dir))
@@ -175,7 +178,7 @@ def params(out_dir):
     """A finished run's parameter counts (model.param_report of its checkpoint's model_args: a reparameterised
     run's checkpoint holds the folded prefixes) and the size of its prefix MLPs, which only training uses."""
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-    r = GPT(GPTConfig(**ckpt["model_args"])).param_report()
+    r = param_report(GPT(GPTConfig(**ckpt["model_args"])))
     return dict(r, reparam=sum(v.numel() for v in ckpt.get("prefix_reparam", {}).values()))
 
 
@@ -191,7 +194,7 @@ def pick(ev):
 def train_base(pre, args):
     """The P=1 base at the preset's base_width, base_iters steps, in <out>/base (two_stage, dynamic and
     prefix_matched build on it; a finished base is reused). Returns its checkpoint's path."""
-    d = os.path.join(args.out, "base")
+    d = os.path.join(args.out_dir, "base")
     run(train_argv(pre, args.data_dir, d, pre["base_width"], 1, pre["base_iters"]), d, pre["base_iters"])
     return os.path.join(d, "ckpt.pt")
 
@@ -221,7 +224,7 @@ def read_meta(data_dir):
 
 def plan(pre, data_dir, runs):
     """
-    What a sweep will cost, run by run: tokens and FLOPs (model.flops_per_token, evaluations counted as
+    What a sweep will cost, run by run: tokens and FLOPs (common.flops_per_token, evaluations counted as
     forward passes, a third of a training step's FLOPs per token), and for a GPU an estimate of the time from
     three assumptions: ASSUMED_MFU of the H200's datasheet bf16 peak (common.peak_flops; the one measurement,
     results/h200_train.txt, got 18.8% at 11M parameters, and smaller models get less),
@@ -240,8 +243,9 @@ def plan(pre, data_dir, runs):
                         vocab_size=vocab, n_streams=P, n_prefix=pre["n_prefix"])
         with torch.device("meta"):  # shapes only: counting needs no weights
             model = GPT(cfg)
-        flops = model.flops_per_token(pre["block_size"]) * (tokens + eval_tokens / 3)
-        sec = flops / (ASSUMED_MFU * peak_flops("H200")) + pre["max_iters"] * ASSUMED_STEP_OVERHEAD + ASSUMED_RUN_OVERHEAD
+        flops = flops_per_token(model, pre["block_size"]) * (tokens + eval_tokens / 3)
+        sec = (flops / (ASSUMED_MFU * peak_flops("H200")) + pre["max_iters"] * ASSUMED_STEP_OVERHEAD
+               + ASSUMED_RUN_OVERHEAD)
         sec += ASSUMED_RUN_OVERHEAD if seed != SEED else 0  # the noise run's re-evaluation, a process of its own
         total, est = total + flops, est + sec
         lines.append(f"  {name}: {flops / 1e15:.3f} PFLOP" + (f", ~{sec:.0f} s" if gpu else "")
@@ -282,19 +286,24 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
 
 
-def int_list(flag, text, multiple_of=1, unique=False):
-    """A comma-separated flag of positive integers (multiples of `multiple_of`; no repeats if unique),
-    or a UserError naming it."""
+def int_list(text, multiple_of=1, unique=True):
+    """An argparse type: comma-separated positive integers, multiples of `multiple_of`, each at most once
+    (each is a run folder of its own) unless unique=False."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         values = []
     if not values or any(v < 1 or v % multiple_of for v in values):
-        what = f"positive multiples of {multiple_of} (the preset's n_head)" if multiple_of > 1 else "positive integers"
-        raise UserError(f"{flag}={text}: expected comma-separated {what}")
+        what = f"positive multiples of {multiple_of}" if multiple_of > 1 else "positive integers"
+        raise argparse.ArgumentTypeError(f"{text}: expected comma-separated {what}")
     if unique and len(set(values)) < len(values):
-        raise UserError(f"{flag}={text}: a value is repeated (each is a run folder of its own)")
+        raise argparse.ArgumentTypeError(f"{text}: a value is repeated (each is a run folder of its own)")
     return values
+
+
+def absolute(path):
+    """An argparse type: the path made absolute (train.py runs in the repository root); '' stays ''."""
+    return os.path.abspath(path) if path else ""
 
 
 def parser(prog, doc):
@@ -302,8 +311,10 @@ def parser(prog, doc):
     Integer flags whose default is -1 mean "the preset's" (or torch's); parse refuses 0 and below -1."""
     p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=sorted(load_presets()))
-    p.add_argument("--out", default="", help="results and run folders; '' = out/scaling/<preset>")
-    p.add_argument("--data_dir", default=os.path.join(ROOT, "data", "stdlib_bytes"), help="prepare_data.py's output")
+    p.add_argument("--out_dir", type=absolute, default="", help="results and run folders; '' = out/scaling/<preset>")
+    p.add_argument("--out", action=RenamedFlag, new="--out_dir", why="an output folder is --out_dir in every script")
+    p.add_argument("--data_dir", type=absolute, default=os.path.join(ROOT, "data", "stdlib_bytes"),
+                   help="prepare_data.py's output")
     # every run: override the preset
     p.add_argument("--eval_iters", type=int, default=-1, help="batches per evaluation; -1 = the preset's")
     p.add_argument("--batch_size", type=int, default=-1, help="-1 = the preset's")
@@ -314,39 +325,51 @@ def parser(prog, doc):
     return p
 
 
+def add_stream_counts(p, preset_field):
+    """--stream_counts, the P values an experiment runs (train.py's --n_streams is one P); the old name, a
+    list under train.py's name for one P, is refused with one line naming the new one."""
+    p.add_argument("--stream_counts", type=int_list, default=None,
+                   help=f"comma-separated P, e.g. 1,2,4; default: the preset's {preset_field}")
+    p.add_argument("--n_streams", action=RenamedFlag, new="--stream_counts",
+                   why="a list of P values here; train.py's --n_streams is one P")
+
+
 def add_seed_flags(p, name):
     """--seeds and --results: the flags of an experiment that compares runs seed by seed (noise.py)."""
-    p.add_argument("--seeds", default="", help="comma-separated train.py seeds, e.g. 1,2; '' = the preset's")
-    p.add_argument("--results", default="", help=f"a folder that also gets {name}_<preset>.csv and .json, "
-                   "e.g. results; '' = --out only")
+    p.add_argument("--seeds", type=int_list, default=None, help="comma-separated train.py seeds, e.g. 1,2; "
+                   "default: the preset's")
+    p.add_argument("--results", type=absolute, default="", help=f"a folder that also gets {name}_<preset>.csv and "
+                   ".json, e.g. results; '' = --out_dir only")
 
 
 def parse(p, argv, need_data=True):
-    """Parse and check the shared flags; paths made absolute (train.py runs in the repository root); the data
-    folder's meta.json read now, not after the first run (need_data=False: an experiment that prepares its
-    own). The experiment checks its own flags after."""
+    """Parse and check the shared flags; lists and paths are made by the flags' types (absolute paths: train.py
+    runs in the repository root); the data folder's meta.json read now, not after the first run
+    (need_data=False: an experiment that prepares its own). The experiment checks its own flags after."""
+    preset_name = p.parse_known_args(argv)[0].preset  # first: --out_dir's default depends on it
+    p.set_defaults(out_dir=os.path.join("out", "scaling", preset_name))
     args = p.parse_args(argv)
     for key, v in vars(args).items():
         if p.get_default(key) == -1 and (v == 0 or v < -1):
             raise UserError(f"--{key}={v}: must be a positive integer, or -1 for the "
                             + ("torch default" if key == "threads" else "preset's"))
-    if getattr(args, "n_streams", ""):
-        args.n_streams = int_list("--n_streams", args.n_streams, unique=True)
-    if getattr(args, "seeds", ""):
-        args.seeds = int_list("--seeds", args.seeds, unique=True)
-    if getattr(args, "results", ""):
-        args.results = os.path.abspath(args.results)
     device = args.device or load_presets()[args.preset]["device"]
     flag = f"--device={args.device}" if args.device else f"--preset={args.preset} (device {device})"
     if device.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise UserError(f"{flag}: expected cpu, cuda, cuda:N or mps")
     if device.startswith("cuda") and not torch.cuda.is_available() and not getattr(args, "dry_run", False):
         raise UserError(f"{flag}: no CUDA device here (torch {torch.__version__}); use --device=cpu or --preset=cpu")
-    args.out = os.path.abspath(args.out or os.path.join("out", "scaling", args.preset))
-    args.data_dir = os.path.abspath(args.data_dir)
     if need_data:
         read_meta(args.data_dir)
     return args
+
+
+def main(experiment, get_args, argv=None, shown=None):
+    """What every experiment script's main does: experiment(get_args(argv)), printed as one JSON line (shown:
+    a function of the result that picks what is printed) and returned, for the tests."""
+    result = experiment(get_args(argv))
+    print(json.dumps(shown(result) if shown else result))
+    return result
 
 
 def cli(main):

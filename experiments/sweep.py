@@ -4,7 +4,7 @@ scaling law (law.py) fitted to the grid's val losses.
 
     python experiments/sweep.py --preset=tiny              # 3 steps per run: P in {1,2,4,8} x 3 widths, fitted
     python experiments/sweep.py --preset=cpu               # hours on a 2-core CPU (add --threads=1 on a shared CPU)
-    python experiments/sweep.py --preset=gpu               # one H200 (run prepare_data.py first); prints its estimated cost
+    python experiments/sweep.py --preset=gpu               # one H200 (after prepare_data.py); prints the estimated cost
     python experiments/sweep.py --preset=gpu --dry_run     # every run's train.py command and the estimate; needs no GPU
     python experiments/fit.py --runs=out/scaling/cpu/sweep # the law fitted again to those runs
 
@@ -20,6 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/sweep.py` from anywhere
     sys.path.insert(0, ROOT)
+from common import UserError  # noqa: E402
 from experiments import law, runner  # noqa: E402
 
 
@@ -28,15 +29,15 @@ def sweep_runs(pre, args):
     cell again at NOISE_SEED (in sweep_noise/, so that `fit.py --runs=<out>/sweep` leaves it out)."""
     runs = []
     for width, P in itertools.product(pre["widths"], pre["streams"]):
-        d = os.path.join(args.out, "sweep", f"w{width}_p{P}")
-        runs.append((f"w{width}_p{P}", d, runner.train_argv(pre, args.data_dir, d, width, P, pre["max_iters"]), width, P,
-                     runner.SEED))
+        d = os.path.join(args.out_dir, "sweep", f"w{width}_p{P}")
+        argv = runner.train_argv(pre, args.data_dir, d, width, P, pre["max_iters"])
+        runs.append((f"w{width}_p{P}", d, argv, width, P, runner.SEED))
     if pre["noise_cell"] and pre["noise_cell"][0] in pre["widths"] and pre["noise_cell"][1] in pre["streams"]:
         width, P = pre["noise_cell"]
         name = f"w{width}_p{P}_s{runner.NOISE_SEED}"
-        d = os.path.join(args.out, "sweep_noise", name)
-        runs.append((name, d, runner.train_argv(pre, args.data_dir, d, width, P, pre["max_iters"], seed=runner.NOISE_SEED),
-                     width, P, runner.NOISE_SEED))
+        d = os.path.join(args.out_dir, "sweep_noise", name)
+        argv = runner.train_argv(pre, args.data_dir, d, width, P, pre["max_iters"], seed=runner.NOISE_SEED)
+        runs.append((name, d, argv, width, P, runner.NOISE_SEED))
     return runs
 
 
@@ -62,16 +63,17 @@ def sweep(args):
     for r in rows:  # what each P gained over P=1 at the same width ('' without a P=1 run)
         base = next((b for b in rows if b["width"] == r["width"] and b["P"] == 1), None)
         r["gain_vs_p1"] = round(base["val"] - r["val"], 4) if base else ""
-    runner.write_csv(os.path.join(args.out, "sweep.csv"), rows)
+    runner.write_csv(os.path.join(args.out_dir, "sweep.csv"), rows)
     print(runner.table(rows, ["width", "P", "N", "train", "val", "gain_vs_p1", "status"]))
     fit = None
     if len(rows) >= 5:
-        fit = law.fit_law([r["N"] for r in rows], [r["P"] for r in rows], [r["val"] for r in rows], pre.get("fit_starts", 27))
+        fit = law.fit_law([r["N"] for r in rows], [r["P"] for r in rows], [r["val"] for r in rows],
+                          pre.get("fit_starts", 27))
         print(f"fit on val loss: {law.fit_line(fit)}")
     else:
         print(f"no fit: {len(rows)} runs, a 4-parameter fit needs at least 5")
     result = dict(preset=args.preset, config=pre, runs=rows, noise=noise, fit=fit)
-    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+    with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
         json.dump(result, f, indent=1)
     return dict(preset=args.preset, fit=fit, noise=noise, val={f"w{r['width']}_p{r['P']}": r["val"] for r in rows})
 
@@ -91,21 +93,23 @@ def noise_row(pre, args, rows, d, width, P):
 
 def get_args(argv=None):
     p = runner.parser("sweep.py", __doc__)
-    p.add_argument("--widths", default="", help="comma-separated n_embd, e.g. 32,48,64; '' = the preset's")
-    p.add_argument("--n_streams", default="", help="comma-separated P, e.g. 1,2,4,8; '' = the preset's")
+    p.add_argument("--widths", type=runner.int_list, default=None,
+                   help="comma-separated n_embd, multiples of the preset's n_head, e.g. 32,48,64; "
+                   "default: the preset's")
+    runner.add_stream_counts(p, "streams")
     p.add_argument("--max_iters", type=int, default=-1, help="steps per run; -1 = the preset's")
     p.add_argument("--dry_run", action="store_true", help="print every run's train.py command and the estimated cost, "
                    "run nothing (needs no GPU)")
     args = runner.parse(p, argv)
-    if args.widths:
-        args.widths = runner.int_list("--widths", args.widths, runner.load_presets()[args.preset]["n_head"])
+    n_head = runner.load_presets()[args.preset]["n_head"]
+    if args.widths and any(w % n_head for w in args.widths):
+        raise UserError(f"--widths={','.join(map(str, args.widths))}: every width must be a multiple of the preset's "
+                        f"n_head, {n_head}")
     return args
 
 
 def main(argv=None):
-    result = sweep(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(sweep, get_args, argv)
 
 
 if __name__ == "__main__":

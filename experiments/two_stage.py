@@ -4,7 +4,7 @@ fresh random prefixes, P=4 with the backbone frozen, and P=4 with kv-initialised
 start with a step-0 evaluation, so that the loss spike at conversion shows.
 
     python experiments/two_stage.py --preset=tiny           # seconds
-    python experiments/two_stage.py --preset=cpu            # P=1 base, then P=1 / P=4 / P=4 frozen / P=4 kv-init prefixes
+    python experiments/two_stage.py --preset=cpu            # P=1 base, then P=1 / P=4 / P=4 frozen / P=4 kv-init
     python experiments/two_stage.py --preset=cpu --extra_iters=80 --eval_iters=10 --threads=1   # docs/results.md
 
 Prefix init "kv" is train.py's --prefix_init=kv: instead of N(0, 0.02) draws, each stream's prefix is the
@@ -36,21 +36,22 @@ def two_stage(args):
     w, extra, lr = pre["base_width"], pre["extra_iters"], pre["learning_rate"] / 2
     curves, final = {}, {}
     for name, P, flags in BRANCHES:
-        d = os.path.join(args.out, "two_stage", name)
+        d = os.path.join(args.out_dir, "two_stage", name)
+        # a curve: its step-0 evaluation shows the spike at conversion
         argv = runner.train_argv(pre, args.data_dir, d, w, P, extra, learning_rate=lr, warmup_iters=extra // 10,
-                                 eval_interval=max(1, extra // 5))  # a curve: the step-0 evaluation shows the conversion spike
+                                 eval_interval=max(1, extra // 5))
         runner.run(argv, d, extra, init_from=base, extra=flags)
         curves[name] = {r["step"]: round(r["val"], 4) for r in runner.evals(d)}
         final[name] = curves[name][extra]
     steps = sorted(curves["p1_continued"])
     rows = [dict(step=s, **{n: curves[n].get(s, "") for n, *_ in BRANCHES}) for s in steps]
-    runner.write_csv(os.path.join(args.out, "two_stage.csv"), rows)
-    base_val = runner.evals(os.path.join(args.out, "base"))[-1]["val"]
+    runner.write_csv(os.path.join(args.out_dir, "two_stage.csv"), rows)
+    base_val = runner.evals(os.path.join(args.out_dir, "base"))[-1]["val"]
     print(f"base P=1 after {pre['base_iters']} steps: val {base_val:.4f}; then {extra} steps each at lr {lr:g}:")
     print(runner.table(rows, ["step"] + [n for n, *_ in BRANCHES]))
     result = dict(preset=args.preset, base_val=base_val, base_iters=pre["base_iters"], extra_iters=extra,
                   stage2_lr=lr, width=w, curves=curves, final=final)
-    with open(os.path.join(args.out, "two_stage.json"), "w") as f:
+    with open(os.path.join(args.out_dir, "two_stage.json"), "w") as f:
         json.dump(result, f, indent=1)
     return dict(preset=args.preset, base_val=base_val, final=final)
 
@@ -63,9 +64,7 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    result = two_stage(get_args(argv))
-    print(json.dumps(result))
-    return result
+    return runner.main(two_stage, get_args, argv)
 
 
 if __name__ == "__main__":

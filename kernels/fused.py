@@ -70,8 +70,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import nvrtc
-from common import UserError
-from model import GPT, MLP, Block, CausalSelfAttention, KVCache, sample_next
+from common import UserError, sample_next
+from model import GPT, MLP, Block, CausalSelfAttention, KVCache
 
 KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["common.cuh", "norm.cu", "gemv.cu", "attention.cu"]  # concatenated in this order

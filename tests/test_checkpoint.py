@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from util import tiny_config
+from util import model_from, tiny_config
 
 import checkpoint
 from common import UserError
@@ -38,7 +38,8 @@ def test_a_full_disk_that_torch_reports_without_an_errno(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1393792 vs 1393680")
 
     monkeypatch.setattr(checkpoint.torch, "save", full)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: collections.namedtuple("usage", "total used free")(1, 1, 0))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(1, 1, 0))
     with pytest.raises(UserError, match="no space left on the device to save"):
         checkpoint.save_checkpoint({}, str(tmp_path))
     assert os.listdir(tmp_path) == []
@@ -59,10 +60,34 @@ def test_a_saved_checkpoint_loads_with_weights_only(tmp_path):
     ckpt = dict(model=model.state_dict(), model_args=dict(vars(model.config)), iter_num=3)
     checkpoint.save_checkpoint(ckpt, str(tmp_path))
     loaded = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    again = checkpoint.model_from_checkpoint(loaded)
+    again = model_from(loaded)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     (tmp_path / "bad.pt").write_text("not a checkpoint")
     with pytest.raises(UserError, match="corrupt or not a checkpoint"):
         checkpoint.load_checkpoint(str(tmp_path / "bad.pt"))
     with pytest.raises(UserError, match="no checkpoint at"):
         checkpoint.load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_load_checks_a_nanogpt_checkpoint_and_a_streams_file(tmp_path):
+    """nanoGPT's own checkpoint format loads (compiled-model keys, mask buffers, its model_args only), and a
+    streams file is checked against the prefixes and aggregator its model_args describe."""
+    model = GPT(tiny_config())
+    cfg = model.config
+    sd = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    sd.update({f"_orig_mod.transformer.h.{i}.attn.bias": torch.ones(1, 1, 4, 4) for i in range(cfg.n_layer)})
+    nanogpt_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                        bias=cfg.bias, vocab_size=cfg.vocab_size, dropout=0.0)  # as nanoGPT's train.py saves them
+    torch.save(dict(model=sd, model_args=nanogpt_args, iter_num=0), tmp_path / "nanogpt.pt")
+    loaded = checkpoint.load_checkpoint(str(tmp_path / "nanogpt.pt"))
+    assert set(loaded["model"]) == set(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model_from(loaded).state_dict().values()))
+    p2 = GPT(tiny_config(n_streams=2))
+    streams = checkpoint.streams_state(p2)
+    torch.save(streams, tmp_path / "streams_p2.pt")
+    assert checkpoint.load_checkpoint(str(tmp_path / "streams_p2.pt"))["kind"] == "streams"
+    streams["model"].pop("aggregator.proj_out.bias")
+    torch.save(streams, tmp_path / "cut.pt")
+    with pytest.raises(UserError, match=r"--streams: checkpoint .*cut.pt: its weights do not fit "
+                                        r".*aggregator.proj_out.bias"):
+        checkpoint.load_checkpoint(str(tmp_path / "cut.pt"), "--streams")

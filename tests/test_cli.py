@@ -2,9 +2,9 @@
 The command lines of prepare_data.py, sample.py, bench.py and experiments/cost_sweep.py: a mistake the user
 can fix ends as one `error: ...` line on stderr that names the flag, exit status 1, no traceback. Every CASES
 entry is a real subprocess given a bad input that stops it before any real work (two at a time: each one spends
-most of its ~1.5 s importing torch, so there are few). Below them, sample.py's flag checks in-process; prepare_data.py's,
-bench.py's and cost_sweep.py's are in test_data.py, test_bench.py and test_cost_sweep.py (the other experiments'
-in test_experiments.py).
+most of its ~1.5 s importing torch, so there are few). Below them, sample.py's flag checks in-process;
+prepare_data.py's, bench.py's and cost_sweep.py's are in test_data.py, test_bench.py and test_cost_sweep.py (the
+other experiments' in test_experiments.py).
 """
 import dataclasses
 import importlib.util
@@ -22,7 +22,8 @@ import prepare_data
 import sample
 from checkpoint import streams_state
 from common import UserError
-from model import GPT, convert_to_streams
+from model import GPT
+from model_init import convert_to_streams
 
 NO_MATPLOTLIB = importlib.util.find_spec("matplotlib") is None
 BYTES_META = {"tokenizer": "bytes", "vocab_size": 256}
@@ -38,18 +39,22 @@ CASES = {
     "sample-top-k-0": ("sample.py", ["--ckpt={tmp}/p1.pt", "--top_k=0"], ["--top_k must be >= 1"]),
     "sample-float16-on-cpu": ("sample.py", ["--ckpt={tmp}/p1.pt", "--device=cpu", "--dtype=float16"],
                               ["--dtype=float16 is for GPUs"]),
-    "sample-streams-other-backbone": ("sample.py", ["--ckpt={tmp}/p1.pt", "--streams={tmp}/other_streams.pt", "--device=cpu"],
-                                      ["--streams=", "different backbone"]),
-    "sample-corrupt-ckpt": ("sample.py", ["--ckpt={tmp}/latin1.txt", "--device=cpu"], ["--ckpt", "corrupt or not a checkpoint"]),
-    "sample-ok-long-prompt": ("sample.py", ["--ckpt={tmp}/p1.pt", "--device=cpu", "--start=" + "x" * 20, "--max_new_tokens=1",
-                                            "--num_samples=1"], None),
+    "sample-streams-other-backbone": ("sample.py", ["--ckpt={tmp}/p1.pt", "--streams={tmp}/other_streams.pt",
+                                                    "--device=cpu"], ["--streams=", "different backbone"]),
+    "sample-corrupt-ckpt": ("sample.py", ["--ckpt={tmp}/latin1.txt", "--device=cpu"],
+                            ["--ckpt", "corrupt or not a checkpoint"]),
+    "sample-ok-long-prompt": ("sample.py", ["--ckpt={tmp}/p1.pt", "--device=cpu", "--start=" + "x" * 20,
+                                            "--max_new_tokens=1", "--num_samples=1"], None),
     # bench.py (the lesson) and experiments/cost_sweep.py (the research sweep)
     "bench-batch": ("bench.py", ["--device=cpu", "--batch=0"], ["--batch must be >= 1"]),
-    "cost-sweep-batches": ("experiments/cost_sweep.py", ["--device=cpu", "--batches=1,0"], ["--batches must list integers >= 1"]),
+    "cost-sweep-batches": ("experiments/cost_sweep.py", ["--device=cpu", "--batches=1,0"],
+                           ["--batches must list integers >= 1"]),
 }
 if NO_MATPLOTLIB:
-    CASES["bench-plot-without-matplotlib"] = ("bench.py", ["--device=cpu", "--plot={tmp}/cost.png"], ["--plot=", "needs matplotlib"])
-    CASES["cost-sweep-plot-without-matplotlib"] = ("experiments/cost_sweep.py", ["--device=cpu", "--plot={tmp}/cost.png"],
+    CASES["bench-plot-without-matplotlib"] = ("bench.py", ["--device=cpu", "--plot={tmp}/cost.png"],
+                                              ["--plot=", "needs matplotlib"])
+    CASES["cost-sweep-plot-without-matplotlib"] = ("experiments/cost_sweep.py",
+                                                   ["--device=cpu", "--plot={tmp}/cost.png"],
                                                    ["--plot=", "needs matplotlib"])
 
 
@@ -87,7 +92,8 @@ def files(tmp_path_factory):
 def run_script(script, flags):
     env = {k: v for k, v in os.environ.items() if k != prepare_data.GPT2_VOCAB_ENV}
     path = script if os.path.isabs(script) else os.path.join(ROOT, script)
-    return subprocess.run([sys.executable, path, *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, path, *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -134,21 +140,31 @@ def test_long_prompt_is_said(results):
     (["--start=FILE:{tmp}/latin1.txt"], r"--start=FILE:.*latin1.txt is not valid UTF-8"),
     (["--start="], "--start is empty"),
     (["--ckpt={tmp}/streams.pt"], r"--ckpt: .*streams.pt is a streams file .* pass it as --streams"),
-    (["--streams={tmp}/p1.pt"], r"--streams=.*: not a streams file"),
+    (["--streams={tmp}/p1.pt"], r"--streams=.*p1.pt is a full checkpoint, not a streams_p\{P\}.pt file.* --ckpt"),
     (["--streams={tmp}/nope.pt"], r"--streams: no checkpoint at"),
     (["--data_dir={tmp}/bad.json"], r"--data_dir=.*meta.json is not readable JSON"),
     (["--data_dir={tmp}/gpt2"], r"--data_dir: vocabulary mismatch: the checkpoint was trained on bytes \(256\)"),
     (["--ckpt={tmp}/no_meta.pt"], r"--ckpt: the checkpoint records no tokenizer; pass --data_dir="),
-    (["--ckpt={tmp}/p2.pt", "--streams={tmp}/streams.pt"], r"--streams attaches streams to a P=1 backbone, but .* is already P=2"),
+    (["--ckpt={tmp}/p2.pt", "--streams={tmp}/streams.pt"],
+     r"--streams attaches to a P=1 backbone, but --ckpt=.* holds a P=2"),
+    (["--ckpt={tmp}/bad_args.pt"],
+     r"--ckpt: checkpoint .*bad_args.pt: its model_args: n_kv_head \(3\) must divide n_head \(2\)"),
+    (["--ckpt={tmp}/bad_weights.pt"], r"--ckpt: checkpoint .*bad_weights.pt: its weights do not fit its model_args"),
     (["--out_dir={tmp}/nowhere"], r"--out_dir: no checkpoint at .*nowhere/ckpt.pt"),
     (["--start=FILE:{tmp}/nope.txt"], r"--start=FILE:.*nope.txt: cannot read it \(No such file or directory\)"),
     (["--data_dir={tmp}"], r"--data_dir=.* has no meta.json: run python prepare_data.py"),
-    pytest.param(["--device=cuda"], r"--device=cuda, but this torch .* sees no CUDA GPU \(torch.cuda.is_available\(\) is False\)",
+    pytest.param(["--device=cuda"],
+                 r"--device=cuda, but this torch .* sees no CUDA GPU \(torch.cuda.is_available\(\) is False\)",
                  marks=pytest.mark.skipif(HAS_CUDA, reason="a GPU is here")),
 ])
 def test_sample_flag_errors(flags, match, files):
     if not (files / "no_meta.pt").exists():
         save_ckpt(files / "no_meta.pt", tiny_model(), meta=None)  # as nanoGPT's: no tokenizer recorded
+        model = tiny_model()
+        torch.save(dict(model=model.state_dict(), model_args={**dataclasses.asdict(model.config), "n_kv_head": 3},
+                        meta=BYTES_META), files / "bad_args.pt")  # a config model.py refuses
+        torch.save(dict(model=model.state_dict(), model_args={**dataclasses.asdict(model.config), "n_layer": 2},
+                        meta=BYTES_META), files / "bad_weights.pt")  # weights of another shape
         (files / "gpt2").mkdir()
         (files / "gpt2" / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257}))
     flags = [f.replace("{tmp}", str(files)) for f in flags]

@@ -29,7 +29,8 @@ def test_the_dtype_rule_is_the_entry_points_and_a_flag_overrides_it(monkeypatch)
 @pytest.mark.parametrize("name, allowed, match", [
     ("tpu", ("cpu", "cuda", "mps"), "--device=tpu is not a device: use auto, cpu, cuda, mps"),
     ("mps", ("cpu", "cuda"), "--device=mps: bench.py runs on cpu, cuda"),
-    pytest.param("cuda", ("cpu", "cuda"), r"--device=cuda, but this torch .* sees no CUDA GPU \(torch.cuda.is_available\(\) is False\)",
+    pytest.param("cuda", ("cpu", "cuda"),
+                 r"--device=cuda, but this torch .* sees no CUDA GPU \(torch.cuda.is_available\(\) is False\)",
                  marks=pytest.mark.skipif(HAS_CUDA, reason="this machine has a GPU")),
 ])
 def test_devices_a_machine_or_a_script_lacks_are_refused(name, allowed, match):

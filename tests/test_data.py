@@ -21,7 +21,8 @@ def gpt2():
     try:
         return prep.load_tokenizer({"tokenizer": "gpt2"})
     except UserError:
-        pytest.skip("GPT-2 vocabulary file not found; run `bash scripts/get_gpt2_vocab.sh` (tests never use the network)")
+        pytest.skip("GPT-2 vocabulary file not found; run `bash scripts/get_gpt2_vocab.sh` (tests "
+                    "never use the network)")
 
 
 def make_folder(root, n_files):
@@ -132,7 +133,8 @@ def test_prepare_folder_round_trip(tokenizer, tmp_path, request):
     meta, train, val = read_bins(tmp_path / "a")
     assert (meta["train_files"], meta["val_files"], meta["source"]["files"]) == (18, 2, 20)
     tok = prep.load_tokenizer(meta)
-    for ids, want in [(train, [t for t, v in zip(texts, is_val) if not v]), (val, [t for t, v in zip(texts, is_val) if v])]:
+    for ids, want in [(train, [t for t, v in zip(texts, is_val) if not v]),
+                      (val, [t for t, v in zip(texts, is_val) if v])]:
         if tokenizer == "bytes":
             assert tok.decode(ids.tolist()) == "".join(want)
         else:

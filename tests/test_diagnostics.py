@@ -5,22 +5,23 @@ import os
 import pytest
 import torch
 from test_train import TINY, evals, run, write_corpus
-from util import assert_close, tiny_config
+from util import assert_close, model_from, tiny_config
 
 import diagnostics
 import model_init
 import sample
 import train
-from checkpoint import model_from_checkpoint
 from model import GPT
 
 
 def test_diversity_by_hand():
-    # streams alone: 2.0 and 2.0 nats; mixture 1.0 -> gain 1.0. Deviations (-1, 0, 1) and (-1, 1, 0): cov 1, var 2, 2 -> rho 0.5
+    # streams alone: 2.0 and 2.0 nats; mixture 1.0 -> gain 1.0.
+    # Deviations (-1, 0, 1) and (-1, 1, 0): cov 1, var 2, 2 -> rho 0.5
     d = diagnostics.diversity(torch.tensor([[1., 2., 3.], [1., 3., 2.]]), torch.tensor([0.5, 1.0, 1.5]))
     assert d["stream_loss"] == [2.0, 2.0] and d["mix_loss"] == 1.0 and d["gain"] == 1.0
     assert abs(d["rho"] - 0.5) < 1e-12
-    # three streams: pairs (0,1) rho -1, (0,2) rho 1, (1,2) rho -1 -> mean -1/3; a mixture worse than the streams: gain < 0
+    # three streams: pairs (0,1) rho -1, (0,2) rho 1, (1,2) rho -1 -> mean -1/3;
+    # a mixture worse than the streams: gain < 0
     d = diagnostics.diversity(torch.tensor([[1., 2., 3.], [3., 2., 1.], [2., 4., 6.]]), torch.tensor([3., 3., 3.]))
     assert abs(d["rho"] + 1 / 3) < 1e-12 and abs(d["gain"] - (2 + 2 + 4) / 3 + 3) < 1e-6
 
@@ -76,10 +77,10 @@ def test_prefix_reparam_resumes_exactly_and_exports_folded(data_dir, tmp_path, c
             assert_close(resumed[part][k], v, atol=0, rtol=0, what=f"{part} {k}")
     # the exported model is a plain model: no MLP, and it loads as any checkpoint does
     assert not any("parametrizations" in k for k in full["model"])
-    plain = model_from_checkpoint(full)
+    plain = model_from(full)
     assert set(plain.state_dict()) == set(GPT(plain.config).state_dict())
     # ... and it computes what the reparameterised model computed
-    model = model_from_checkpoint(full)
+    model = model_from(full)
     model_init.add_prefix_reparam(model, 16)
     model.load_state_dict(full["prefix_reparam"], strict=False)
     idx = torch.randint(0, plain.config.vocab_size, (2, 16))
@@ -105,7 +106,8 @@ def test_prefix_reparam_refusals(data_dir, tmp_path):
         run(data_dir, tmp_path, "--max_iters=1", "--prefix_reparam=-1")
     run(data_dir, tmp_path / "p2", "--max_iters=1", "--eval_interval=1", "--n_streams=2")
     with pytest.raises(train.UserError, match="throw away the trained prefixes of --init_from"):
-        run(data_dir, tmp_path / "o", "--max_iters=1", "--prefix_reparam=8", f"--init_from={tmp_path / 'p2' / 'ckpt.pt'}")
+        run(data_dir, tmp_path / "o", "--max_iters=1", "--prefix_reparam=8",
+            f"--init_from={tmp_path / 'p2' / 'ckpt.pt'}")
     ck = torch.load(tmp_path / "p2" / "ckpt.pt", weights_only=True)
     ck["args"]["prefix_reparam"] = 8  # a checkpoint that names MLPs it does not hold
     torch.save(ck, tmp_path / "p2" / "ckpt.pt")
@@ -119,6 +121,11 @@ def test_kl_matches_the_pairwise_definition():
     X, Y = (torch.randint(0, model.config.vocab_size, (2, 16)) for _ in range(2))
     _, _, kl = diagnostics.stream_losses(model, X, Y)
     with torch.no_grad():
-        logp = torch.log_softmax(model.lm_head(model.stream_hidden(X)), -1).view(3, 32, -1)
+        h = model.transformer.ln_f  # every stream's final hidden states, (P*B, T, C), taken where they are made
+        seen = []
+        hook = h.register_forward_hook(lambda m, inp, out: seen.append(out))
+        model(X)
+        hook.remove()
+        logp = torch.log_softmax(model.lm_head(seen[0]), -1).view(3, 32, -1)
     pairs = [(logp[a].exp() * (logp[a] - logp[b])).sum(-1).mean() for a in range(3) for b in range(3) if a != b]
     assert abs(kl - sum(pairs).item() / 6) < 1e-5

@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 from test_train import write_corpus
-from util import ROOT
+from util import ROOT, model_from
 
-from checkpoint import attach_streams, load_checkpoint, model_from_checkpoint
+from checkpoint import attach_streams, load_checkpoint
 from common import UserError
 from experiments import diversity, dynamic, fit, law, noise, plots, prefix_matched, runner, sweep, two_stage
 
@@ -33,7 +33,7 @@ def tiny_base(data, tmp_path_factory):
     """The tiny preset's P=1 base, trained once by runner.train_base; a test copies it into its --out, where the
     experiment finds it finished (as a second command in the same --out would)."""
     out = tmp_path_factory.mktemp("base_out")
-    args = dynamic.get_args(["--preset=tiny", f"--out={out}", f"--data_dir={data}", ONE_THREAD])
+    args = dynamic.get_args(["--preset=tiny", f"--out_dir={out}", f"--data_dir={data}", ONE_THREAD])
     runner.train_base(runner.preset(args), args)
     return out / "base"
 
@@ -131,7 +131,8 @@ def test_rows_cells_and_contrasts_on_fixed_runs():
     assert list(cells) == [(1, "none"), (2, "plain"), (2, "reparam")]  # in order of first appearance
     plain, reparam = cells[2, "plain"], cells[2, "reparam"]
     assert plain["seeds"] == 2 and plain["val"] == 2.07 and (plain["val_min"], plain["val_max"]) == (2.03, 2.11)
-    assert plain["vs_p1"] == 0.02 and (plain["vs_p1_min"], plain["vs_p1_max"]) == (0.01, 0.03) and plain["verdict"] == "higher"
+    assert plain["vs_p1"] == 0.02 and (plain["vs_p1_min"], plain["vs_p1_max"]) == (0.01, 0.03)
+    assert plain["verdict"] == "higher"
     assert reparam["vs_p1"] == -0.015 and reparam["verdict"] == "lower" and reparam["rho"] == 0.91
     assert cells[1, "none"]["verdict"] == "" and cells[1, "none"]["vs_p1_min"] == ""
     c = noise.contrast("reparam - plain", runs, dict(P=2, prefix="reparam"), dict(P=2, prefix="plain"))
@@ -159,22 +160,25 @@ def test_presets_are_data():
 
 def test_every_experiment_parses_its_flags(data, tmp_path):
     common = [f"--data_dir={data}", "--preset=tiny"]
-    args = sweep.get_args(common + ["--widths=8,16", "--n_streams=1,4", "--max_iters=5", "--dry_run", "--threads=1"])
-    assert (args.widths, args.n_streams, args.max_iters, args.dry_run, args.threads) == ([8, 16], [1, 4], 5, True, 1)
-    assert args.out == os.path.abspath(os.path.join("out", "scaling", "tiny")) and os.path.isabs(args.data_dir)
+    args = sweep.get_args(common + ["--widths=8,16", "--stream_counts=1,4", "--max_iters=5", "--dry_run",
+                                    "--threads=1"])
+    assert (args.widths, args.stream_counts, args.max_iters, args.dry_run, args.threads) == ([8, 16], [1, 4], 5, True,
+                                                                                             1)
+    assert args.out_dir == os.path.abspath(os.path.join("out", "scaling", "tiny")) and os.path.isabs(args.data_dir)
     args = two_stage.get_args(common + ["--base_iters=4", "--extra_iters=6", "--eval_iters=2", "--batch_size=8"])
     assert (args.base_iters, args.extra_iters, args.eval_iters, args.batch_size) == (4, 6, 2, 8)
-    args = dynamic.get_args(common + ["--n_streams=2,8", "--prefix_init=random", f"--out={tmp_path}"])
-    assert (args.n_streams, args.prefix_init, args.out) == ([2, 8], "random", str(tmp_path))
+    args = dynamic.get_args(common + ["--stream_counts=2,8", "--prefix_init=random", f"--out_dir={tmp_path}"])
+    assert (args.stream_counts, args.prefix_init, args.out_dir) == ([2, 8], "random", str(tmp_path))
     assert dynamic.get_args(common).prefix_init == "kv"
     args = prefix_matched.get_args(common + ["--cells=2x2,4x1", "--seeds=3,4", "--frozen_iters=7", "--results=r"])
-    assert (args.cells, args.seeds, args.frozen_iters, args.results) == ([(2, 2), (4, 1)], [3, 4], 7, os.path.abspath("r"))
-    args = diversity.get_args(common + ["--n_streams=1,2", "--seeds=5", "--reparam=16", "--max_iters=9"])
-    assert (args.n_streams, args.seeds, args.reparam, args.max_iters, args.results) == ([1, 2], [5], 16, 9, "")
+    assert (args.cells, args.seeds, args.frozen_iters) == ([(2, 2), (4, 1)], [3, 4], 7)
+    assert args.results == os.path.abspath("r")
+    args = diversity.get_args(common + ["--stream_counts=1,2", "--seeds=5", "--prefix_reparam=16", "--max_iters=9"])
+    assert (args.stream_counts, args.seeds, args.prefix_reparam, args.max_iters, args.results) == ([1, 2], [5], 16, 9, "")
     args = fit.get_args(["--paper", "--per_size", "--starts=3"])
     assert args.paper and args.per_size and args.starts == 3 and args.runs == ""
     args = plots.get_args(["--preset=tiny", f"--results={tmp_path}"])
-    assert args.out == os.path.join(str(tmp_path), "pays_tiny.png")
+    assert args.figure == ""  # plot_pays writes <results>/pays_<preset>.png
     assert plots.get_args([]).results == os.path.join(ROOT, "results")  # the committed logs, wherever it runs from
 
 
@@ -198,28 +202,33 @@ def bad_inputs(tmp_path):
     (["fit", "--paper", "--preset=cpu"], ["--preset=cpu", "fit.py --help"]),  # another script's flag
     (["sweep", "--bogus=1", "--data_dir={data}"], ["--bogus", "sweep.py --help"]),
     (["two_stage", "--widths=8", "--data_dir={data}"], ["--widths", "two_stage.py"]),
-    (["sweep", "--preset=tiny", "--widths=8,x", "--data_dir={data}"], ["--widths=8,x"]),
+    (["sweep", "--preset=tiny", "--widths=8,x", "--data_dir={data}"], ["--widths", "8,x: expected comma-separated"]),
     (["sweep", "--preset=tiny", "--widths=7", "--data_dir={data}"], ["--widths=7", "n_head"]),
     (["sweep", "--max_iters=0", "--data_dir={data}"], ["--max_iters=0"]),
     (["sweep", "--preset=tiny", "--threads=-2", "--data_dir={data}"], ["--threads=-2"]),
     (["sweep", "--preset=bogus", "--data_dir={data}"], ["--preset", "invalid choice"]),
     (["two_stage", "--extra_iters=-3", "--data_dir={data}"], ["--extra_iters=-3"]),
-    (["dynamic", "--n_streams=1", "--data_dir={data}"], ["--n_streams=1", "P > 1"]),
+    (["dynamic", "--stream_counts=1", "--data_dir={data}"], ["--stream_counts=1", "P > 1"]),
+    (["dynamic", "--n_streams=2,4", "--data_dir={data}"], ["--n_streams is now --stream_counts", "train.py"]),
+    (["sweep", "--n_streams=2", "--data_dir={data}"], ["--n_streams is now --stream_counts"]),
     (["dynamic", "--prefix_init=zero", "--data_dir={data}"], ["--prefix_init", "invalid choice"]),
-    (["prefix_matched", "--cells=2x4,1x2", "--data_dir={data}"], ["--cells=2x4,1x2", "P >= 2"]),
-    (["prefix_matched", "--cells=2x4,2x4", "--data_dir={data}"], ["--cells=2x4,2x4", "distinct"]),
-    (["prefix_matched", "--cells=2-4", "--data_dir={data}"], ["--cells=2-4"]),
-    (["prefix_matched", "--seeds=1,1", "--data_dir={data}"], ["--seeds=1,1", "repeated"]),
-    (["prefix_matched", "--seeds=0", "--data_dir={data}"], ["--seeds=0"]),
+    (["prefix_matched", "--cells=2x4,1x2", "--data_dir={data}"], ["--cells", "2x4,1x2: expected", "P >= 2"]),
+    (["prefix_matched", "--cells=2x4,2x4", "--data_dir={data}"], ["--cells", "2x4,2x4: expected", "distinct"]),
+    (["prefix_matched", "--cells=2-4", "--data_dir={data}"], ["--cells", "2-4: expected"]),
+    (["prefix_matched", "--seeds=1,1", "--data_dir={data}"], ["--seeds", "1,1: a value is repeated"]),
+    (["prefix_matched", "--seeds=0", "--data_dir={data}"], ["--seeds", "0: expected comma-separated positive"]),
     (["prefix_matched", "--frozen_iters=0", "--data_dir={data}"], ["--frozen_iters=0"]),
     (["prefix_matched", "--n_streams=2", "--data_dir={data}"], ["--n_streams=2", "prefix_matched.py --help"]),
     (["prefix_matched", "--data_dir={missing}"], ["--data_dir", "prepare_data.py"]),
-    (["diversity", "--reparam=0", "--data_dir={data}"], ["--reparam=0"]),
-    (["diversity", "--n_streams=2,2", "--data_dir={data}"], ["--n_streams=2,2", "repeated"]),
+    (["diversity", "--prefix_reparam=0", "--data_dir={data}"], ["--prefix_reparam=0"]),
+    (["diversity", "--reparam=16", "--data_dir={data}"], ["--reparam is now --prefix_reparam"]),
+    (["diversity", "--stream_counts=2,2", "--data_dir={data}"], ["--stream_counts", "2,2: a value is repeated"]),
     (["diversity", "--cells=2x1", "--data_dir={data}"], ["--cells=2x1", "diversity.py --help"]),
     (["two_stage", "--dry_run", "--data_dir={data}"], ["--dry_run", "two_stage.py --help"]),
     (["plots", "--results={missing}"], ["--results", "missing"]),
-    (["plots", "--results={data}", "--out=fig.pdf"], ["--out=fig.pdf", ".png"]),
+    (["plots", "--results={data}", "--figure=fig.pdf"], ["--figure=fig.pdf", ".png"]),
+    (["plots", "--out=fig.png"], ["--out is now --figure"]),
+    (["sweep", "--out=x", "--data_dir={data}"], ["--out is now --out_dir"]),
     (["sweep", "--device=bogus", "--data_dir={data}"], ["--device=bogus"]),
     (["sweep", "--data_dir={missing}"], ["--data_dir", "prepare_data.py"]),
 ])
@@ -239,7 +248,8 @@ def cli(name, *argv, cwd):
 @pytest.mark.parametrize("argv, words", [
     (["sweep", "--preset=tiny", "--bogus"], ["--bogus"]),  # argparse's complaint
     (["fit", "--runs={bad_csv}"], ["--runs", "N, P, val"]),  # a file that is not a sweep's CSV
-    (["sweep", "--preset=tiny", "--widths=8", "--n_streams=1", "--data_dir={meta_only}", "--out={out}", ONE_THREAD],
+    (["sweep", "--preset=tiny", "--widths=8", "--stream_counts=1", "--data_dir={meta_only}", "--out_dir={out}",
+      ONE_THREAD],
      ["train.py", "no train.bin", "train.out"]),  # train.py refused the run: its own line, passed on
 ])
 def test_a_user_error_is_one_line_exit_1_no_traceback(tmp_path, argv, words):
@@ -253,12 +263,14 @@ def test_a_user_error_is_one_line_exit_1_no_traceback(tmp_path, argv, words):
 
 
 def test_experiment_flags_override_the_preset(data):
-    args = prefix_matched.get_args(["--preset=tiny", "--cells=2x1,8x1", "--seeds=3", "--frozen_iters=5", f"--data_dir={data}"])
+    args = prefix_matched.get_args(["--preset=tiny", "--cells=2x1,8x1", "--seeds=3", "--frozen_iters=5",
+                                    f"--data_dir={data}"])
     pre = runner.preset(args)
     assert pre["matched_cells"] == [(2, 1), (8, 1)] and pre["seeds"] == [3] and pre["frozen_iters"] == 5
     pre = runner.preset(diversity.get_args(["--preset=cpu", f"--data_dir={data}"]), diversity.GRID)
-    assert pre["streams"] == [1, 2, 4] and pre["max_iters"] == runner.load_presets()["cpu"]["diversity_iters"]  # not the sweep's
-    pre = runner.preset(diversity.get_args(["--preset=cpu", "--max_iters=7", "--n_streams=2", "--reparam=32",
+    # its own grid, not the sweep's
+    assert pre["streams"] == [1, 2, 4] and pre["max_iters"] == runner.load_presets()["cpu"]["diversity_iters"]
+    pre = runner.preset(diversity.get_args(["--preset=cpu", "--max_iters=7", "--stream_counts=2", "--prefix_reparam=32",
                                             f"--data_dir={data}"]), diversity.GRID)
     assert (pre["max_iters"], pre["streams"], pre["reparam_hidden"]) == (7, [2], 32)
 
@@ -267,11 +279,13 @@ def test_experiment_flags_override_the_preset(data):
 # the experiments, end to end
 
 def test_sweep_runs_end_to_end_and_resumes_without_training(data, tmp_path, monkeypatch):
-    argv = ["--preset=tiny", "--widths=8,16", "--n_streams=1,4", f"--out={tmp_path / 'out'}", f"--data_dir={data}", ONE_THREAD]
+    argv = ["--preset=tiny", "--widths=8,16", "--stream_counts=1,4", f"--out_dir={tmp_path / 'out'}",
+            f"--data_dir={data}", ONE_THREAD]
     first = sweep.main(argv)
     with open(tmp_path / "out" / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["width"], r["P"], r["status"]) for r in rows] == [(w, P, "trained") for w in ("8", "16") for P in ("1", "4")]
+    assert [(r["width"], r["P"], r["status"]) for r in rows] == [(w, P, "trained") for w in ("8", "16")
+                                                                  for P in ("1", "4")]
     n = {(r["width"], r["P"]): int(r["N"]) for r in rows}
     assert n[("8", "1")] < n[("8", "4")] < n[("16", "1")] < n[("16", "4")]  # N counts prefixes + aggregator
     assert first["fit"] is None  # 4 runs: too few for a 4-parameter fit
@@ -291,13 +305,15 @@ def test_sweep_runs_end_to_end_and_resumes_without_training(data, tmp_path, monk
 
 def test_a_failed_run_says_why(tmp_path):
     with pytest.raises(UserError, match="prepare_data.py"):  # train.py's own error line
-        runner.call_train([f"--data_dir={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'out'}"], str(tmp_path / "out"))
+        runner.call_train([f"--data_dir={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'out'}"],
+                          str(tmp_path / "out"))
 
 
 def test_dynamic_p_switches_kv_initialised_streams_on_an_untouched_backbone(data, tiny_base, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(tiny_base, out / "base")
-    result = dynamic.main(["--preset=tiny", "--n_streams=2,4", f"--out={out}", f"--data_dir={data}", ONE_THREAD])
+    result = dynamic.main(["--preset=tiny", "--stream_counts=2,4", f"--out_dir={out}", f"--data_dir={data}",
+                           ONE_THREAD])
     assert set(result["val"]) == {1, 2, 4}
     base_ckpt = load_checkpoint(os.path.join(out, "base", "ckpt.pt"))
     assert result["val"][1] == round(runner.evals(out / "base")[-1]["val"], 4)
@@ -306,13 +322,14 @@ def test_dynamic_p_switches_kv_initialised_streams_on_an_untouched_backbone(data
         assert run["args"]["prefix_init"] == "kv" and run["args"]["freeze_backbone"] and run["args"]["threads"] == 1
         for k, v in base_ckpt["model"].items():
             assert torch.equal(run["model"][k], v), k  # the frozen backbone never moved
-        model = attach_streams(model_from_checkpoint(base_ckpt), load_checkpoint(os.path.join(out, "dynamic", f"p{P}", f"streams_p{P}.pt")))
+        streams = load_checkpoint(os.path.join(out, "dynamic", f"p{P}", f"streams_p{P}.pt"))
+        model = attach_streams(model_from(base_ckpt), streams)
         assert model.config.n_streams == P
         assert result["val"][P] == round(runner.evals(out / "dynamic" / f"p{P}")[-1]["val"], 4)
 
 
 def test_gpu_sweep_dry_run_plans_ten_runs_within_four_minutes_without_a_gpu(data, tmp_path, capsys):
-    result = sweep.main(["--preset=gpu", "--dry_run", f"--data_dir={data}", f"--out={tmp_path / 'out'}"])
+    result = sweep.main(["--preset=gpu", "--dry_run", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"])
     printed = capsys.readouterr().out
     assert result["runs"] == 10 and result["estimated_s"] <= 4 * 60, result  # 3 widths x P in {1,2,4} + one noise run
     assert printed.count("python train.py") == 10 and "--n_embd=384" in printed and "--n_layer=6" in printed
@@ -323,7 +340,7 @@ def test_gpu_sweep_dry_run_plans_ten_runs_within_four_minutes_without_a_gpu(data
 def test_the_noise_run_is_evaluated_again_on_the_first_seeds_batches(data, tmp_path, monkeypatch):
     """sweep's noise cell (the gpu preset's; tiny has none, to keep this file fast), without a process: the
     re-evaluation must resume the run at SEED, and the difference is taken on those batches."""
-    args = sweep.get_args(["--preset=gpu", "--dry_run", f"--data_dir={data}", f"--out={tmp_path / 'out'}"])
+    args = sweep.get_args(["--preset=gpu", "--dry_run", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"])
     pre = runner.preset(args)
     name, d, argv, width, P, seed = sweep.sweep_runs(pre, args)[-1]
     assert (name, width, P, seed) == ("w256_p2_s2", 256, 2, runner.NOISE_SEED) and f"--seed={seed}" in argv
@@ -340,13 +357,14 @@ def test_the_noise_run_is_evaluated_again_on_the_first_seeds_batches(data, tmp_p
     assert row == dict(width=256, P=2, seeds=[runner.SEED, runner.NOISE_SEED], val=[1.81, 1.8013], own_batches_val=1.9,
                        diff=0.0087)
     (argv,) = calls
-    assert argv[-2:] == ["--init_from=resume", "--eval_only"] and f"--seed={runner.SEED}" in argv and f"--out_dir={d}" in argv
+    assert argv[-2:] == ["--init_from=resume", "--eval_only"]
+    assert f"--seed={runner.SEED}" in argv and f"--out_dir={d}" in argv
 
 
 def test_prefix_matched_writes_cells_runs_and_contrasts(data, tiny_base, tmp_path):
     out, results = tmp_path / "out", tmp_path / "results"
     shutil.copytree(tiny_base, out / "base")
-    result = prefix_matched.main(["--preset=tiny", "--cells=2x1", "--seeds=1", f"--out={out}", f"--data_dir={data}",
+    result = prefix_matched.main(["--preset=tiny", "--cells=2x1", "--seeds=1", f"--out_dir={out}", f"--data_dir={data}",
                                   f"--results={results}", ONE_THREAD])
     assert set(result["val"]) == {"1_0_-", "2_1_learned", "2_1_uniform"}
     with open(results / "prefix_matched_tiny.csv") as f:
@@ -361,7 +379,8 @@ def test_prefix_matched_writes_cells_runs_and_contrasts(data, tiny_base, tmp_pat
         assert abs(float(c["vs_p1"]) - (float(c["val"]) - float(p1["val"]))) < 2e-4  # one seed: the same batches
     with open(results / "prefix_matched_tiny.json") as f:
         saved = json.load(f)
-    assert saved["noise_nats"] == noise.NOISE and [c["contrast"] for c in saved["contrasts"]] == ["2x1 learned - uniform"]
+    assert saved["noise_nats"] == noise.NOISE
+    assert [c["contrast"] for c in saved["contrasts"]] == ["2x1 learned - uniform"]
     run = next(r for r in saved["runs"] if r.get("mix") == "uniform")
     assert abs(run["entropy"] - math.log(2)) < 1e-4 and len(run["curve"]) == 2  # a fixed 1/2, 1/2 mix; steps 0 and last
     ckpt = load_checkpoint(os.path.join(out, "prefix_matched", "p2_n1_uniform_s1", "ckpt.pt"))
@@ -371,7 +390,7 @@ def test_prefix_matched_writes_cells_runs_and_contrasts(data, tiny_base, tmp_pat
 
 def test_diversity_writes_its_table_and_plots_reads_it(data, tmp_path, capsys):
     out, results = tmp_path / "out", tmp_path / "results"
-    diversity.main(["--preset=tiny", "--n_streams=1,2", "--seeds=1", f"--out={out}", f"--data_dir={data}",
+    diversity.main(["--preset=tiny", "--stream_counts=1,2", "--seeds=1", f"--out_dir={out}", f"--data_dir={data}",
                     f"--results={results}", ONE_THREAD])
     with open(results / "diversity_tiny.csv") as f:
         cells = {c["prefix"]: c for c in csv.DictReader(f)}

@@ -384,7 +384,7 @@ def test_modified_models_are_refused_with_the_reason(monkeypatch, change, reason
         m.transformer.h[1].ln_1.eps = 0.5
     dec, why = fused.fused_decoder_for(m, 1, torch.float32, 20, backend=CPU)
     assert dec is None and reason in why, why
-    with pytest.raises(model_module.UserError, match=reason):
+    with pytest.raises(fused.UserError, match=reason):
         FusedDecoder(m, 1, dtype=torch.float32, backend=CPU)
 
 

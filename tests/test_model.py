@@ -1,5 +1,7 @@
 """model.py against independent computations: plain GPT, explicit streams, explicit aggregator, full recompute."""
+import ast
 import math
+import os
 
 import pytest
 import torch
@@ -7,10 +9,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import ProfilerActivity, profile
-from util import assert_close, tiny_config
+from util import ROOT, assert_close, tiny_config
 
 from checkpoint import attach_streams, clean_state_dict, streams_state
-from model import GPT, GPTConfig, KVCache, convert_to_streams, freeze_backbone
+from common import param_report
+from model import GPT, GPTConfig, KVCache
+from model_init import backbone_of, convert_to_streams, freeze_backbone, is_parscale_param
 
 
 def make(seed=0, **kw):
@@ -37,9 +41,9 @@ def plain_gpt_logits(sd, cfg, idx, prefix=None):
         att = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
         att = att.masked_fill(torch.ones(T, T).tril() == 0, float("-inf"))
         if prefix is not None:
-            pk, pv = (t.repeat_interleave(H // KV, dim=0) for t in prefix[i])  # (H, n_prefix, hd)
-            att = torch.cat([(q @ pk.transpose(-2, -1)) / math.sqrt(hd), att], dim=-1)
-            v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+            prefix_k, prefix_v = (t.repeat_interleave(H // KV, dim=0) for t in prefix[i])  # (H, n_prefix, hd)
+            att = torch.cat([(q @ prefix_k.transpose(-2, -1)) / math.sqrt(hd), att], dim=-1)
+            v = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
         y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
         x = x + y @ g(p + "attn.c_proj.weight").T + g(p + "attn.c_proj.bias")
         h = F.gelu(ln(x, p + "ln_2") @ g(p + "mlp.c_fc.weight").T + g(p + "mlp.c_fc.bias"))
@@ -47,8 +51,18 @@ def plain_gpt_logits(sd, cfg, idx, prefix=None):
     return ln(x, "transformer.ln_f")
 
 
-def all_logits(model, idx):
-    return model.lm_head(model.hidden(idx))
+def all_logits(model, idx, cache=None):
+    """Logits at every position: given targets, forward computes them all, as nanoGPT's does."""
+    return model(idx, idx.contiguous(), cache=cache)[0]
+
+
+def stream_hidden(model, idx):
+    """Every stream's final hidden states, (P*B, T, C): what the aggregator receives."""
+    seen = {}
+    hook = model.aggregator.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
+    model(idx)
+    hook.remove()
+    return seen["x"]
 
 
 def test_p1_is_plain_gpt_and_loads_a_nanogpt_state_dict():
@@ -76,7 +90,7 @@ def test_streams_are_stream_major_with_their_own_prefix(P, kv):
     idx = torch.randint(0, cfg.vocab_size, (B, 11))
     seen = {}
     model.aggregator.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0], out=out))
-    model.hidden(idx)
+    model(idx)
     x = seen["x"]
     assert x.shape == (P * B, 11, cfg.n_embd) and seen["out"].shape == (B, 11, cfg.n_embd)
     sd = model.state_dict()
@@ -107,8 +121,8 @@ def test_fresh_aggregator_averages_streams_and_prefix_init_is_seeded():
     a, b = make(4, n_streams=4), make(4, n_streams=4)
     for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), na  # same seed, same model
-    pk = a.transformer.h[0].attn.prefix_k
-    assert torch.isfinite(pk).all() and (pk[0] - pk[1]).abs().max() > 0  # streams differ
+    prefix_k = a.transformer.h[0].attn.prefix_k
+    assert torch.isfinite(prefix_k).all() and (prefix_k[0] - prefix_k[1]).abs().max() > 0  # streams differ
     w = a.aggregator.weights(torch.randn(4 * 2, 3, a.config.n_embd))
     assert_close(w, torch.full_like(w, 0.25), what="uniform start")
 
@@ -141,12 +155,13 @@ def test_cached_decoding_equals_full_recompute(P, B, kv):
     idx = torch.randint(0, cfg.vocab_size, (B, cfg.block_size))
     full = all_logits(model, idx)
     cache = KVCache(model, B)
-    chunks = [model.lm_head(model.hidden(idx[:, a:b], cache)) for a, b in [(0, 9), (9, 10), (10, 11), (11, cfg.block_size)]]
+    chunks = [all_logits(model, idx[:, a:b], cache) for a, b in [(0, 9), (9, 10), (10, 11), (11, cfg.block_size)]]
     assert cache.pos == cfg.block_size
     assert_close(torch.cat(chunks, dim=1), full, atol=2e-5, what="cached vs full logits")
-    # greedy tokens: generate() through the cache against a loop of full recomputes
+    # greedy tokens (top_k=1: nanoGPT's generate divides by the temperature): through the cache against a loop
+    # of full recomputes
     prompt = idx[:, :5]
-    out = model.generate(prompt, cfg.block_size - 5, temperature=0)
+    out = model.generate(prompt, cfg.block_size - 5, top_k=1)
     x = prompt
     for _ in range(cfg.block_size - 5):
         x = torch.cat([x, all_logits(model, x)[:, -1].argmax(-1, keepdim=True)], dim=1)
@@ -188,7 +203,7 @@ def test_a_cache_sized_to_the_run_decodes_like_a_full_one():
 
 def test_generate_past_block_size_crops_like_nanogpt():
     model = make(7, n_streams=2)
-    out = model.generate(torch.zeros(1, 3, dtype=torch.long), model.config.block_size + 6, temperature=0)
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), model.config.block_size + 6, top_k=1)
     assert out.shape == (1, model.config.block_size + 9)
     x = out[:, :-1][:, -model.config.block_size:]
     assert out[0, -1] == all_logits(model, x)[0, -1].argmax()
@@ -203,10 +218,13 @@ def test_two_stage_conversion_keeps_backbone_and_freezing_trains_only_parscale()
         if k in bsd:
             assert torch.equal(v, bsd[k]), k
         else:
-            assert GPT.is_parscale_param(k), k
+            assert is_parscale_param(k), k
+    # the LM head stays tied to the embedding: one tensor, counted once, trained as one
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert param_report(model) == param_report(GPT(model.config))
     freeze_backbone(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(GPT.is_parscale_param(n) for n in trainable)
+    assert trainable and all(is_parscale_param(n) for n in trainable)
     opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), "cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
@@ -217,17 +235,18 @@ def test_two_stage_conversion_keeps_backbone_and_freezing_trains_only_parscale()
         opt.step()
         opt.zero_grad()
     for n, p in model.named_parameters():
-        assert torch.equal(p, before[n]) != GPT.is_parscale_param(n), n
+        assert torch.equal(p, before[n]) != is_parscale_param(n), n
     with pytest.raises(ValueError, match="P=1"):
         convert_to_streams(model, 2)
 
 
 @pytest.mark.parametrize("P,paper_delta", [(2, 2_382_466), (4, 4_764_036), (8, 9_527_176)])
 def test_parscale_parameter_count_matches_the_paper(P, paper_delta):
-    """The paper's N rows (arXiv 2505.10475, the Stack-V2-Python grid), 0.5B model: N(P) - N(1) is ParScale's own parameters."""
+    """The paper's N rows (arXiv 2505.10475, the Stack-V2-Python grid), 0.5B model: N(P) - N(1) is ParScale's own
+    parameters."""
     with torch.device("meta"):
         model = GPT(GPTConfig(n_layer=36, n_embd=896, n_head=16, n_kv_head=2, n_streams=P, n_prefix=48, vocab_size=256))
-    r = model.param_report()
+    r = param_report(model)
     assert r["prefixes"] + r["aggregator"] == paper_delta
     assert r["non_embedding"] == r["backbone"] + paper_delta
 
@@ -243,8 +262,12 @@ def test_bad_config_names_the_field(field, value):
 
 def test_too_long_input_is_refused():
     model = make(9)
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(AssertionError, match="block size is only"):  # nanoGPT's assert
         model(torch.zeros(1, model.config.block_size + 1, dtype=torch.long))
+    cache = KVCache(model, 1)
+    model(torch.zeros(1, model.config.block_size - 2, dtype=torch.long), cache=cache)
+    with pytest.raises(AssertionError, match=f"length {model.config.block_size + 1}, block size"):  # cached ones count
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
 
 
 def test_dynamic_p_streams_share_one_backbone():
@@ -255,7 +278,7 @@ def test_dynamic_p_streams_share_one_backbone():
         with torch.no_grad():  # stand-in for training the streams on a frozen backbone
             m.transformer.h[1].attn.prefix_k.add_(0.3)
         sets[P] = streams_state(m)
-        assert all(GPT.is_parscale_param(k) for k in sets[P]["model"])
+        assert all(is_parscale_param(k) for k in sets[P]["model"])
     before = {k: v.clone() for k, v in base.state_dict().items()}
     idx = torch.randint(0, base.config.vocab_size, (2, 9))
     for P, st in sets.items():
@@ -278,7 +301,7 @@ def test_forward_returns_each_streams_logits_for_a_per_stream_loss(tmp_path):
     idx = torch.randint(0, model.config.vocab_size, (B, T))
     logits, loss, stream_logits = model(idx, idx, streams=True)
     assert stream_logits.shape == (P, B, T, model.config.vocab_size)
-    h = model.stream_hidden(idx).view(P, B, T, -1)
+    h = stream_hidden(model, idx).view(P, B, T, -1)
     assert_close(stream_logits, model.lm_head(h), what="each stream through the LM head")
     assert torch.equal(logits, model(idx, idx)[0]) and torch.equal(loss, model(idx, idx)[1])
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -291,3 +314,65 @@ def test_forward_returns_each_streams_logits_for_a_per_stream_loss(tmp_path):
         dist.destroy_process_group()
     prefix_grad = model.transformer.h[0].attn.prefix_k.grad
     assert prefix_grad is not None and prefix_grad.abs().sum() > 0
+
+
+def test_config_defaults_and_sentinels():
+    cfg = GPTConfig(n_head=8, n_embd=64)
+    assert cfg.n_kv_head == 8 and cfg.head_dim == 8  # None = as many kv heads as query heads: no GQA
+    assert GPTConfig(n_head=8, n_embd=64, n_kv_head=2).n_kv_head == 2
+    # the smoothing the paper's text gives (arXiv 2505.10475); the official code's 0.01 is one field away
+    assert GPTConfig().agg_smoothing == 0.1
+    model = make(14, n_streams=4)
+    with torch.no_grad():  # a confident aggregator: one stream takes all the weight before smoothing
+        model.aggregator.proj_out.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))
+    w = model.aggregator.weights(torch.randn(4 * 2, 3, model.config.n_embd))
+    assert_close(w[..., 1:], torch.full_like(w[..., 1:], 0.1 / 4), what="smoothing 0.1: each stream keeps eps/P")
+    model.aggregator.smoothing = 0.01
+    w = model.aggregator.weights(torch.randn(4 * 2, 3, model.config.n_embd))
+    assert_close(w[..., 1:], torch.full_like(w[..., 1:], 0.01 / 4), what="smoothing 0.01")
+
+
+def test_backbone_of_shares_the_tensors_and_computes_the_plain_gpt():
+    model = make(15, n_streams=2, n_kv_head=2)
+    base = backbone_of(model)
+    assert base.config.n_streams == 1 and not any(is_parscale_param(k) for k in base.state_dict())
+    assert base.lm_head.weight is base.transformer.wte.weight
+    assert base.transformer.h[0].mlp.c_fc.weight.data_ptr() == model.transformer.h[0].mlp.c_fc.weight.data_ptr()
+    idx = torch.randint(0, model.config.vocab_size, (2, 7))
+    plain = GPT(base.config).eval()
+    plain.load_state_dict(base.state_dict())
+    assert_close(all_logits(base.eval(), idx), all_logits(plain, idx), what="backbone_of vs a P=1 model of its weights")
+
+
+def test_model_py_imports_torch_and_the_standard_library_only():
+    with open(os.path.join(ROOT, "model.py")) as f:
+        tree = ast.parse(f.read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    project = {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py")} | {"kernels", "experiments"}
+    assert imported & project == set(), imported & project
+    assert "torch" in imported
+
+
+@pytest.mark.skipif(not os.path.isfile(os.environ.get("NANOGPT_MODEL_PY", "")),
+                    reason="set NANOGPT_MODEL_PY to nanoGPT's model.py (3adf61e; docs/model.md says how to get it)")
+def test_p1_computes_what_nanogpts_own_model_py_computes():
+    """Against nanoGPT's own file, not a rewrite of it: the same weights give the same logits, loss and greedy text."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("nanogpt_model", os.environ["NANOGPT_MODEL_PY"])
+    nanogpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nanogpt)
+    fields = dict(block_size=32, vocab_size=61, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
+    torch.manual_seed(16)
+    theirs = nanogpt.GPT(nanogpt.GPTConfig(**fields)).eval()
+    ours = GPT(GPTConfig(**fields)).eval()
+    ours.load_state_dict(clean_state_dict(theirs.state_dict()))
+    idx = torch.randint(0, 61, (3, 20))
+    with torch.no_grad():
+        for targets in (None, idx):
+            (a, loss_a), (b, loss_b) = ours(idx, targets), theirs(idx, targets)
+            assert_close(a, b, what=f"logits, targets={targets is not None}")
+            if targets is not None:
+                assert_close(loss_a, loss_b, what="loss")
+    assert torch.equal(ours.generate(idx[:, :4], 20, top_k=1), theirs.generate(idx[:, :4], 20, top_k=1))

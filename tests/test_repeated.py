@@ -11,7 +11,8 @@ from experiments import repeated, runner
 
 def row(arm, seed, best, overfit=0.0, phase="confirm", rho=(), gap=0.5):
     curve = [dict(step=s, epoch=s / 10, rho=r) for s, r in zip(range(0, 10 * len(rho), 10), rho)]
-    return dict(arm=arm, seed=seed, phase=phase, P=repeated.ARMS[arm][0], best_val=best, overfit=overfit, gap=gap, curve=curve)
+    return dict(arm=arm, seed=seed, phase=phase, P=repeated.ARMS[arm][0], best_val=best, overfit=overfit, gap=gap,
+                curve=curve)
 
 
 def by(verdicts):
@@ -23,16 +24,21 @@ def test_verdicts_on_fixed_numbers():
     for seed, (p1, chosen, dropout, matched, law) in {3: (2.00, 1.95, 1.99, 2.00, 1.96),
                                                       4: (2.01, 1.97, 1.98, 2.02, 1.965),
                                                       5: (2.02, 1.96, 2.00, 2.01, 1.955)}.items():
-        rows += [row("p1", seed, p1, overfit=0.08, gap=0.9), row("p4_reparam", seed, chosen, overfit=0.03, gap=0.9 + 0.002 * (seed - 4),
-                                                                        rho=("", 0.95, 0.93, 0.90)),
-                 row("p1_dropout", seed, dropout, overfit=0.02), row("p1_matched_p4", seed, matched), row("p1_law_p4", seed, law)]
+        rows += [row("p1", seed, p1, overfit=0.08, gap=0.9),
+                 row("p4_reparam", seed, chosen, overfit=0.03, gap=0.9 + 0.002 * (seed - 4),
+                     rho=("", 0.95, 0.93, 0.90)),
+                 row("p1_dropout", seed, dropout, overfit=0.02), row("p1_matched_p4", seed, matched),
+                 row("p1_law_p4", seed, law)]
     v = by(repeated.verdicts(rows, "p4_reparam"))
-    assert v["beats P = 1 (best val)"]["verdict"] == "holds" and v["beats P = 1 (best val)"]["mean"] == pytest.approx(-0.05)
+    assert v["beats P = 1 (best val)"]["verdict"] == "holds"
+    assert v["beats P = 1 (best val)"]["mean"] == pytest.approx(-0.05)
     assert v["overfits less than P = 1 (final - best val)"]["verdict"] == "holds"
     assert v["generalises better than P = 1 (final val - train)"]["verdict"] == "null: within noise"
-    assert v["beats P = 1 with dropout 0.1"]["verdict"] == "holds"  # -0.04, -0.01, -0.04: every seed lower, mean beyond noise
+    # -0.04, -0.01, -0.04: every seed lower, mean beyond noise
+    assert v["beats P = 1 with dropout 0.1"]["verdict"] == "holds"
     assert v["beats the parameter-matched P = 1"]["verdict"] == "holds"
-    assert v["beats or matches the law-width P = 1"]["verdict"] == "holds (a match, within noise)"  # -0.01, +0.005, +0.005
+    # -0.01, +0.005, +0.005
+    assert v["beats or matches the law-width P = 1"]["verdict"] == "holds (a match, within noise)"
     rho = v["rho falls with the epoch (last - first evaluation)"]
     assert rho["verdict"] == "holds" and rho["mean"] == pytest.approx(-0.05) and rho["seeds"] == 3
 
@@ -47,7 +53,8 @@ def test_a_null_and_a_refutation_are_said_as_such():
 
 
 def test_the_choice_uses_only_the_exploration_seeds():
-    rows = [row("p1", 1, 2.0, phase="explore"), row("p2_plain", 1, 1.99, phase="explore"), row("p4_reparam", 1, 1.95, phase="explore"),
+    rows = [row("p1", 1, 2.0, phase="explore"), row("p2_plain", 1, 1.99, phase="explore"),
+            row("p4_reparam", 1, 1.95, phase="explore"),
             row("p1", 3, 2.0), row("p2_plain", 3, 1.5)]  # a confirmation seed that would change the choice
     chosen, scores = repeated.choose(rows)
     assert chosen == "p4_reparam" and scores["p2_plain"] == pytest.approx(-0.01)
@@ -67,7 +74,8 @@ def test_over_budget_arms_are_cut_in_order_never_seeds(monkeypatch):
     monkeypatch.setattr(repeated, "step_seconds", lambda cfg, pre, reparam: 0.1 * cfg.n_streams)
     full = repeated.plan(pre, 256, list(repeated.ARMS), jobs=2, budget_min=-1)[1]
     arms, est, cut, lines = repeated.plan(pre, 256, list(repeated.ARMS), jobs=2, budget_min=full - 1)
-    assert cut == repeated.CUT_ORDER[:len(cut)] and cut and est <= full - 1 and "arms cut: " + ", ".join(cut) in lines[-1]
+    assert cut == repeated.CUT_ORDER[:len(cut)] and cut and est <= full - 1
+    assert "arms cut: " + ", ".join(cut) in lines[-1]
     assert all(a not in arms for a in cut) and "p1" in arms
     assert "still over the budget" in repeated.plan(pre, 256, list(repeated.ARMS), jobs=2, budget_min=1)[3][-1]
     assert repeated.plan(pre, 256, list(repeated.ARMS), jobs=2, budget_min=-1)[2] == []  # no budget, nothing cut
@@ -81,11 +89,11 @@ def test_over_budget_arms_are_cut_in_order_never_seeds(monkeypatch):
 ])
 def test_bad_flags_are_one_named_error(flags, match, tmp_path):
     with pytest.raises(UserError, match=match):
-        repeated.get_args(["--preset=tiny", f"--out={tmp_path}", *flags])
+        repeated.get_args(["--preset=tiny", f"--out_dir={tmp_path}", *flags])
 
 
 def test_the_flow_end_to_end_on_the_tiny_preset(tmp_path, capsys):
-    args = ["--preset=tiny", f"--out={tmp_path / 'out'}", f"--results={tmp_path / 'res'}", "--threads=1",
+    args = ["--preset=tiny", f"--out_dir={tmp_path / 'out'}", f"--results={tmp_path / 'res'}", "--threads=1",
             "--arms=p2_plain,p1_dropout,p1_matched_p2,p1_law_p2", "--explore_seeds=1", "--confirm_seeds=2"]
     result = repeated.main(args)
     out = capsys.readouterr().out

@@ -14,7 +14,8 @@ import sample
 import train
 from checkpoint import load_checkpoint, streams_state
 from common import UserError
-from model import GPT, GPTConfig, convert_to_streams
+from model import GPT, GPTConfig
+from model_init import convert_to_streams
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--n_prefix=2",
         "--eval_iters=2", "--log_interval=5", "--device=cpu", "--warmup_iters=5",
@@ -54,7 +55,8 @@ def test_short_run_lowers_loss_and_logs_stream_weights(data_dir, tmp_path, P):
     run(data_dir, tmp_path, "--max_iters=40", "--eval_interval=20", f"--n_streams={P}", "--peak_flops=1e12")
     ev = evals(tmp_path)
     with open(os.path.join(tmp_path, "log.jsonl")) as f:
-        assert all(r["mfu"] > 0 for r in map(json.loads, f) if r["kind"] == "train")  # model.estimate_mfu against the given peak
+        # common.estimate_mfu against the given peak
+        assert all(r["mfu"] > 0 for r in map(json.loads, f) if r["kind"] == "train")
     assert [r["step"] for r in ev] == [0, 20, 40]
     assert ev[-1]["val"] < ev[0]["val"] - 1.0, ev
     if P > 1:
@@ -139,23 +141,28 @@ def save_model(path, **config):
     ("--min_lr=1", r"--min_lr \(1.0\) must not exceed --learning_rate"),
     ("--grad_clip=-1", "--grad_clip must be >= 0"),
     ("--weight_decay=-0.1", "--weight_decay must be >= 0"),
-    ("--dropout=1", r"--dropout must be in \[0, 1\)"),
-    ("--dropout=-0.1", r"--dropout must be in \[0, 1\)"),
+    ("--dropout=-0.1", r"dropout must be in \[0, 1\)"),
     ("--beta2=1", r"--beta1 and --beta2 must be in \[0, 1\)"),
     ("--threads=0", "--threads must be -1 or > 0"),
     ("--peak_flops=0", "--peak_flops must be -1 or > 0"),
     ("--seed=-1", "--seed must be >= 0"),
     ("--bias=2", "--bias must be 1"),
-    ("--n_embd=31", r"--n_embd \(31\) must be a multiple of --n_head \(2\)"),
-    ("--n_kv_head=3", r"--n_kv_head \(3\) must divide --n_head \(2\)"),
-    ("--n_prefix=0", "--n_prefix must be >= 1 when --n_streams > 1"),
-    ("--agg_smoothing=2", r"--agg_smoothing must be in \[0, 1\]"),
+    # the model's own fields: model.py's rules (GPTConfig), named by the field, which is the flag's name
+    ("--n_embd=31", r"the model flags: n_embd \(31\) must be divisible by n_head \(2\)"),
+    ("--n_kv_head=3", r"the model flags: n_kv_head \(3\) must divide n_head \(2\)"),
+    ("--n_kv_head=-1", r"the model flags: n_kv_head must be a positive integer, got -1"),  # left out = n_head
+    ("--n_prefix=0", "the model flags: n_prefix must be >= 1 at n_streams=2, got 0"),
+    ("--agg_smoothing=2", r"the model flags: agg_smoothing must be in \[0, 1\]"),
+    ("--dropout=1", r"the model flags: dropout must be in \[0, 1\)"),
+    ("--n_layer=0", "the model flags: n_layer must be a positive integer, got 0"),
+    ("--prefix_init_std=-1", "the model flags: prefix_init_std must be >= 0"),
     ("--streams=s.pt", "--streams attaches streams to a P=1 backbone"),
     ("--prefix_init=kv", "--prefix_init=kv takes the prefixes from a trained P=1 model"),
+    ("--prefix_reparam=8 --prefix_init=kv", "--prefix_init=kv sets plain prefixes, --prefix_reparam makes them"),
 ])
 def test_bad_flag_values_are_refused_where_parsed(flag, message):
     with pytest.raises(UserError, match=message):
-        train.get_args(TINY + [flag])
+        train.get_args(TINY + flag.split())
 
 
 def test_argparse_keeps_its_own_type_errors(tmp_path):
@@ -203,9 +210,9 @@ def test_data_mistakes_are_named(tmp_path):
 
 
 def test_checkpoint_mistakes_are_named(data_dir, tmp_path, p1_ckpt):
-    with pytest.raises(UserError, match="--init_from=resume, but there is no checkpoint at"):
+    with pytest.raises(UserError, match="--init_from=resume: no checkpoint at .*empty/ckpt.pt"):
         run(data_dir, tmp_path / "empty", "--init_from=resume")
-    with pytest.raises(UserError, match="--init_from=.*nope.pt: no checkpoint at that path"):
+    with pytest.raises(UserError, match="--init_from=.*nope.pt: no checkpoint at"):
         run(data_dir, tmp_path / "o", f"--init_from={tmp_path / 'nope.pt'}")
     os.makedirs(tmp_path / "bad")
     (tmp_path / "bad" / "ckpt.pt").write_bytes(os.urandom(1000))
@@ -228,9 +235,10 @@ def test_checkpoint_mistakes_are_named(data_dir, tmp_path, p1_ckpt):
         run(data_dir, tmp_path / "o", f"--init_from={p2}", f"--streams={p1_ckpt}")
     with pytest.raises(UserError, match="is a full checkpoint, not a streams_p"):
         run(data_dir, tmp_path / "o", f"--init_from={p1_ckpt}", f"--streams={p1_ckpt}")
-    other = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256))  # the right shape, other weights
+    other = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256))  # right shape, other weights
     torch.save(streams_state(convert_to_streams(other, 2, n_prefix=2)), tmp_path / "streams_p2.pt")
-    with pytest.raises(UserError, match="--streams=.*streams_p2.pt: these streams were trained on a different backbone"):
+    with pytest.raises(UserError, match="--streams=.*streams_p2.pt: these streams were trained on "
+                                        "a different backbone"):
         run(data_dir, tmp_path / "o", f"--init_from={p1_ckpt}", f"--streams={tmp_path / 'streams_p2.pt'}")
     assert not os.path.exists(tmp_path / "o")
 
@@ -255,7 +263,8 @@ def test_a_refused_run_leaves_out_dir_as_it_was(data_dir, tmp_path):
 @pytest.mark.parametrize("flag, start", [("--batch_size=0", "error: --batch_size must be >= 1, got 0\n"),
                                          ("--data_dir={tmp}/nowhere", "error: --data_dir=")])
 def test_the_command_line_prints_one_error_line(tmp_path, flag, start):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={tmp_path / 'o'}", flag.format(tmp=tmp_path)]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={tmp_path / 'o'}",
+           flag.format(tmp=tmp_path)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and res.stdout == "", res.stdout + res.stderr
     assert res.stderr.startswith(start) and res.stderr.count("\n") == 1, res.stderr  # no traceback, no usage text
@@ -302,7 +311,8 @@ def test_ddp_with_gloo_on_cpu(data_dir, tmp_path):
 def test_sample_from_checkpoint(data_dir, tmp_path, capsys):
     run(data_dir, tmp_path, "--max_iters=30", "--eval_interval=30", "--n_streams=2")
     capsys.readouterr()
-    argv = [f"--out_dir={tmp_path}", "--start=def f", "--temperature=0", "--num_samples=2", "--max_new_tokens=20", "--device=cpu"]
+    argv = [f"--out_dir={tmp_path}", "--start=def f", "--temperature=0", "--num_samples=2", "--max_new_tokens=20",
+            "--device=cpu"]
     sample.main(argv)
     first = capsys.readouterr()
     sample.main(argv)
@@ -328,3 +338,20 @@ def test_kv_prefix_init_starts_near_the_base_model(data_dir, tmp_path):
         jumps[init] = evals(tmp_path / init)[0]["val"] - base_val
         assert torch.isfinite(ck["model"]["transformer.h.0.attn.prefix_k"]).all()
     assert jumps["kv"] < jumps["random"], jumps
+
+
+def test_smoothing_defaults_to_the_papers_and_the_official_codes_is_one_flag_away(data_dir, tmp_path):
+    args, _ = train.get_args(TINY)
+    assert train.model_fields(args)["agg_smoothing"] == 0.1  # arXiv 2505.10475's text
+    ck = run(data_dir, tmp_path, "--max_iters=1", "--eval_interval=1", "--agg_smoothing=0.01")
+    assert ck["model_args"]["agg_smoothing"] == 0.01 and ck["args"]["agg_smoothing"] == 0.01
+
+
+def test_args_are_read_never_written(data_dir, tmp_path, p1_ckpt):
+    """A run from a checkpoint that overrides typed flags, converts P and resumes: args stays as parsed."""
+    for extra in ([f"--init_from={p1_ckpt}", "--n_layer=3", "--lr_decay_iters=-1"],
+                  ["--init_from=resume", f"--out_dir={os.path.dirname(p1_ckpt)}", "--n_embd=64"]):
+        args, typed = train.get_args(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--eval_only", *extra])
+        before = dict(vars(args))
+        train.run(args, typed)
+        assert vars(args) == before

@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from model import GPTConfig  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -33,7 +33,6 @@ def make_model(seed=0, device="cpu", **kw):
     """A small model for the fused path's tests, every parameter off its trivial init value: prefixes large so
     the streams really differ, the aggregator's mix non-uniform, LayerNorms and biases non-trivial. Written by
     parameter name and shape alone, so a modified model.py (the README's exercises) works too."""
-    from model import GPT
     torch.manual_seed(seed)
     model = GPT(tiny_config(**kw)).to(device).eval()
     with torch.no_grad():
@@ -65,3 +64,10 @@ def reference_attention(qkv, pk, pv, ck, cv, pos, B, H, Hkv, n_pre, scale):
             att = (K @ (q[r, h * hd:(h + 1) * hd] * scale)).softmax(0)
             out[r, h] = att @ V
     return out.view(R, H * hd)
+
+
+def model_from(ckpt):
+    """The model a loaded checkpoint describes, with its weights: what sample.py builds."""
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model
