@@ -496,15 +496,18 @@ def runtime_missing(sanitize):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def sanitizer_runs():
-    """Every sanitizer run started at once, when this module's first test starts: each is a subprocess (its
-    Python started with the runtime preloaded) on one thread, so they overlap with one another and with the
-    in-process tests; the tests at the end of this module collect them."""
+def sanitizer_runs(request):
+    """Every selected sanitizer run started at once, when this module's first test starts: each is a subprocess
+    (its Python started with the runtime preloaded) on one thread, so they overlap with one another and with
+    the in-process tests; the tests at the end of this module collect them."""
     runs = {}
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "originalname", "") in ("test_kernels_and_decoder_under_sanitizer",
+                                                          "test_a_planted_fault_is_reported")}
     if not missing():
         prelude = f"import sys; sys.path[:0] = [{os.path.join(ROOT, 'tests')!r}, {ROOT!r}]\n"
         for name, (sanitize, code, _) in SANITIZER_RUNS.items():
-            if not runtime_missing(sanitize):
+            if name in selected and not runtime_missing(sanitize):
                 out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
                 proc = subprocess.Popen([sys.executable, "-c", prelude + code], cwd=ROOT, env=sanitized_env(sanitize),
                                         stdout=out, stderr=err, text=True)
