@@ -207,15 +207,3 @@ def estimate_mfu(model, tokens_per_second, seq_len, peak):
     """Model FLOPs utilisation: achieved training FLOP/s over `peak` FLOP/s (None if peak unknown)."""
     return flops_per_token(model, seq_len) * tokens_per_second / peak if peak else None
 
-
-def sample_next(logits, temperature=1.0, top_k=None):
-    """Next tokens (B, 1) from last-position logits (B, V), as model.GPT.generate samples them, plus
-    temperature 0 = greedy. For kernels/fused.py, whose decoder samples on its own."""
-    logits = logits.float()
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

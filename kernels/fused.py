@@ -4,7 +4,7 @@ decode step, built at first use with NVRTC through ctypes, and CUDA-graph replay
 Everything else runs through model.py itself, so there is one model, not two:
 
     from kernels.fused import fused_decoder_for
-    dec, why = fused_decoder_for(model, batch_size, dtype, max_len)   # never raises; dec is None if refused
+    dec, why = fused_decoder_for(model, batch_size, dtype, max_len)   # never raises; dec None if refused
     logits = dec.prefill(idx)                       # (B, T) -> last-position logits (B, vocab) float32
     logits = dec.decode_step(tok)                   # (B, 1) -> (B, vocab) float32
     out = dec.generate(idx, max_new_tokens, temperature=1.0, top_k=None)
@@ -12,15 +12,17 @@ Everything else runs through model.py itself, so there is one model, not two:
 What runs where:
   prefill           model.py's own forward (model(idx, cache=...)) fills a model.KVCache
   decode step       the kernels below, reading the same KVCache (real tokens only) and each layer's
-                    (P, n_kv_head, n_prefix, hd) prefix parameter in place: the prefix exists once per stream
+                    (P, n_kv_head, n_prefix, hd) prefix parameter in place: a prefix exists once a stream
   aggregation       the model's own Aggregator module, called on the kernels' final hidden states
 Before a decoder is made, two checks decide whether the kernels can stand in for model.py:
   known_structure   every parameter has the name and shape the kernels assume, every module is of a
-                    type they know with the options they assume, no forward is replaced or hooked on an instance;
-  self_check        a small fp32 instance of the same classes and config (at most 2 layers, weights from
-                    a local torch.Generator, so the caller's seeded sampling does not move) decodes a random
-                    prompt of up to 40 tokens plus 3 steps on both paths, eagerly; the logits must agree to 2e-4.
-                    The result is cached per config and per version of the classes' code.
+                    type they know with the options they assume, no forward is replaced or hooked on
+                    an instance;
+  self_check        a small fp32 instance of the same classes and config (at most 2 layers, weights
+                    from a local torch.Generator, so the caller's seeded sampling does not move) decodes
+                    a random prompt of up to 40 tokens plus 3 steps on both paths, eagerly; the logits
+                    must agree to 2e-4. The result is cached per config and per version of the classes'
+                    code.
 A refusal is a reason string ("fused decode disagrees with model.py by 1.3 at step 2"); sample.py and
 bench.py print it and decode on the reference path.
 
@@ -70,7 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import nvrtc
-from common import UserError, sample_next
+from common import UserError
 from model import GPT, MLP, Block, CausalSelfAttention, KVCache
 
 KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -80,12 +82,13 @@ GEMV_SMEM_LIMIT = 48 * 1024  # the LayerNorm prologue stages R * C floats; more 
 CHECK_TOL = 2e-4  # self-check: fp32 logits of both paths must agree to this (absolute and relative)
 ATT_MAX_SPLITS = 64
 DTYPES = {torch.bfloat16: "ELEM_BF16", torch.float32: "ELEM_F32"}
-# A kernel argument's C type -> what it must be: a tensor of this dtype ("elem_t": the decoder's), or a scalar.
+# A kernel argument's C type -> what it must be: a tensor of this dtype ("elem_t": the decoder's), or a
+# scalar of this C type
 C_TYPES = {"elem_t*": "elem_t", "float*": torch.float32, "int*": torch.int32, "long long*": torch.int64,
            "unsigned int*": torch.int32, "int": ctypes.c_int, "float": ctypes.c_float}
 
 
-def _say(msg):
+def announce(msg):
     print(f"[kernels.fused] {msg}", flush=True)
 
 
@@ -103,14 +106,16 @@ def parse_signatures(source):
     """{kernel: ((C type, name), ...)} from the extern "C" __global__ definitions in CUDA source. The C type
     is written without const and __restrict__: "elem_t*", "float*", "int", ..."""
     out = {}
-    for m in re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\((.*?)\)\s*\{', source, re.S):
+    kernel = r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\((.*?)\)\s*\{'
+    for m in re.finditer(kernel, source, re.S):
         params = []
         for arg in filter(str.strip, re.sub(r"//[^\n]*", "", m.group(2)).split(",")):
             bare = re.sub(r"\b(const|__restrict__)\b", " ", arg)
             words = re.fullmatch(r"\s*(\w+(?:\s+\w+)*?)\s*(\*?)\s*(\w+)\s*", bare)
             ctype, name = re.sub(r"\s+", " ", words.group(1)) + words.group(2), words.group(3)
             if ctype not in C_TYPES:
-                raise ValueError(f"kernel {m.group(1)}: argument {name} has type {ctype}, not one of {list(C_TYPES)}")
+                raise ValueError(f"kernel {m.group(1)}: argument {name} has type {ctype}, "
+                                 f"not one of {list(C_TYPES)}")
             params.append((ctype, name))
         out[m.group(1)] = tuple(params)
     return out
@@ -127,7 +132,8 @@ def marshal(name, dtype, args, device_type="cuda"):
     Tensors must be on `device_type` (the backend's) and of the dtype their C type needs."""
     sig = signatures()[name]
     if len(args) != len(sig):
-        raise TypeError(f"{name}: expected {len(sig)} arguments ({', '.join(n for _, n in sig)}), got {len(args)}")
+        raise TypeError(f"{name}: expected {len(sig)} arguments ({', '.join(n for _, n in sig)}), "
+                        f"got {len(args)}")
     values = []
     for i, (a, (ctype, pname)) in enumerate(zip(args, sig)):
         want = C_TYPES[ctype]
@@ -135,8 +141,8 @@ def marshal(name, dtype, args, device_type="cuda"):
             want = dtype if want == "elem_t" else want
             if not isinstance(a, torch.Tensor) or a.device.type != device_type or a.dtype != want:
                 got = f"{a.dtype} on {a.device}" if isinstance(a, torch.Tensor) else type(a).__name__
-                raise TypeError(f"{name}: argument {i} ({ctype} {pname}) must be a {device_type} {want} tensor, "
-                                f"got {got}")
+                raise TypeError(f"{name}: argument {i} ({ctype} {pname}) must be a {device_type} {want} "
+                                f"tensor, got {got}")
             values.append(ctypes.c_void_p(a.data_ptr()))
         elif want is ctypes.c_int:
             if not isinstance(a, int) or isinstance(a, bool) or not -2**31 <= a < 2**31:
@@ -209,26 +215,28 @@ class CudaDriver:
         index = device.index if device.index is not None else torch.cuda.current_device()
         compiled = compile_kernels(dtype, head_dim, device_arch(index))
         if compiled.log:  # NVRTC warned: the build goes on, but says so (the CPU tests fail on it)
-            _say(f"NVRTC warnings for {compiled.arch}:\n{compiled.log}")
+            announce(f"NVRTC warnings for {compiled.arch}:\n{compiled.log}")
         t0 = time.perf_counter()
-        with torch.cuda.device(index):  # cuModuleLoadData loads into the current context: make it this device's
-            torch.cuda.synchronize(index)  # a runtime call, so torch's primary context exists and is current
+        # cuModuleLoadData loads into the current context: make it this device's, and torch's primary
+        # context exist and be current (synchronize is a runtime call)
+        with torch.cuda.device(index):
+            torch.cuda.synchronize(index)
             funcs = nvrtc.load_module(compiled.cubin, signatures())
         cu = nvrtc.libcuda()
 
         def launcher(name, func):
             def launch(grid, block, smem, params):
                 stream = torch.cuda.current_stream().cuda_stream
-                rc = cu.cuLaunchKernel(func, *[ctypes.c_uint(g) for g in grid], *[ctypes.c_uint(b) for b in block],
-                                       ctypes.c_uint(smem), ctypes.c_void_p(stream), params, None)
+                dims = [ctypes.c_uint(d) for d in (*grid, *block)]
+                rc = cu.cuLaunchKernel(func, *dims, ctypes.c_uint(smem), ctypes.c_void_p(stream), params, None)
                 if rc != 0:
-                    raise RuntimeError(f"cuLaunchKernel({name}, grid={grid}, block={block}, smem={smem}) failed: "
-                                       f"{nvrtc.cuda_error(rc)}")
+                    raise RuntimeError(f"cuLaunchKernel({name}, grid={grid}, block={block}, smem={smem}) "
+                                       f"failed: {nvrtc.cuda_error(rc)}")
             return launch
 
         what = (f"kernels/*.cu with {compiled.nvrtc} for {compiled.arch}, {str(dtype).removeprefix('torch.')}, "
-                f"head_dim {head_dim}: compiled in {compiled.seconds:.2f} s ({len(compiled.cubin) // 1024} KiB cubin), "
-                f"loaded in {time.perf_counter() - t0:.2f} s")
+                f"head_dim {head_dim}: compiled in {compiled.seconds:.2f} s "
+                f"({len(compiled.cubin) // 1024} KiB cubin), loaded in {time.perf_counter() - t0:.2f} s")
         return {name: launcher(name, f) for name, f in funcs.items()}, what
 
 
@@ -246,7 +254,7 @@ def build(dtype, head_dim, device=None, backend=CUDA):
     if key not in _MODULES:
         launchers, what = backend.load(dtype, head_dim, dev)
         _MODULES[key] = _Module(launchers, dtype, backend.device_type, what)
-        _say(f"built {what}")
+        announce(f"built {what}")
     return _MODULES[key]
 
 
@@ -255,7 +263,7 @@ def _report(ok, reason):
             f"fused CUDA decode path OFF: {reason}; decoding falls back to the reference model.GPT path")
     if line not in _REPORTED:
         _REPORTED.add(line)
-        _say(line)
+        announce(line)
     return ok, reason
 
 
@@ -266,7 +274,7 @@ def fused_status(device=None, backend=CUDA):
         ok, why = backend.status(dev)
         if not ok:
             return _report(False, why)
-        mod = build(torch.bfloat16, 64, dev, backend)  # probe build: proves the build, loading and symbol lookup
+        mod = build(torch.bfloat16, 64, dev, backend)  # a probe: the build, the loading, the symbols
         return _report(True, f"kernels built and loaded: {mod.description}")
     except Exception as e:  # the point of this function: any failure becomes a loud, explained fallback
         return _report(False, f"kernel build failed: {type(e).__name__}: {e}")
@@ -276,11 +284,13 @@ def fused_status(device=None, backend=CUDA):
 # Can the kernels stand in for model.py? A structural check, then a numerical one.
 
 def expected_shapes(cfg):
-    """{state_dict name: shape} of exactly the tensors the kernels read (the aggregator is called, not read)."""
+    """{state_dict name: shape} of exactly the tensors the kernels read (the aggregator is called, not
+    read)."""
     C, V, L, qkv = cfg.n_embd, cfg.vocab_size, cfg.n_layer, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
-    linears = {"attn.c_attn": (qkv, C), "attn.c_proj": (C, C), "mlp.c_fc": (4 * C, C), "mlp.c_proj": (C, 4 * C)}
-    out = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (cfg.block_size, C), "lm_head.weight": (V, C),
-           "transformer.ln_f.weight": (C,)}
+    linears = {"attn.c_attn": (qkv, C), "attn.c_proj": (C, C), "mlp.c_fc": (4 * C, C),
+               "mlp.c_proj": (C, 4 * C)}
+    out = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (cfg.block_size, C),
+           "lm_head.weight": (V, C), "transformer.ln_f.weight": (C,)}
     if cfg.bias:
         out["transformer.ln_f.bias"] = (C,)
     for i in range(L):
@@ -290,12 +300,13 @@ def expected_shapes(cfg):
         for name, shape in linears.items():
             out.update({p + name + ".weight": shape, **({p + name + ".bias": shape[:1]} if cfg.bias else {})})
         if cfg.n_streams > 1:
-            out[p + "attn.prefix_k"] = out[p + "attn.prefix_v"] = (cfg.n_streams, cfg.n_kv_head, cfg.n_prefix, cfg.head_dim)
+            prefix = (cfg.n_streams, cfg.n_kv_head, cfg.n_prefix, cfg.head_dim)
+            out[p + "attn.prefix_k"] = out[p + "attn.prefix_v"] = prefix
     return out
 
 
-KNOWN_MODULES = (GPT, Block, CausalSelfAttention, MLP, torch.nn.LayerNorm, torch.nn.ModuleDict, torch.nn.ModuleList,
-                 torch.nn.Embedding, torch.nn.Linear, torch.nn.Dropout, torch.nn.GELU)
+KNOWN_MODULES = (GPT, Block, CausalSelfAttention, MLP, torch.nn.LayerNorm, torch.nn.ModuleDict,
+                 torch.nn.ModuleList, torch.nn.Embedding, torch.nn.Linear, torch.nn.Dropout, torch.nn.GELU)
 
 
 def known_structure(model):
@@ -324,9 +335,11 @@ def known_structure(model):
         if m._forward_hooks or m._forward_pre_hooks:
             return f"module {name or 'model'} has a forward hook, which the kernels would not run"
         if isinstance(m, torch.nn.LayerNorm) and (m.eps != 1e-5 or not m.elementwise_affine):
-            return f"module {name} is LayerNorm(eps={m.eps}, elementwise_affine={m.elementwise_affine}); the kernels assume 1e-5 and affine"
+            return (f"module {name} is LayerNorm(eps={m.eps}, elementwise_affine={m.elementwise_affine}); "
+                    "the kernels assume 1e-5 and affine")
         if isinstance(m, torch.nn.Embedding) and m.max_norm is not None:
-            return f"module {name} renormalises its rows (max_norm={m.max_norm}); the kernels read them as they are"
+            return (f"module {name} renormalises its rows (max_norm={m.max_norm}); the kernels read them "
+                    "as they are")
         if isinstance(m, torch.nn.GELU) and m.approximate != "none":
             return f"module {name} is GELU(approximate={m.approximate!r}); the kernels compute the erf form"
     return ""
@@ -334,7 +347,8 @@ def known_structure(model):
 
 def _code_version(model):
     """Identifies the code of the model's classes: a monkeypatched or edited method gives a new value."""
-    classes = sorted({c for m in model.modules() for c in type(m).__mro__ if c.__module__ != "builtins"}, key=str)
+    classes = {c for m in model.modules() for c in type(m).__mro__ if c.__module__ != "builtins"}
+    classes = sorted(classes, key=str)
     return tuple((c.__qualname__, name, id(f)) for c in classes for name, f in vars(c).items() if callable(f))
 
 
@@ -361,9 +375,13 @@ def self_check(model, batch_size, attn_splits=None, steps=3, backend=CUDA):
     """
     cfg, device = model.config, next(model.parameters()).device
     small_cfg = dataclasses.replace(cfg, n_layer=min(cfg.n_layer, 2), dropout=0.0)
-    # the smallest batch that takes the same kernel paths: hand GEMVs or cuBLAS for the layers and for the head
-    B = batch_size if cfg.n_streams * batch_size <= RMAX else RMAX + 1 if batch_size > RMAX else _cdiv(RMAX + 1, cfg.n_streams)
-    key = (type(model), dataclasses.astuple(small_cfg), B, str(device), attn_splits, backend.key, _code_version(model))
+    # the smallest batch that takes the same kernel paths: hand GEMVs or cuBLAS for the layers and the head
+    if cfg.n_streams * batch_size <= RMAX:
+        B = batch_size
+    else:
+        B = RMAX + 1 if batch_size > RMAX else _cdiv(RMAX + 1, cfg.n_streams)
+    key = (type(model), dataclasses.astuple(small_cfg), B, str(device), attn_splits, backend.key,
+           _code_version(model))
     if key in _SELF_CHECKS:
         return _SELF_CHECKS[key]
     gen = torch.Generator().manual_seed(1234)
@@ -375,8 +393,8 @@ def self_check(model, batch_size, attn_splits=None, steps=3, backend=CUDA):
             _check_weights(small, gen)
             T0 = max(1, min(40, cfg.block_size - steps))  # past 32 keys: the attention's splits merge
             tokens = torch.randint(0, cfg.vocab_size, (B, T0 + steps), generator=gen).to(device)
-            dec = FusedDecoder(small, B, dtype=torch.float32, cuda_graph=False, attn_splits=attn_splits, check=False,
-                               backend=backend)
+            dec = FusedDecoder(small, B, dtype=torch.float32, cuda_graph=False, attn_splits=attn_splits,
+                               check=False, backend=backend)
             dec.prefill(tokens[:, :T0])
             cache = KVCache(small, B)
             small(tokens[:, :T0], cache=cache)
@@ -413,7 +431,7 @@ def fused_decoder_for(model, batch_size, dtype, max_len, cuda_graph=True, backen
         dec = FusedDecoder(model, batch_size, dtype=dtype, cuda_graph=cuda_graph, backend=backend)
     except UserError as e:  # refused by known_structure or self_check
         return None, str(e)
-    except Exception as e:  # e.g. the build for this dtype, or memory: say so, and decode on the reference path
+    except Exception as e:  # the build for this dtype, memory, ...: say so, decode on the reference path
         return None, f"the fused decoder could not be made: {type(e).__name__}: {e}"
     return dec, f"{why}; {dec.checked}"
 
@@ -429,14 +447,16 @@ class FusedDecoder:
     (check=False skips self_check: the self-check itself uses that).
     attn_splits: force the number of flash-decoding splits (tests); None picks ~2 blocks per SM.
     backend: who runs the kernels, CUDA (the GPU) unless a test passes its CPU backend; a backend without
-    CUDA graphs (the CPU one) runs every step eagerly, whatever cuda_graph says, and the start-up line says so.
+    CUDA graphs (the CPU one) runs every step eagerly, whatever cuda_graph says, and the start-up line says
+    so.
     """
 
     @staticmethod
     def supports(config, batch_size, dtype):
         """(True, '') or (False, why) for this model shape, batch size and dtype."""
         if dtype not in DTYPES:
-            return False, f"dtype {dtype} is not supported by the fused kernels (use torch.bfloat16 or torch.float32)"
+            return False, (f"dtype {dtype} is not supported by the fused kernels (use torch.bfloat16 or "
+                           "torch.float32)")
         if config.head_dim % 32 != 0 or config.head_dim > 256:
             return False, f"head_dim {config.head_dim} must be a multiple of 32 and at most 256"
         if config.n_embd % 8 != 0:
@@ -476,7 +496,7 @@ class FusedDecoder:
         self.n_prefix, self.Tmax = cfg.n_prefix_slots, cfg.block_size
         self.n_qkv = (H + 2 * Hkv) * hd
 
-        sd = model.state_dict()  # the names and shapes known_structure checked; no copies when already in dtype
+        sd = model.state_dict()  # the names and shapes known_structure checked; no copy when in dtype
         zeros = torch.zeros(C, device=device, dtype=dtype)
 
         def w(name, default=None):
@@ -491,11 +511,14 @@ class FusedDecoder:
             p = f"transformer.h.{i}."
             self.layers.append(dict(
                 ln1=ln(p + "ln_1"), ln2=ln(p + "ln_2"),
-                w_qkv=w(p + "attn.c_attn.weight"), b_qkv=w(p + "attn.c_attn.bias", torch.zeros(self.n_qkv, device=device, dtype=dtype)),
+                w_qkv=w(p + "attn.c_attn.weight"),
+                b_qkv=w(p + "attn.c_attn.bias", torch.zeros(self.n_qkv, device=device, dtype=dtype)),
                 w_o=w(p + "attn.c_proj.weight"), b_o=w(p + "attn.c_proj.bias", zeros),
-                w_fc=w(p + "mlp.c_fc.weight"), b_fc=w(p + "mlp.c_fc.bias", torch.zeros(4 * C, device=device, dtype=dtype)),
+                w_fc=w(p + "mlp.c_fc.weight"),
+                b_fc=w(p + "mlp.c_fc.bias", torch.zeros(4 * C, device=device, dtype=dtype)),
                 w_p=w(p + "mlp.c_proj.weight"), b_p=w(p + "mlp.c_proj.bias", zeros),
-                # (P, Hkv, n_prefix, hd): the model's own prefix, shared by the B rows of each stream; a dummy at P = 1
+                # (P, Hkv, n_prefix, hd): the model's own prefix, shared by the B rows of each stream;
+                # a dummy at P = 1
                 prefix_k=w(p + "attn.prefix_k", zeros), prefix_v=w(p + "attn.prefix_v", zeros),
             ))
         self.ln_f = ln("transformer.ln_f")
@@ -503,8 +526,9 @@ class FusedDecoder:
         # static state: every pointer baked into the CUDA graph lives here
         R, V = self.R, cfg.vocab_size
         kw = dict(device=device, dtype=dtype)
-        self.cache = KVCache(model, B, dtype=dtype)  # model.py's own cache: (L, R, Hkv, block_size, hd), real tokens only
-        self.pos = torch.zeros(1, device=device, dtype=torch.int32)  # = cache.pos, on the device for graph replay
+        # model.py's own cache: (L, R, Hkv, block_size, hd), real tokens only
+        self.cache = KVCache(model, B, dtype=dtype)
+        self.pos = torch.zeros(1, device=device, dtype=torch.int32)  # = cache.pos, on the device: graphs
         self.tok = torch.zeros(B, device=device, dtype=torch.long)
         self.x = torch.zeros(R, C, device=device)  # fp32 residual stream
         self.h = torch.empty(R, C, **kw)
@@ -522,8 +546,8 @@ class FusedDecoder:
         self.gemv_head = B <= RMAX
         self.graph, self.graph_logits = None, None
         if check:
-            _say(f"FusedDecoder: P={P} B={B} rows={R} {str(dtype).removeprefix('torch.')}, layers on "
-                 f"{'hand GEMV kernels' if self.gemv_rows else f'cuBLAS (rows {R} > {RMAX} or LayerNorm smem too big)'}, "
+            announce(f"FusedDecoder: P={P} B={B} rows={R} {str(dtype).removeprefix('torch.')}, layers on "
+                 f"{'hand GEMV kernels' if self.gemv_rows else f'cuBLAS (rows {R} > {RMAX} or big LayerNorm)'}, "
                  f"LM head on {'gemv_f32' if self.gemv_head else 'cuBLAS'}, {self.n_split} attention split(s), "
                  f"CUDA graph {'ON' if self.cuda_graph else 'OFF'}"
                  f"{'' if backend.graphs else f' (none on the {backend.device_type} backend)'}")
@@ -531,7 +555,8 @@ class FusedDecoder:
     # ---------------------------------------------------------------- one decode step (graph-capturable)
 
     def _head(self):
-        """x (R, C) fp32 -> logits (B, V) fp32: ln_f, the model's aggregator (P > 1), LM head. No host sync."""
+        """x (R, C) fp32 -> logits (B, V) fp32: ln_f, the model's aggregator (P > 1), LM head. No host
+        sync."""
         kern, P, B, R, C = self.kernels, self.P, self.B, self.R, self.C
         kern.layernorm((_cdiv(R, 8),), 256, self.x, *self.ln_f, self.h, R, C)
         last = self.h
@@ -549,8 +574,8 @@ class FusedDecoder:
         kern.embed((_cdiv(C, 256), R), 256, self.tok, self.pos, self.wte, self.wpe, self.x, B, C)
         for i, layer in enumerate(self.layers):
             if self.gemv_rows:
-                kern.gemv_ln_store((_cdiv(self.n_qkv, 8),), 256, self.x, *layer["ln1"], layer["w_qkv"], layer["b_qkv"],
-                                   self.qkv, R, self.n_qkv, C, smem=R * C * 4)
+                kern.gemv_ln_store((_cdiv(self.n_qkv, 8),), 256, self.x, *layer["ln1"], layer["w_qkv"],
+                                   layer["b_qkv"], self.qkv, R, self.n_qkv, C, smem=R * C * 4)
             else:
                 kern.layernorm((_cdiv(R, 8),), 256, self.x, *layer["ln1"], self.h, R, C)
                 torch.addmm(layer["b_qkv"], self.h, layer["w_qkv"].t(), out=self.qkv)
@@ -559,8 +584,8 @@ class FusedDecoder:
                              B, self.H, self.Hkv, self.n_prefix, self.Tmax, self.n_split, self.scale)
             if self.gemv_rows:
                 kern.gemv_add((_cdiv(C, 8),), 256, self.y, layer["w_o"], layer["b_o"], self.x, R, C, C)
-                kern.gemv_ln_gelu((_cdiv(4 * C, 8),), 256, self.x, *layer["ln2"], layer["w_fc"], layer["b_fc"],
-                                  self.f, R, 4 * C, C, smem=R * C * 4)
+                kern.gemv_ln_gelu((_cdiv(4 * C, 8),), 256, self.x, *layer["ln2"], layer["w_fc"],
+                                  layer["b_fc"], self.f, R, 4 * C, C, smem=R * C * 4)
                 kern.gemv_add((_cdiv(C, 8),), 256, self.f, layer["w_p"], layer["b_p"], self.x, R, C, 4 * C)
             else:
                 self.x.add_(F.linear(self.y, layer["w_o"], layer["b_o"]))
@@ -588,7 +613,8 @@ class FusedDecoder:
 
     @torch.no_grad()
     def prefill(self, idx):
-        """Reset, run the prompt idx (B, T) through model.py itself into the cache; last logits (B, V) fp32."""
+        """Reset, run the prompt idx (B, T) through model.py itself into the cache; the last logits, (B, V)
+        fp32."""
         self._check_tokens(idx, "prefill")
         T = idx.size(1)
         if not 1 <= T <= self.Tmax:
@@ -634,11 +660,25 @@ class FusedDecoder:
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """model.GPT.generate's semantics (temperature 0 = greedy), on the fused path."""
+        """Sampled as model.GPT.generate samples (temperature, then top_k), on the fused path; temperature 0
+        is greedy."""
         if idx.size(1) + max_new_tokens > self.Tmax:
-            raise ValueError(f"generate: prompt {idx.size(1)} + {max_new_tokens} new tokens exceed block_size {self.Tmax}")
+            raise ValueError(f"generate: prompt {idx.size(1)} + {max_new_tokens} new tokens exceed block_size "
+                             f"{self.Tmax}")
         for i in range(max_new_tokens):
             logits = self.prefill(idx) if i == 0 else self.decode_step(idx[:, -1:])
             idx = torch.cat((idx, sample_next(logits, temperature, top_k)), dim=1)
         return idx
 
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """Next tokens (B, 1) from last-position logits (B, V), as model.GPT.generate samples them;
+    temperature 0 is greedy (argmax)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
