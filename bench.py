@@ -37,7 +37,6 @@ from model import GPTConfig
 
 PAPER = {1: (22, 6), 2: (12.8, 3.2), 4: (6.9, 1.7), 8: (3.6, 0.9)}  # width's increase over P=8's: memory, latency
 RAM_CAP = 12e9  # the lesson's most on a CPU: in fp32 the paper preset would pass it, so auto turns bf16 there
-DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 PHASES = {"decode": "decode step @{T}", "long": "decode step @{L}", "prefill": "prefill {T} tokens"}
 
 
@@ -101,7 +100,7 @@ def summarise(family, args):
 
 def card(family, ratios, args):
     """The card: at most 24 lines, none over 120 characters."""
-    T, L, B, roof, base, dt = args.prompt, args.long_context, args.batch, args.roof, family[0], DTYPES[args.dtype]
+    T, L, B, roof, base, dt = args.prompt, args.long_context, args.batch, args.roof, family[0], str(args.dtype)[6:]
     pw, top, free, paper = roof["per_weight"], max(args.stream_counts) * B, 1, PAPER.get(B)
     while free * 2 * B <= max(pw) and weight_s(free * 2 * B, args) <= 1.1 * weight_s(B, args):
         free *= 2  # the largest P (a power of 2) whose P*B rows cost a Linear within 10% of its B rows
@@ -119,8 +118,8 @@ def card(family, ratios, args):
              f"reading its weights costs ({free * B * 2 // args.dtype.itemsize} FLOP per byte of {dt} weights, {why}); "
              f"of {2 * free * B} rows, {more:.1f}x.",
              f"latency: median increase over the model's own P=1 [95% bootstrap interval], {min(n)}-{max(n)} pairs "
-             "each; pred = the roofline's" + ("" if "prefill" in args.phases else
-                                              f"; prefill not timed ({MIN_PAIRS} pairs: ~{args.need:.0f} s)")]
+             "each; pred = the roofline's" + "".join(f"; {PHASES[p].format(T=T, L=L)} not timed ({MIN_PAIRS} pairs: "
+                                                     f"~{args.need[p]:.0f} s)" for p in PHASES if p not in args.phases)]
     lines = [line for t in lines for line in textwrap.wrap(t, 120, subsequent_indent="  ")]
     lines.append(f"{'model':9} {'width':>5} {'N':>5} | {f'MB @{T} / @{L}':>15} | " + " | ".join(
         f"{PHASES[ph].format(T=T, L=L) + ('' if ph == 'prefill' else ' pred'):>24}" for ph in args.phases))
@@ -137,14 +136,14 @@ def card(family, ratios, args):
     lines.append("memory: " + ", ".join(f"P={r['P']} {r['memory'][1]}{p8[2 * i]}" for i, r in enumerate(ratios))
                  + f" at {T} tokens; " + ", ".join(r["memory_long"][1] for r in ratios) + f" at {L}")
     lines += [f"P={r['P']} decode step @{T}: {r['decode'][0]}{p8[2 * i + 1]}" for i, r in enumerate(ratios)]
-    r, par = ratios[-1], family[-2]
+    r, par, late = ratios[-1], family[-2], ("", "latency not timed")
     holds = r["decode"][1].endswith("x") and r["memory"][1].endswith("x")
     prefill = f"{r['prefill'][1]}: ParScale {pct(par['latency']['prefill'][0])}" if "prefill" in r else "not timed"
     return lines + textwrap.wrap(
         f"So here the claim {'holds' if holds else 'does not hold'} at batch {B}, {T} tokens (P={r['P']}: "
         f"{r['memory'][1]} memory, {r['decode'][1]} latency); it weakens with context ({L} tokens: "
-        f"{r['memory_long'][1]}, {r['long'][1]}), in the prefill ({prefill}) and with batch (P*B rows stay free up"
-        f" to {free * B} here).", 120, subsequent_indent="  ")
+        f"{r['memory_long'][1]}, {r.get('long', late)[1]}), in the prefill ({prefill}) and with batch (P*B rows stay "
+        f"free up to {free * B} here).", 120, subsequent_indent="  ")
 
 
 def lesson(args):
@@ -157,9 +156,10 @@ def lesson(args):
     args.roof = roofline(args)
     spec = dict(device=str(args.device), dtype=str(args.dtype)[6:], batch=args.batch, prompt=args.prompt,
                 path=args.paths[0], long_context=args.long_context, threads=torch.get_num_threads(), base=asdict(cfg))
-    # the prefill is timed where the roofline (near the truth for it: compute-bound) says MIN_PAIRS pairs fit a third
-    args.need = MIN_PAIRS * sum(predicted_s(c, args, "prefill") for m in family[1:] for c in (m["cfg"], cfg))
-    args.phases = list(PHASES)[:2 + (args.need <= args.budget / 3)]
+    # the long context and the prefill are timed where the roofline says MIN_PAIRS pairs of each fit a third of budget
+    args.need = {ph: MIN_PAIRS * sum(predicted_s(c, args, ph) for m in family[1:] for c in (m["cfg"], cfg))
+                 for ph in PHASES}
+    args.phases = ["decode"] + [ph for ph in ("long", "prefill") if args.need[ph] <= args.budget / 3]
     seconds = args.budget / (len(family) - 1) / len(args.phases)  # for each increase, beyond its MIN_PAIRS pairs
     for i, m in enumerate(family):  # each in a process of its own
         print(f"[bench] {i + 1}/{len(family)}: {m['label']}, {time.time() - args.t0:.0f} s", file=sys.stderr)
