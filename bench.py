@@ -101,9 +101,9 @@ def summarise(family, args):
 def card(family, ratios, args):
     """The card: at most 24 lines, none over 120 characters."""
     T, L, B, roof, base, dt = args.prompt, args.long_context, args.batch, args.roof, family[0], str(args.dtype)[6:]
-    pw, top, free, paper = roof["per_weight"], max(args.stream_counts) * B, 1, PAPER.get(B)
-    while free * 2 * B <= max(pw) and weight_s(free * 2 * B, args) <= 1.1 * weight_s(B, args):
-        free *= 2  # the largest P (a power of 2) whose P*B rows cost a Linear within 10% of its B rows
+    pw, top, paper = roof["per_weight"], max(args.stream_counts) * B, PAPER.get(B)
+    # nearly free: the most rows (P*B, P whole) whose Linear costs within 10% of what B rows cost
+    free = max(r for r in pw if r % B == 0 and weight_s(r, args) <= 1.1 * weight_s(B, args)) // B
     n, why = [len(m[ph][0]) for m in family[1:] for ph in args.phases], f"ridge point {roof['ridge']:.0f} FLOP/byte"
     more = weight_s(2 * free * B, args) / weight_s(B, args)  # what twice as many rows cost
     lines = [f"P streams against width, the {args.preset_name} preset: {args.n_layer} layers, width {args.n_embd}, "
@@ -114,9 +114,9 @@ def card(family, ratios, args):
              f"roofline: reads {args.bandwidth / 1e9:.1f} GB/s; a {roof['shape'][1]}x{roof['shape'][0]} {dt} Linear: "
              f"{1e3 * pw[1] * 4 * args.n_embd**2:.2f} ms at 1 row, {pw[top] / pw[1]:.1f}x at {top}; best "
              f"{roof['peak_flops'] / 1e12:.2f} TFLOP/s: {why}",
-             f"So streams stay nearly free here up to P={free} at batch {B}: a Linear of {free * B} rows costs what "
-             f"reading its weights costs ({free * B * 2 // args.dtype.itemsize} FLOP per byte of {dt} weights, {why}); "
-             f"of {2 * free * B} rows, {more:.1f}x.",
+             f"So streams stay nearly free here up to P={free} at batch {B}: a {free * B}-row Linear costs what reading"
+             f" its weights costs ({free * B * 2 // args.dtype.itemsize} FLOP per byte of {dt} weights, {why}); a "
+             f"{2 * free * B}-row one, {more:.1f}x.",
              f"latency: median increase over the model's own P=1 [95% bootstrap interval], {min(n)}-{max(n)} pairs "
              "each; pred = the roofline's" + "".join(f"; {PHASES[p].format(T=T, L=L)} not timed ({MIN_PAIRS} pairs: "
                                                      f"~{args.need[p]:.0f} s)" for p in PHASES if p not in args.phases)]

@@ -126,7 +126,8 @@ def test_kv_bytes_is_the_caches_size():
 # -----------------------------------------------------------------------------
 # width matching against real parameter counts
 
-@pytest.mark.parametrize("cfg", [tiny_config(), tiny_config(n_kv_head=2), tiny_config(n_streams=4), tiny_config(bias=False)])
+@pytest.mark.parametrize("cfg", [tiny_config(), tiny_config(n_kv_head=2), tiny_config(n_streams=4),
+                                 tiny_config(bias=False)])
 def test_param_counts_are_a_real_models(cfg):
     assert measure.param_counts(cfg) == GPT(cfg).param_report()
 
@@ -145,7 +146,8 @@ def test_match_width(n_kv_head):
     # 0.3x and 6x: a target far below the base and far above it
     for target in [n_base * (1 + 0.39 * math.log(P)) for P in (1, 2, 4, 8)] + [0.3 * n_base, 6 * n_base]:
         cfg = measure.match_width(base, target)
-        assert (cfg.n_layer, cfg.head_dim, cfg.n_streams, cfg.vocab_size) == (base.n_layer, base.head_dim, 1, base.vocab_size)
+        assert (cfg.n_layer, cfg.head_dim, cfg.n_streams) == (base.n_layer, base.head_dim, 1)
+        assert cfg.vocab_size == base.vocab_size
         assert cfg.n_head % cfg.n_kv_head == 0 and cfg.n_kv_head == (cfg.n_head if mha else 2)  # GQA stays valid
         for h in (cfg.n_head - step, cfg.n_head + step):  # within rounding: no neighbouring width is closer
             if h >= step:
@@ -159,7 +161,8 @@ def test_match_width(n_kv_head):
 
 def test_family_pairs_every_p_with_a_width_model():
     fam = measure.model_family(tiny_config(n_embd=96, n_head=12, n_kv_head=2), [1, 2, 8], k=0.39)
-    assert [(m["side"], m["P"]) for m in fam] == [("base", 1), ("parscale", 2), ("width", 2), ("parscale", 8), ("width", 8)]
+    assert [(m["side"], m["P"]) for m in fam] == [("base", 1), ("parscale", 2), ("width", 2), ("parscale", 8),
+                                                  ("width", 8)]
     assert all(m["cfg"].n_kv_head == 2 for m in fam)
     n_base = fam[0]["non_embedding"]
     assert fam[4]["target"] == fam[3]["target"] == pytest.approx(n_base * (1 + 0.39 * math.log(8)))
@@ -191,7 +194,8 @@ def test_read_bandwidth_is_a_rate():
 
 def fixed_lesson(phases=3):
     """The paper preset's family with made-up measurements, summarised as bench.lesson does: every model 100 MB per P
-    above the base; width's steps and prefill 40% dearer; ParScale's step within noise of its P=1, its prefill P times."""
+    above the base; width's steps and prefill 40% dearer; ParScale's step within noise of its P=1, its prefill P
+    times."""
     args = bench.parse_args(["--device=cpu", "--budget=0"])
     args.dtype, args.dtype_why, args.bandwidth = torch.bfloat16, "bf16, measured: ...", 3e10
     args.roof = dict(shape=[8192, 2048], per_weight={r: 6e-11 * max(1, r / 64) for r in (1, 2, 4, 8, 16, 32, 64, 128)},
@@ -226,6 +230,16 @@ def test_the_card_fits_and_never_prints_inf(phases):
     assert len(bench.summary(result)) <= 1000 - 40 and {"memory", "latency", "ratio"} <= set(summary)  # 40: a long name
     assert summary["ratio"]["8"]["decode"].startswith(">=") and summary["memory"]["P=8"] == [round(7e8 / 2**20)] * 2
     assert summary["latency"]["width~P8"]["decode"] == [40, 40, 40] and summary["latency"]["P=8"]["decode"][0] == 0.0
+
+
+def test_nearly_free_is_the_most_rows_within_ten_percent_and_survives_one_noisy_point():
+    family, ratios, args = fixed_lesson()
+    assert "nearly free here up to P=64 at batch 1: a 64-row Linear costs what reading its weights costs" in " ".join(
+        line.strip() for line in bench.card(family, ratios, args))
+    args.roof["per_weight"][2] *= 3  # a scheduler stall at 2 rows
+    args.roof["per_weight"] = {r: s * (1 if r < 16 else 5) for r, s in args.roof["per_weight"].items()}  # compute
+    text = " ".join(line.strip() for line in bench.card(family, ratios, args))
+    assert "up to P=8 at batch 1: a 8-row Linear" in text and "a 16-row one, 4.5x" in text  # 5 x 6e-11 / (2 / 3e10)
 
 
 # -----------------------------------------------------------------------------
@@ -305,8 +319,8 @@ def test_memory_turns_the_dtype_bf16_or_names_a_smaller_preset(monkeypatch):
 def lesson_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lesson")
     plot = [f"--plot={tmp / 'cost.png'}"] if importlib.util.find_spec("matplotlib") else []
-    out = subprocess.run([sys.executable, "bench.py", "--device=cpu", "--preset=tiny", "--stream_counts=1,2", "--budget=0",
-                          f"--json={tmp / 'all.json'}", *plot], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    flags = ["--device=cpu", "--preset=tiny", "--stream_counts=1,2", "--budget=0", f"--json={tmp / 'all.json'}", *plot]
+    out = subprocess.run([sys.executable, "bench.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp / "all.json") as f:

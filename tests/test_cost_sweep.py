@@ -12,8 +12,8 @@ from common import UserError
 from experiments import cost_sweep, crossovers, plots
 
 # one layer, a handful of tokens: the whole sweep runs in about a second on CPU
-TOY = ["--mode=decode", "--n_layer=1", "--n_embd=32", "--n_head=4", "--vocab_size=64", "--n_prefix=2", "--stream_counts=1,2",
-       "--batches=1,2", "--contexts=4,8", "--l_out=2", "--repeats=1"]
+TOY = ["--mode=decode", "--n_layer=1", "--n_embd=32", "--n_head=4", "--vocab_size=64", "--n_prefix=2",
+       "--stream_counts=1,2", "--batches=1,2", "--contexts=4,8", "--l_out=2", "--repeats=1"]
 
 
 def last_json_line(out):
