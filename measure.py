@@ -1,137 +1,88 @@
 """
-How bench.py (and experiments/cost_sweep.py) measure what a model costs: the shapes, the width-matched
-family of models, models with random weights built cheaply in the decode dtype, one decoder interface for
-the reference and the fused path, the machine's read bandwidth and peak memory, the bytes a decode step must
-read, and one model's timed runs (in a process of its own on a CPU, so that its peak memory is its own).
-bench.py turns these into the lesson's table; read it first.
+How bench.py measures (read it first): the width-matched family, random-weight models built cheaply, one decoder for
+both paths, the machine, and each increase timed in pairs with its own P = 1, one model per process (its own memory).
 """
 
 import argparse
 import dataclasses
-import gc
-import glob
 import math
-import multiprocessing
 import os
-import statistics
 import sys
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from common import UserError, param_report, resolve_dtype
 from kernels.fused import FusedDecoder, fused_decoder_for, fused_status
 from model import GPT, GPTConfig, KVCache
 
-try:  # peak resident memory of a process; absent on Windows, where the CPU peak is not measured
+if sys.platform == "darwin":  # the peak memory of a process there; Windows has no measure of it here
     import resource
-except ImportError:
-    resource = None
 
-PRESETS = {  # the shapes measured, and the lesson's sizes for each (the cost sweep has its own sizes)
-    # N-matched to the paper's 1.6B (bench.py's docstring): the lesson's default
+# the shapes and the lesson's sizes: N-matched to the paper's 1.6B (docs/bench.md); GPT-2-small (MHA); a toy shape
+PRESETS = {
     "paper": dict(n_layer=36, n_embd=2048, n_head=16, n_kv_head=2, vocab_size=151936, n_prefix=48,
-                  prompt=64, long_context=1000, steps=4, repeats=4),
-    # GPT-2-small (124M, multi-head attention): --mode=step's shape, and the cost sweep's default on CUDA
+                  prompt=64, long_context=1000, budget=200),
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=0, vocab_size=50257, n_prefix=48,
-                 prompt=64, long_context=1000, steps=8, repeats=3),
-    # a toy shape for a quick look; 12 heads as GPT-2, so width still moves in small steps
+                 prompt=64, long_context=1000, budget=30),
     "tiny": dict(n_layer=2, n_embd=96, n_head=12, n_kv_head=2, vocab_size=512, n_prefix=4,
-                 prompt=16, long_context=100, steps=4, repeats=3),
+                 prompt=16, long_context=100, budget=5),
 }
-
-
-# -----------------------------------------------------------------------------
-# width matching: the P = 1 model that has the parameters P streams are worth
-
+MIN_PAIRS = 16  # the fewest pairs behind any increase: its bootstrap interval needs them
 _COUNTS = {}
 
 
 def param_counts(cfg):
-    """Exact common.param_report(GPT(cfg)), from a model built on the meta device (no memory), once per config:
-    even on meta the init costs ~0.1 s a model, and width matching asks for the same configs many times."""
-    key = repr(cfg)  # a dataclass's repr names every field
-    if key not in _COUNTS:
+    """common.param_report(GPT(cfg)) from a model on the meta device, once per config (width matching asks often)."""
+    if repr(cfg) not in _COUNTS:  # a dataclass's repr names every field
         with torch.device("meta"):
-            _COUNTS[key] = param_report(GPT(cfg))
-    return dict(_COUNTS[key])
-
-
-def equivalent_params(n_base, n_streams, k):
-    """The scaling law's worth of P streams in parameters: N_base * (1 + k ln P), from the paper's
-    L = E + (A / (N (k ln P + 1)))^alpha (arXiv 2505.10475, section 3)."""
-    return n_base * (1 + k * math.log(n_streams))
+            _COUNTS[repr(cfg)] = param_report(GPT(cfg))
+    return dict(_COUNTS[repr(cfg)])
 
 
 def match_width(base_cfg, target_non_embedding):
-    """
-    The P=1 model of base_cfg's depth and head_dim whose non-embedding parameter count is closest
-    to target_non_embedding. Width moves in whole heads: with multi-head attention (n_kv_head =
-    n_head) n_kv_head follows n_head; with GQA n_kv_head stays and n_head moves in multiples of it,
-    so every key/value head keeps serving a whole group of query heads.
-    """
-    head_dim, mha = base_cfg.head_dim, base_cfg.n_kv_head == base_cfg.n_head
+    """The P=1 model of base_cfg's depth and head_dim whose non-embedding count is closest to the target. Width moves
+    in whole heads; with GQA n_kv_head stays and n_head moves in its multiples, so every kv head serves a group."""
+    mha = base_cfg.n_kv_head == base_cfg.n_head
     step = 1 if mha else base_cfg.n_kv_head
 
     def cfg_for(n_head):
-        return dataclasses.replace(base_cfg, n_streams=1, n_head=n_head, n_embd=n_head * head_dim,
+        return dataclasses.replace(base_cfg, n_streams=1, n_head=n_head, n_embd=n_head * base_cfg.head_dim,
                                    n_kv_head=n_head if mha else base_cfg.n_kv_head)
 
-    counts = {}
-
     def count(n_head):
-        if n_head not in counts:
-            counts[n_head] = param_counts(cfg_for(n_head))["non_embedding"]
-        return counts[n_head]
+        return param_counts(cfg_for(n_head))["non_embedding"]
 
-    # the count grows with n_head: walk from the base to the last width not above the target
-    n_head = max(step, base_cfg.n_head // step * step)
-    while n_head > step and count(n_head) > target_non_embedding:
-        n_head -= step
+    n_head = step  # the count grows with n_head: walk up to the target
     while count(n_head + step) <= target_non_embedding:
         n_head += step
-    best = min((n_head, n_head + step), key=lambda h: abs(count(h) - target_non_embedding))
-    return cfg_for(best)
+    return cfg_for(min((n_head, n_head + step), key=lambda h: abs(count(h) - target_non_embedding)))
 
 
-def model_family(base_cfg, streams, k):
-    """The models compared at one attention kind, base first so that partial sweeps still pair up:
-    the P=1 base, then for each P > 1 the ParScale model and its width-matched P=1 model."""
+def model_family(base_cfg, stream_counts, k):
+    """The P=1 base, then for each P > 1 the ParScale model and the P=1 model of what P streams are worth by the law
+    L = E + (A / (N (k ln P + 1)))^alpha: N_base (1 + k ln P) non-embedding parameters (arXiv 2505.10475, sec. 3)."""
     base = dataclasses.replace(base_cfg, n_streams=1)
     n_base = param_counts(base)["backbone"]
-    family = [dict(side="base", P=1, label="base", cfg=base, target=n_base)]
-    for P in sorted(set(streams) - {1}):
-        target = equivalent_params(n_base, P, k)
-        family.append(dict(side="parscale", P=P, label=f"P={P}", cfg=dataclasses.replace(base_cfg, n_streams=P), target=target))
-        family.append(dict(side="width", P=P, label=f"width~P{P}", cfg=match_width(base_cfg, target), target=target))
+    family = [dict(side="base", P=1, label="P=1", cfg=base, target=n_base)]
+    for P in sorted(set(stream_counts) - {1}):
+        target = n_base * (1 + k * math.log(P))
+        family += [dict(side="parscale", P=P, label=f"P={P}", cfg=dataclasses.replace(base_cfg, n_streams=P)),
+                   dict(side="width", P=P, label=f"width~P{P}", cfg=match_width(base_cfg, target))]
+        family[-1]["target"] = family[-2]["target"] = target
     for m in family:
-        r = param_counts(m["cfg"])
-        m["non_embedding"], m["total"] = r["non_embedding"], r["total"]
+        m.update({key: param_counts(m["cfg"])[key] for key in ("non_embedding", "total")})
     return family
 
 
-def attn_label(cfg):
-    return "MHA" if cfg.n_kv_head == cfg.n_head else f"GQA{cfg.n_kv_head}"
-
-
-# -----------------------------------------------------------------------------
-# models with random weights, and one decoder interface for both paths
-
 def build_model(cfg, device, dtype, seed=0):
-    """
-    A model with random weights, made directly in `dtype` on `device`, cheaply: built on the meta
-    device, given uninitialised storage, then filled by tiling one block of N(0, 0.02) draws (LayerNorm
-    weights 1, biases 0). No fp32 copy and no random number per weight: a 3B model is ready in seconds.
-    The weights are finite, normal numbers (garbage from torch.empty can be slow on a CPU); for cost,
-    any random weights do.
-    """
+    """Random weights made directly in `dtype` on `device`, cheaply: one block of N(0, 0.02) draws tiled over each
+    matrix (norm weights 1, biases 0), no fp32 copy. Finite normal numbers: torch.empty's garbage can be slow on CPU."""
     with torch.device("meta"):
         model = GPT(cfg)
     model = model.to(dtype).to_empty(device=device)
     model.lm_head.weight = model.transformer.wte.weight  # to_empty unties them; the dropped copy was never touched
-    gen = torch.Generator().manual_seed(seed)
-    block = (torch.randn(2**20, generator=gen) * 0.02).to(device=device, dtype=dtype)
+    block = (torch.randn(2**20, generator=torch.Generator().manual_seed(seed)) * 0.02).to(device=device, dtype=dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -164,94 +115,36 @@ class EagerDecoder:
 
 
 def make_decoder(path, model, batch_size, dtype, max_len):
-    """The decoder a path times, for up to max_len tokens. A model the fused kernels refuse raises
-    UserError with the reason."""
-    if path == "fused":
-        dec, why = fused_decoder_for(model, batch_size, dtype, max_len)
-        if dec is None:
-            raise UserError(why)
-        return dec
-    return EagerDecoder(model, batch_size, max_len)
+    """The decoder a path times, for up to max_len tokens; UserError with the reason if the fused path refuses."""
+    if path != "fused":
+        return EagerDecoder(model, batch_size, max_len)
+    dec, why = fused_decoder_for(model, batch_size, dtype, max_len)
+    if dec is None:
+        raise UserError(why)
+    return dec
 
 
-def fill_cache(dec, context, seed=0):
-    """Stand in for a prefill of `context` tokens (minutes on a CPU at P = 8): random keys and values
-    of unit scale in the decoder's cache, whose next step then runs at position `context`."""
-    block = torch.randn(2**20, generator=torch.Generator().manual_seed(seed)).to(dec.cache.k.device, dec.cache.k.dtype)
-    tile_(dec.cache.k, block)
-    tile_(dec.cache.v, block)
-    dec.cache.pos = context
-    if isinstance(dec, FusedDecoder):
-        dec.pos.fill_(context)  # the fused decoder keeps the position on the device too
-
-
-def backbone_of(model):
-    """The P = 1 model inside a P-stream model: the very same backbone tensors, no copy (no memory)."""
-    with torch.device("meta"):
-        base = GPT(dataclasses.replace(model.config, n_streams=1))
-    base.load_state_dict(model.state_dict(), strict=False, assign=True)
-    base.lm_head.weight = base.transformer.wte.weight
-    return base.eval()
-
-
-# -----------------------------------------------------------------------------
-# the machine: read bandwidth, peak memory, synchronisation
-
-def last_cache_bytes(device):
-    """The last cache level's size (CPU: from /sys, Linux only; CUDA: the L2), or None when unknown."""
-    if device.type == "cuda":
-        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None)
-    sizes = {}
-    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
-        try:
-            with open(f"{d}/level") as f_level, open(f"{d}/size") as f_size:
-                level, size = int(f_level.read()), f_size.read().strip()
-        except (OSError, ValueError):
-            continue
-        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
-        sizes[level] = int(size.rstrip("KMG")) * unit
-    return sizes[max(sizes)] if sizes else None
-
-
-def read_bandwidth(device):
-    """(bytes/s, how it was measured): the best of 5 torch sums over a float32 buffer of
-    max(1 GiB, 4x the last cache level), so that every byte comes from memory, not a cache."""
-    llc = last_cache_bytes(device)
-    nbytes = max(2**30, 4 * (llc or 0))
-    buf = torch.ones(nbytes // 4, device=device)
-    times = []
-    for _ in range(6):  # the first is a warm-up
+def runner(dec, prompt, context, device):
+    """A function for one run on dec, done when it returns: the prompt's prefill (context None), or one greedy decode
+    step at position `context`, rewound every time so that every step reads the same cache."""
+    def run():
+        if context is not None:
+            dec.cache.pos = context
+            if isinstance(dec, FusedDecoder):
+                dec.pos.fill_(context)  # the fused decoder keeps the position on the device too
+        (dec.prefill(prompt) if context is None else dec.decode_step(prompt[:, -1:])).argmax(dim=-1)
         synchronize(device)
-        t0 = time.perf_counter()
-        buf.sum()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    del buf
-    llc_text = f"last cache level {llc / 2**20:.0f} MiB" if llc else "last cache level unknown"
-    return nbytes / min(times[1:]), f"best of 5 sums over {nbytes / 2**30:.0f} GiB; {llc_text}"
+    return run
 
 
-def peak_rss_bytes():
-    """This process's peak resident memory so far: VmHWM on Linux (ru_maxrss there would carry the
-    parent's peak into a spawned child), ru_maxrss elsewhere (bytes on macOS); None on Windows."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        pass
-    if resource is None:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def memory_mark(device):
-    """Start a phase: the peak that memory_peak reports is from here on (CUDA) or process-wide (CPU)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def memory_peak(device):
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+def timed(fn, reps=5, min_s=0.05, clock=time.perf_counter):
+    """Seconds of each call of fn() (done when it returns) after a warm-up call: at least `reps` and min_s seconds."""
+    times, start = [], clock()
+    while len(times) <= reps or clock() - start < min_s:
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return times[1:]
 
 
 def synchronize(device):
@@ -259,15 +152,34 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def free_memory(device):
-    gc.collect()
+def read_bandwidth(device):
+    """Bytes/s: the best of 5 sums over 2 GiB, more than any last cache level here (CUDA: 4x its L2 if larger)."""
+    nbytes = max(2**31, 4 * torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0)
+    buf = torch.ones(nbytes // 4, device=device)
+    return nbytes / min(timed(lambda: (buf.sum(), synchronize(device)), min_s=0))
+
+
+def peak_memory(device):
+    """The CUDA allocator's peak, else this process's peak resident memory (Linux's VmHWM, macOS's ru_maxrss)."""
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        return torch.cuda.max_memory_allocated(device)
+    kib = proc_value("/proc/self/status", "VmHWM")
+    if kib is None and sys.platform == "darwin":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes there
+    return None if kib is None else int(kib.split()[0]) * 1024
+
+
+def proc_value(path, key):
+    """The value after `key:` in a /proc file, or None (not Linux)."""
+    try:
+        with open(path) as f:
+            return next(v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line) if k.strip() == key)
+    except (OSError, StopIteration):
+        return None
 
 
 def decode_paths(requested, device):
-    """(the decode paths to run, why the fused one is or is not here), said once and never changed silently:
-    auto = fused (when kernels/fused.py works on this device) then eager; fused is refused if it does not."""
+    """(paths, why the fused one is or is not here): auto = fused (when it works here) then eager; fused or refused."""
     ok, why = fused_status(device)
     if requested == "fused" and not ok:
         raise UserError(f"--paths=fused, but the fused path is unavailable: {why}; use --paths=auto or --paths=eager")
@@ -275,11 +187,11 @@ def decode_paths(requested, device):
 
 
 def with_threads_and_dtype(args, run):
-    """run(args) with torch's CPU threads set (--threads, -1 = all cores) and args.dtype resolved: auto on a CPU
-    measures bf16 against fp32 first (common.choose_cpu_dtype), as decoding is what is measured; threads restored
-    after (the tests call main())."""
+    """run(args) with --threads set (-1 = all cores) and --dtype resolved (a CPU's auto: common.choose_cpu_dtype's
+    probe); the thread count restored after, as the tests call main()."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads if args.threads > 0 else all_cores())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(args.threads if args.threads > 0 else cores)
     try:
         args.dtype, args.dtype_why = resolve_dtype(args.dtype, args.device, cpu_auto="probe")
         return run(args)
@@ -287,131 +199,63 @@ def with_threads_and_dtype(args, run):
         torch.set_num_threads(threads)
 
 
-def all_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-# -----------------------------------------------------------------------------
-# bytes a step must read
-
 def kv_bytes(cfg, batch_size, context, itemsize):
     """Keys and values of `context` cached tokens in every layer and row: what a KV cache must hold."""
     return 2 * cfg.n_layer * cfg.n_streams * batch_size * cfg.n_kv_head * context * cfg.head_dim * itemsize
 
 
-def floor_bytes(cfg, counts, batch_size, context, itemsize):
-    """Bytes one decode step must read: every weight once for all P*B rows (the tied LM head too, the
-    prefixes in N), and the cached keys and values (README, bench.py section)."""
-    weights = counts["non_embedding"] + cfg.vocab_size * cfg.n_embd
-    return weights * itemsize + kv_bytes(cfg, batch_size, context, itemsize)
+def paired(base, model, seconds, min_pairs=MIN_PAIRS, clock=time.perf_counter):
+    """(base, model) seconds of runs of each in turn, the order swapped every pair, for min_pairs pairs and `seconds`.
+    The machine's speed drifts by more than a small increase, but hardly within one pair: a pair's ratio cancels it."""
+    times, start = ([], []), clock()
+    while len(times[0]) < min_pairs or clock() - start < seconds:
+        for i in ((0, 1) if len(times[0]) % 2 == 0 else (1, 0)):  # who goes first: alike for both, over the pairs
+            t0 = clock()
+            (base, model)[i]()
+            times[i].append(clock() - t0)
+    return times
 
 
-# -----------------------------------------------------------------------------
-# one model's measurements (bench.py's lesson), in a process of its own on a CPU
-
-def start(dec, prompt, device, context=None):
-    """Begin a run: prefill the prompt, or with `context` rewind to a cache filled to that many tokens.
-    Returns (prefill seconds or None, the first token to decode, (B, 1))."""
-    if context is not None:
-        dec.cache.pos = context
-        if isinstance(dec, FusedDecoder):
-            dec.pos.fill_(context)  # the fused decoder keeps the position on the device too
-        return None, prompt[:, -1:]
-    synchronize(device)
-    t0 = time.perf_counter()
-    tok = dec.prefill(prompt).argmax(dim=-1, keepdim=True)
-    synchronize(device)
-    return time.perf_counter() - t0, tok
-
-
-def step(dec, tok, device):
-    """One timed greedy decode step: (seconds, the next token)."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    tok = dec.decode_step(tok).argmax(dim=-1, keepdim=True)
-    synchronize(device)
-    return time.perf_counter() - t0, tok
+def increase(base, model, resamples=2000, seed=0):
+    """The median of the per-pair increases model / base - 1, and its 95% bootstrap interval: (median, lo, hi)."""
+    d = torch.tensor(model, dtype=torch.float64) / torch.tensor(base, dtype=torch.float64) - 1
+    idx = torch.randint(len(d), (resamples, len(d)), generator=torch.Generator().manual_seed(seed))
+    lo, hi = d[idx].quantile(0.5, dim=1).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return d.quantile(0.5).item(), lo, hi
 
 
 @torch.no_grad()
 def measure_model(spec):
-    """
-    One model's measurements for the lesson, in this process (on a CPU, a process of its own). spec: a
-    dict of plain values (it crosses a process boundary). Two phases:
-      short: prefill the prompt, then decode spec["steps"] tokens after it;
-      long:  a cache filled to spec["long_context"] tokens (fill_cache), then decode spec["steps"] tokens.
-    Each phase makes its decoder, runs a warm-up step, reads the peak memory (the model alone), then
-    times spec["repeats"] runs (a run: the prefill or rewind, then its steps, each timed). With
-    spec["pair"] (a P-stream model) the model's own backbone runs as P = 1 beside it (backbone_of:
-    shared tensors, only its cache is extra), step for step in turn, so that ParScale's small increase
-    is measured against a base in the same process, at the same moment.
-    Returns the runs' seconds ("prefill_s", "step_short_s", "step_long_s"; "base_..." for the paired
-    backbone) and the peak memory of each phase.
-    """
+    """One model in a process of its own (spec: plain values): caches filled directly to the prompt's length and to
+    long_context, each warmed by a step and the peak memory read after; then each phase timed in pairs with its P=1."""
     torch.set_num_threads(spec["threads"])
-    device, dtype, B = torch.device(spec["device"]), getattr(torch, spec["dtype"]), spec["batch"]
-    cfg = GPTConfig(**spec["config"])
-    T, L, steps = spec["prompt"], spec["long_context"], spec["steps"]
-    t0 = time.perf_counter()
-    model = build_model(cfg, device, dtype, spec["seed"])
-    base = backbone_of(model) if spec["pair"] else None
-    out = dict(build_s=time.perf_counter() - t0)
-    prompt = torch.randint(cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(spec["seed"])).to(device)
-    for phase, context, max_len in (("short", None, T + steps), ("long", L, L + steps)):
-        memory_mark(device)
-        decs = {"": make_decoder(spec["path"], model, B, dtype, max_len)}
-        if base is not None:
-            decs = {"base_": make_decoder(spec["path"], base, B, dtype, max_len), **decs}  # the paired base first
-        for who, dec in decs.items():
-            if context is not None:
-                fill_cache(dec, context, spec["seed"])
-            step(dec, start(dec, prompt, device, context)[1], device)  # warm-up: kernel choice, graph capture
-            if who == "":
-                out[f"peak_{phase}"] = memory_peak(device)  # the paired base's cache is made, not yet touched
-        for _ in range(spec["repeats"]):
-            toks, times = {}, {who: [] for who in decs}
-            for who, dec in decs.items():
-                prefill, toks[who] = start(dec, prompt, device, context)
-                if prefill is not None:
-                    out.setdefault(f"{who}prefill_s", []).append(prefill)
-            for _ in range(steps):  # one step each in turn: drift in the machine's speed hits both alike
-                for who, dec in decs.items():
-                    t, toks[who] = step(dec, toks[who], device)
-                    times[who].append(t)
-            for who in decs:
-                out.setdefault(f"{who}step_{phase}_s", []).append(statistics.mean(times[who]))
-        del decs
-        free_memory(device)
+    device, dtype, B, T = torch.device(spec["device"]), getattr(torch, spec["dtype"]), spec["batch"], spec["prompt"]
+    runtime = peak_memory(device)
+    model = build_model(GPTConfig(**spec["config"]), device, dtype)
+    prompt = torch.randint(model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    noise, out = torch.randn(2**20, generator=torch.Generator().manual_seed(0)).to(device, dtype), {"peak": []}
+
+    def timers(m, peaks):
+        runs = {}
+        for phase, context in (("decode", T), ("long", spec["long_context"])):
+            dec = make_decoder(spec["path"], m, B, dtype, context + 1)
+            tile_(dec.cache.k, noise)  # filled directly: a 1,000-token prefill takes minutes at P = 8 on a CPU
+            tile_(dec.cache.v, noise)
+            runs[phase] = runner(dec, prompt, context, device)
+            runs[phase]()  # warm-up: kernel choice, graph capture
+            if context == T:  # the prefill writes this cache from position 0
+                runs["prefill"] = runner(dec, prompt, None, device)
+            if peaks:  # at the prompt's length, then at long_context
+                out["peak"].append(None if runtime is None else peak_memory(device) - runtime)
+        return runs
+
+    ours = timers(model, peaks=True)
+    if spec["phases"]:
+        theirs = timers(build_model(GPTConfig(**spec["base"]), device, dtype), peaks=False)
+        for phase, seconds in spec["phases"].items():
+            theirs[phase](), ours[phase]()  # the prefill's warm-up (the steps had theirs)
+            out[phase] = paired(theirs[phase], ours[phase], seconds)
     return out
-
-
-def measure_isolated(spec):
-    """measure_model in a fresh process, so that its peak resident memory is this model's alone."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(measure_model, (spec,))
-
-
-def step_allocations(model, dec):
-    """Bytes of every allocation one decode step makes, from torch.profiler's CPU memory events."""
-    pos, tok = dec.cache.pos, torch.zeros(dec.cache.k.size(1) // model.config.n_streams, 1, dtype=torch.long)
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        dec.decode_step(tok)
-    dec.cache.pos = pos
-    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
-
-
-# -----------------------------------------------------------------------------
-# output
-
-def rounded(obj):
-    """Floats to 5 significant digits (inf as None), for a JSON line that stays readable and valid."""
-    if isinstance(obj, float):
-        return float(f"{obj:.5g}") if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: rounded(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [rounded(v) for v in obj]
-    return obj
 
 
 def int_list(s):

@@ -36,18 +36,20 @@ if ROOT not in sys.path:  # run as a script: `python experiments/cost_sweep.py` 
 from common import UserError, estimate_mfu, flops_per_token, peak_flops, resolve_device, resolve_dtype  # noqa: E402
 from experiments import plots  # noqa: E402
 from experiments.crossovers import paper_comparison, print_summary, summarise  # noqa: E402
-from measure import (PRESETS, attn_label, build_model, decode_paths, free_memory, int_list, make_decoder,  # noqa: E402
-                     model_family, rounded, synchronize, with_threads_and_dtype)
+from measure import (PRESETS, build_model, decode_paths, int_list, make_decoder, model_family,  # noqa: E402
+                     synchronize, with_threads_and_dtype)
 from model import GPT, GPTConfig  # noqa: E402
 
-# the sweep's sizes for each of measure.py's shapes (its PRESETS give n_layer, n_embd, n_head, vocab_size, n_prefix,
-# repeats); gpt2 is the default on CUDA (the paper's L_out of 64), tiny on a CPU
+# the sweep's sizes for each of measure.py's shapes (its PRESETS give n_layer, n_embd, n_head, vocab_size, n_prefix);
+# gpt2 is the default on CUDA (the paper's L_out of 64), tiny on a CPU
 SIZES = {
-    "paper": dict(batches=[1], contexts=[64, 512], l_out=16, train_batch=1, train_seq=512, train_steps=2),
-    "gpt2": dict(batches=[1, 2, 4, 8], contexts=[128, 512, 1024], l_out=64, train_batch=4, train_seq=1024, train_steps=10),
-    "tiny": dict(batches=[1, 2, 4, 8], contexts=[32, 128], l_out=16, train_batch=4, train_seq=64, train_steps=3),
+    "paper": dict(batches=[1], contexts=[64, 512], l_out=16, repeats=4, train_batch=1, train_seq=512, train_steps=2),
+    "gpt2": dict(batches=[1, 2, 4, 8], contexts=[128, 512, 1024], l_out=64, repeats=3, train_batch=4, train_seq=1024,
+                 train_steps=10),
+    "tiny": dict(batches=[1, 2, 4, 8], contexts=[32, 128], l_out=16, repeats=3, train_batch=4, train_seq=64,
+                 train_steps=3),
 }
-SHAPE = ("n_layer", "n_embd", "n_head", "vocab_size", "n_prefix", "repeats")  # what the sweep takes from measure.PRESETS
+SHAPE = ("n_layer", "n_embd", "n_head", "vocab_size", "n_prefix")  # what the sweep takes from measure.PRESETS
 H200_HBM_BYTES = 4.8e12  # H200 HBM3e bandwidth (spec): the default --peak_bw
 
 
@@ -129,7 +131,7 @@ def bench_decode(args, base_cfgs):
     rows, notes, families, skipped = [], [], {}, 0
     for base_cfg in base_cfgs:
         kind = attn_label(base_cfg)
-        families[kind] = model_family(base_cfg, args.streams, args.k)
+        families[kind] = model_family(base_cfg, args.stream_counts, args.k)
         print_family(kind, families[kind], args.k)
     cuda = args.device.type == "cuda"
     print(f"\ndecode: prefill `context` prompt tokens, then {args.l_out} greedy decode steps; {args.repeats} timed runs "
@@ -219,7 +221,7 @@ def bench_train(args, base_cfgs):
     print(f"{'attn':5} {'P':>2} | {'tok/s':>10} {'vs P=1':>6} | {'step ms':>8} | {'TFLOP/s':>8} {'MFU':>6} | {'peak GB':>7}")
     out = []
     for base_cfg in base_cfgs:
-        for P in args.streams:
+        for P in args.stream_counts:
             free_memory(args.device)
             torch.manual_seed(0)
             cfg = dataclasses.replace(base_cfg, n_streams=P, block_size=T)
@@ -264,6 +266,27 @@ def bench_train(args, base_cfgs):
     return out
 
 
+def attn_label(cfg):
+    return "MHA" if cfg.n_kv_head == cfg.n_head else f"GQA{cfg.n_kv_head}"
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def rounded(obj):
+    """Floats to 5 significant digits (inf as None), for a JSON line that stays readable and valid."""
+    if isinstance(obj, float):
+        return float(f"{obj:.5g}") if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: rounded(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v) for v in obj]
+    return obj
+
+
 def base_configs(args):
     """The sweep: one base config per attention kind in --kv_heads, block_size set per run."""
     return [GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size,
@@ -283,15 +306,18 @@ def check_args(args):
             raise UserError(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
     if args.n_embd % args.n_head:
         raise UserError(f"--n_embd={args.n_embd} must be a multiple of --n_head={args.n_head} (head_dim = n_embd / n_head)")
-    for flag, low in [("batches", 1), ("contexts", 1), ("streams", 1), ("kv_heads", 0)]:
+    if args.streams is not None:
+        raise UserError(f"--streams is now --stream_counts (here the P values: --stream_counts={args.streams})")
+    for flag, low in [("batches", 1), ("contexts", 1), ("stream_counts", 1), ("kv_heads", 0)]:
         values = getattr(args, flag)
         if not values or min(values) < low:
             raise UserError(f"--{flag} must list integers >= {low}, comma-separated; got {values}")
     for kv in args.kv_heads:
         if kv and args.n_head % kv:
             raise UserError(f"--kv_heads={kv} must divide --n_head={args.n_head} (0 = n_head, multi-head attention)")
-    if max(args.streams) > 1 and args.n_prefix < 1:
-        raise UserError(f"--n_prefix must be >= 1 when --streams has a P > 1 (without a prefix every stream is the same), got {args.n_prefix}")
+    if max(args.stream_counts) > 1 and args.n_prefix < 1:
+        raise UserError(f"--n_prefix must be >= 1 when --stream_counts has a P > 1 (without a prefix every stream is "
+                        f"the same), got {args.n_prefix}")
     if not (math.isfinite(args.k) and args.k >= 0):
         raise UserError(f"--k must be a finite number >= 0 (the paper fits 0.39 on code, 0.33 on the Pile), got {args.k}")
     if not (args.time_limit > 0 or args.time_limit == -1):
@@ -325,7 +351,9 @@ def parse_args(argv):
     p.add_argument("--vocab_size", type=int, default=None, help="None = preset (paper: 151936, gpt2: 50257)")
     p.add_argument("--n_prefix", type=int, default=None, help="prefix slots per layer per stream; None = preset (48, the paper's)")
     p.add_argument("--kv_heads", type=int_list, default=[0, 2], help="attention kinds, comma-separated n_kv_head; 0 = n_head (MHA)")
-    p.add_argument("--streams", type=int_list, default=[1, 2, 4, 8], help="P values, comma-separated; P=1 is the base")
+    p.add_argument("--stream_counts", type=int_list, default=[1, 2, 4, 8],
+                   help="P values, comma-separated; P=1 is the base")
+    p.add_argument("--streams", default=None, help=argparse.SUPPRESS)  # the old name: refused, naming the new one
     p.add_argument("--k", type=float, default=0.39, help="scaling-law k: P streams are worth N_base(1 + k ln P) (0.39 code, 0.33 Pile)")
     p.add_argument("--seed", type=int, default=0, help="the random weights' seed (their values do not matter for cost)")
     # decode
@@ -366,8 +394,8 @@ def parse_args(argv):
     # MFU's denominator: the flag, else common.py's datasheet table (None on CPU or an unlisted GPU)
     args.peak_flops_source = "--peak_flops" if args.peak_flops > 0 else f"datasheet bf16 peak of {args.device_name}"
     args.peak_flops = args.peak_flops if args.peak_flops > 0 else peak_flops(args.device_name)
-    if 1 not in args.streams:
-        args.streams = [1] + args.streams  # the P=1 base is what every increase is measured from
+    if 1 not in args.stream_counts:
+        args.stream_counts = [1] + args.stream_counts  # the P=1 base is what every increase is measured from
 
     args.paths, args.fused_reason = decode_paths(args.paths, args.device)
     return args
@@ -384,7 +412,8 @@ def run(args):
     result = dict(mode=args.mode, device=args.device_name, torch=torch.__version__, threads=torch.get_num_threads(),
                   dtype=str(args.dtype).removeprefix("torch."), paths=args.paths, fused_reason=args.fused_reason,
                   shape=dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size,
-                             n_prefix=args.n_prefix), streams=args.streams, k=args.k, kv_heads=args.kv_heads)
+                             n_prefix=args.n_prefix), stream_counts=args.stream_counts, k=args.k,
+                  kv_heads=args.kv_heads)
     print(f"device {args.device} ({args.device_name}), torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), "
           f"decode dtype {args.dtype_why}")
     print(f"shape: {args.n_layer} layers, width {args.n_embd}, {args.n_head} heads (head_dim {args.n_embd // args.n_head}), "

@@ -5,7 +5,7 @@ cheaper), where along context and along batch ParScale stops winning, and the ce
 headline (arXiv 2505.10475, section 3.3, Figure 4: 22x memory and 6x latency, batch 1).
 
 A row is one measurement of experiments/cost_sweep.py: attn, path, side (base / parscale / width), P, batch,
-context, mem_mb and ms. args needs paths, streams, batches, contexts, l_out and device_name.
+context, mem_mb and ms. args needs paths, stream_counts, batches, contexts, l_out and device_name.
 """
 
 
@@ -38,7 +38,7 @@ def summarise(rows, args):
     kinds = list(dict.fromkeys(r["attn"] for r in rows))  # in sweep order
     for path in args.paths:
         for kind in kinds:
-            for P in sorted(set(args.streams) - {1}):
+            for P in sorted(set(args.stream_counts) - {1}):
                 margins = {}  # (metric, batch, context) -> width cost - ParScale cost
                 for B in args.batches:
                     for ctx in args.contexts:

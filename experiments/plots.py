@@ -89,7 +89,8 @@ def plot_pays(args):
 
 def plot_cost(rows, families, args):
     """The paper's cost figure, measured: cost increase over P=1 against P, ParScale vs width, per batch size.
-    rows, families: cost_sweep.bench_decode's; args: its flags (paths, contexts, batches, streams, l_out, plot)."""
+    rows, families: cost_sweep.bench_decode's; args: its flags (paths, contexts, batches, stream_counts, l_out,
+    plot)."""
     path, ctx = args.paths[0], args.contexts[0]
     fig = Figure(figsize=(3.2 * len(args.batches), 6), layout="constrained")
     axes = fig.subplots(2, len(args.batches), squeeze=False)
@@ -100,8 +101,8 @@ def plot_cost(rows, families, args):
             for i, kind in enumerate(families):
                 base = at.get((kind, path, "base", 1, B, ctx))
                 for side, style in (("parscale", "-o"), ("width", "--s")):
-                    pts = [(P, at[kind, path, side, P, B, ctx][key] - base[key])
-                           for P in sorted(set(args.streams) - {1})
+                    Ps = sorted(set(args.stream_counts) - {1})
+                    pts = [(P, at[kind, path, side, P, B, ctx][key] - base[key]) for P in Ps
                            if base is not None and (kind, path, side, P, B, ctx) in at]
                     if pts:
                         label = f"{kind} {'ParScale' if side == 'parscale' else 'width'}"

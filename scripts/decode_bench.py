@@ -4,7 +4,7 @@ without CUDA-graph replay, on a GPT-2-small shape with random bf16 weights. Prin
 achieved bandwidth next to the measured HBM peak, then one JSON line.
 
     python scripts/decode_bench.py                    # full table: P x batch x context
-    python scripts/decode_bench.py --streams=1,8 --batches=1 --contexts=128 --steps=50   # quick look
+    python scripts/decode_bench.py --stream_counts=1,8 --batches=1 --contexts=128 --steps=50   # quick look
 """
 import argparse
 import json
@@ -27,20 +27,23 @@ parser.add_argument("--n_kv_head", type=int, default=None, help="None = n_head (
 parser.add_argument("--vocab_size", type=int, default=50257)
 parser.add_argument("--n_prefix", type=int, default=48)
 # sweep
-parser.add_argument("--streams", type=str, default="1,2,4,8")
+parser.add_argument("--stream_counts", type=str, default="1,2,4,8", help="P values, comma-separated")
+parser.add_argument("--streams", default=None, help=argparse.SUPPRESS)  # the old name: refused, naming the new one
 parser.add_argument("--batches", type=str, default="1,8")
 parser.add_argument("--contexts", type=str, default="128,1024", help="real tokens cached before the timed step")
 parser.add_argument("--steps", type=int, default=100, help="timed fused steps per row (median taken)")
 parser.add_argument("--eager_steps", type=int, default=15, help="timed eager-reference steps per row")
 parser.add_argument("--warmup", type=int, default=5)
 args = parser.parse_args()
+if args.streams is not None:
+    sys.exit(f"error: --streams is now --stream_counts (the P values: --stream_counts={args.streams})")
 
 dev = torch.device("cuda")
 ok, reason = fused_status(dev)
 if not ok:
     sys.exit(f"decode_bench needs the fused path: {reason}")
 torch.manual_seed(0)
-streams, batches, contexts = ([int(v) for v in s.split(",")] for s in (args.streams, args.batches, args.contexts))
+streams, batches, contexts = ([int(v) for v in s.split(",")] for s in (args.stream_counts, args.batches, args.contexts))
 
 
 def hbm_bandwidth():

@@ -52,9 +52,9 @@ timeout 150 "$PY" experiments/cost_sweep.py --mode=all --time_limit=90 --plot="$
 echo "cost_sweep rc=$?"; grep -v -e '^{' -e 'FusedDecoder: P=' "$OUT/cost_sweep.log" | tail -c 7000
 
 stage "the lesson at the paper scale"
-lesson() {  # lesson NAME FLAGS...: bench.py's default run on the GPU (expected well under a minute on an H200; not timed there yet)
+lesson() {  # lesson NAME FLAGS...: bench.py's default run on the GPU with 20 s of pairs (not timed there yet)
   local name=$1; shift
-  timeout 45 "$PY" bench.py --device=cuda "$@" > "$OUT/lesson_$name.log" 2>&1
+  timeout 90 "$PY" bench.py --device=cuda --budget=20 "$@" > "$OUT/lesson_$name.log" 2>&1
   echo "lesson $name rc=$?"; grep -v -e '^{' -e '^\[bench\]' -e 'FusedDecoder: P=' "$OUT/lesson_$name.log" | tail -c 3000
 }
 lesson fused --paths=fused

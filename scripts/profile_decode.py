@@ -3,7 +3,7 @@ Where one fused decode step's GPU time goes, kernel by kernel (torch.profiler, C
 next to the step's wall time with and without CUDA-graph replay. GPT-2-small shape, random bf16 weights.
 
     python scripts/profile_decode.py                          # P = 1 and 8, B = 1, context 128
-    python scripts/profile_decode.py --streams=4 --batch=8 --context=1024
+    python scripts/profile_decode.py --stream_counts=4 --batch=8 --context=1024
 """
 import argparse
 import os
@@ -17,11 +17,14 @@ from kernels.fused import FusedDecoder  # noqa: E402
 from model import GPT, GPTConfig, KVCache  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--streams", default="1,8", help="P values, comma-separated")
+p.add_argument("--stream_counts", default="1,8", help="P values, comma-separated")
+p.add_argument("--streams", default=None, help=argparse.SUPPRESS)  # the old name: refused, naming the new one
 p.add_argument("--batch", type=int, default=1)
 p.add_argument("--context", type=int, default=128, help="tokens cached before the profiled steps")
 p.add_argument("--steps", type=int, default=20, help="profiled steps")
 args = p.parse_args()
+if args.streams is not None:
+    sys.exit(f"error: --streams is now --stream_counts (the P values: --stream_counts={args.streams})")
 
 
 def step_us(dec, tok, n):
@@ -37,7 +40,7 @@ def step_us(dec, tok, n):
     return sorted(times)[len(times) // 2]
 
 
-for P in map(int, args.streams.split(",")):
+for P in map(int, args.stream_counts.split(",")):
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_streams=P, n_prefix=48,
                     block_size=args.context + 3 * args.steps + 16)

@@ -1,13 +1,17 @@
-"""bench.py: width matching against real parameter counts, the lesson's arithmetic on fixed numbers, and
-every mode end to end at a toy shape."""
+"""bench.py: the pairing against a drifting clock, the ratio rule, the roofline, width matching against real parameter
+counts, the card on fixed numbers, every flag check, and the lesson and --mode=step end to end at a toy shape."""
 import dataclasses
+import importlib.util
 import json
 import math
-import statistics
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
-from util import tiny_config
+from util import ROOT, tiny_config
 
 import bench
 import measure
@@ -15,11 +19,115 @@ from common import UserError, param_report
 from model import GPT, GPTConfig, KVCache
 
 
-def last_json_line(out):
-    return json.loads(out.strip().splitlines()[-1])
+# -----------------------------------------------------------------------------
+# pairs: a drifting machine must cancel out of each increase
+
+class DriftingMachine:
+    """A fake clock and two fake runs: the base costs 1, the model 1.12 (+12%), times the machine's slowness, which
+    swings between 0.5x and 3x over some 50 runs (the 2-core CPU's P = 1 step moved between 269 and 546 ms)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def slowness(self):
+        return 1.75 + 1.25 * math.sin(self.now / 16)
+
+    def run(self, cost):
+        self.now += cost * self.slowness()
 
 
-@pytest.mark.parametrize("cfg", [tiny_config(), tiny_config(n_kv_head=2), tiny_config(n_streams=4), tiny_config(bias=False)])
+def test_pairing_cancels_a_drifting_clock():
+    m = DriftingMachine()
+    base, model = measure.paired(lambda: m.run(1.0), lambda: m.run(1.12), seconds=600, clock=lambda: m.now)
+    assert len(base) == len(model) >= measure.MIN_PAIRS and m.now >= 600  # pairs until the budget is spent
+    med, lo, hi = measure.increase(base, model)
+    assert med == pytest.approx(0.12, abs=0.01) and lo <= 0.12 <= hi and hi - lo < 0.04
+    # the premise: unpaired, the drift swamps the increase (all P=1 runs first, then the model's)
+    m = DriftingMachine()
+    alone = [measure.timed(lambda c=c: m.run(c), reps=40, min_s=0, clock=lambda: m.now) for c in (1.0, 1.12)]
+    assert abs(sum(alone[1]) / sum(alone[0]) - 1.12) > 0.1
+
+
+def test_pairing_keeps_its_minimum_and_swaps_who_goes_first():
+    order = []
+    base, model = measure.paired(lambda: order.append("b"), lambda: order.append("m"), seconds=0)
+    assert len(base) == len(model) == measure.MIN_PAIRS
+    assert order[:6] == ["b", "m", "m", "b", "b", "m"]
+
+
+def test_bootstrap_interval_holds_the_median_and_narrows_with_pairs():
+    gen = torch.Generator().manual_seed(0)
+    noisy = [1 + 0.1 * torch.randn(1, generator=gen).item() for _ in range(400)]
+    few = measure.increase([1.0] * 16, noisy[:16])
+    many = measure.increase([1.0] * 400, noisy)
+    for med, lo, hi in (few, many):
+        assert lo <= med <= hi
+    assert many[2] - many[1] < few[2] - few[1] and many[1] < 0 < many[2]
+
+
+# -----------------------------------------------------------------------------
+# the ratio rule: a ratio only where ParScale's increase is resolved; never inf, never negative
+
+def test_an_unresolved_increase_prints_a_bound_not_a_ratio():
+    text, short = bench.ratio((0.004, -0.008, 0.012), (0.83, 0.80, 0.86))
+    assert text == "ParScale's increase is within noise, below +1.2%: at least 67x" and short == ">=67x"
+    text, short = bench.ratio((0.004, -0.008, 0.012), (0.005, -0.002, 0.01))  # no bound worth saying
+    assert text == "ParScale's increase is within noise, below +1.2%" and short == "noise"
+    assert bench.ratio((-0.06, -0.08, -0.04), (0.8, 0.7, 0.9)) == ("ParScale's increase is not above zero", "none")
+
+
+def test_a_resolved_increase_prints_a_ratio_and_dearer_below_one():
+    assert bench.ratio((0.12, 0.08, 0.15), (0.83, 0.80, 0.86)) == ("6.9x", "6.9x")
+    assert bench.ratio((7.4, 7.0, 7.9), (1.05, 1.0, 1.1)) == ("ParScale dearer here", "dearer")
+    assert bench.ratio((0.1, 0.05, 0.2), (-0.01, -0.03, 0.01))[1] == "dearer"  # a width decrease: never negative
+    for par in [(0.0, -0.1, 0.1), (1e-9, 1e-10, 1e-8), (0.2, 0.1, 0.3), (-0.5, -0.6, -0.4)]:
+        for wid in [(0.8, 0.7, 0.9), (-0.1, -0.2, 0.0), (0.0, 0.0, 0.0)]:
+            text, short = bench.ratio(par, wid)
+            assert "inf" not in text + short and "-" not in short and not text.startswith("-")
+
+
+# -----------------------------------------------------------------------------
+# the roofline: from a Linear's cost by rows and the bandwidth
+
+def roof_args(**kw):
+    """A machine reading 10 GB/s whose Linear costs its weight read up to 8 rows and 3x that at 16 (bf16)."""
+    args = argparse_ns(batch=1, prompt=4, long_context=100, dtype=torch.bfloat16, bandwidth=1e10, **kw)
+    read = 2 / 1e10
+    args.roof = dict(per_weight={1: read / 2, 2: read, 4: read, 8: read, 16: 3 * read})
+    return args
+
+
+def argparse_ns(**kw):
+    return bench.argparse.Namespace(**kw)
+
+
+def test_roofline_predicts_free_streams_below_the_ridge_and_dear_ones_above():
+    args = roof_args()
+    read = 2 / 1e10
+    assert bench.weight_s(1, args) == read and bench.weight_s(8, args) == read  # reading dominates
+    assert bench.weight_s(16, args) == 3 * read and bench.weight_s(64, args) == pytest.approx(12 * read)  # compute
+    base = tiny_config(n_kv_head=2, block_size=128)
+    p8, p16 = (dataclasses.replace(base, n_streams=P) for P in (8, 16))
+    step = {c.n_streams: bench.predicted_s(c, args, "decode") for c in (base, p8, p16)}
+    kv = {c.n_streams: measure.kv_bytes(c, 1, 4, 2) / 1e10 for c in (base, p8, p16)}
+    n = {c.n_streams: measure.param_counts(c)["non_embedding"] for c in (base, p8, p16)}
+    head = base.vocab_size * base.n_embd * read
+    assert step[8] == pytest.approx(n[8] * read + head + kv[8])  # P=8: still the weights' read
+    assert step[16] == pytest.approx(n[16] * 3 * read + head + kv[16])  # P=16: past the ridge
+    assert bench.predicted_s(p8, args, "prefill") == pytest.approx(n[8] * bench.weight_s(32, args) + head + kv[8])
+
+
+def test_kv_bytes_is_the_caches_size():
+    for cfg, B in [(tiny_config(), 1), (tiny_config(n_streams=4, n_kv_head=2), 3)]:
+        cache = KVCache(GPT(cfg).to(torch.bfloat16), B, max_len=20)
+        assert measure.kv_bytes(cfg, B, 20, 2) == cache.k.nbytes + cache.v.nbytes
+
+
+# -----------------------------------------------------------------------------
+# width matching against real parameter counts
+
+@pytest.mark.parametrize("cfg", [tiny_config(), tiny_config(n_kv_head=2), tiny_config(n_streams=4),
+                                 tiny_config(bias=False)])
 def test_param_counts_are_a_real_models(cfg):
     assert measure.param_counts(cfg) == param_report(GPT(cfg))
 
@@ -35,10 +143,11 @@ def test_match_width(n_kv_head):
         return abs(measure.param_counts(cfg)["non_embedding"] - target)
 
     widths = []
-    # 0.3x and 6x walk the width down and far up from the base
-    for target in [measure.equivalent_params(n_base, P, 0.39) for P in (1, 2, 4, 8)] + [0.3 * n_base, 6 * n_base]:
+    # 0.3x and 6x: a target far below the base and far above it
+    for target in [n_base * (1 + 0.39 * math.log(P)) for P in (1, 2, 4, 8)] + [0.3 * n_base, 6 * n_base]:
         cfg = measure.match_width(base, target)
-        assert (cfg.n_layer, cfg.head_dim, cfg.n_streams, cfg.vocab_size) == (base.n_layer, base.head_dim, 1, base.vocab_size)
+        assert (cfg.n_layer, cfg.head_dim, cfg.n_streams) == (base.n_layer, base.head_dim, 1)
+        assert cfg.vocab_size == base.vocab_size
         assert cfg.n_head % cfg.n_kv_head == 0 and cfg.n_kv_head == (cfg.n_head if mha else 2)  # GQA stays valid
         for h in (cfg.n_head - step, cfg.n_head + step):  # within rounding: no neighbouring width is closer
             if h >= step:
@@ -52,145 +161,12 @@ def test_match_width(n_kv_head):
 
 def test_family_pairs_every_p_with_a_width_model():
     fam = measure.model_family(tiny_config(n_embd=96, n_head=12, n_kv_head=2), [1, 2, 8], k=0.39)
-    assert [(m["side"], m["P"]) for m in fam] == [("base", 1), ("parscale", 2), ("width", 2), ("parscale", 8), ("width", 8)]
+    assert [(m["side"], m["P"]) for m in fam] == [("base", 1), ("parscale", 2), ("width", 2), ("parscale", 8),
+                                                  ("width", 8)]
     assert all(m["cfg"].n_kv_head == 2 for m in fam)
     n_base = fam[0]["non_embedding"]
-    assert fam[4]["target"] == pytest.approx(n_base * (1 + 0.39 * torch.log(torch.tensor(8.0)).item()))
+    assert fam[4]["target"] == fam[3]["target"] == pytest.approx(n_base * (1 + 0.39 * math.log(8)))
     assert fam[0]["cfg"].n_streams == 1 and fam[3]["cfg"].n_streams == 8
-
-
-def test_fused_path_is_refused_when_unavailable():
-    with pytest.raises(UserError, match="--paths=fused"):
-        bench.parse_args(["--device=cpu", "--paths=fused"])
-
-
-# -----------------------------------------------------------------------------
-# bad flag values: one named UserError each, before anything is built
-# (tests/test_cli.py checks that the command line turns these into `error: ...` and exit 1)
-
-@pytest.mark.parametrize("flags, match", [
-    (["--streams=-2"], r"--streams must list integers >= 1"),
-    (["--n_embd=100"], r"--n_embd=100 must be a multiple of --n_head=16"),
-    (["--n_layer=0"], r"--n_layer must be >= 1"),
-    (["--repeats=0"], r"--repeats must be >= 1"),
-    (["--n_prefix=0"], r"--n_prefix must be >= 1 when --streams has a P > 1"),
-    (["--k=-0.1"], r"--k must be a finite number >= 0"),
-    (["--threads=0"], r"--threads must be >= 1, or -1 for all cores"),
-    (["--dtype=float16"], r"--dtype=float16 is for GPUs"),
-    (["--device=tpu"], r"--device=tpu is not a device"),
-    (["--device=meta"], r"--device=meta: bench.py runs on cpu, cuda"),
-    (["--mode=step", "--plot=x.png"], r"--mode=step has none"),
-    (["--batch=0"], r"--batch must be >= 1"),
-    (["--steps=0"], r"--steps must be >= 1"),
-    (["--long_context=0"], r"--long_context must be >= 1"),
-    (["--n_kv_head=5"], r"--n_kv_head=5 must divide --n_head=16"),
-    (["--plot=/no/such/folder/x.png"], r"--plot=.*: its folder does not exist"),
-])
-def test_bad_flag_values(flags, match, monkeypatch):
-    monkeypatch.setattr(bench, "Figure", object)  # as if matplotlib were there: the other --plot checks still apply
-    device = [] if any(f.startswith("--device") for f in flags) else ["--device=cpu"]
-    with pytest.raises(UserError, match=match) as e:
-        bench.parse_args(device + flags)
-    assert "\n" not in str(e.value)
-
-
-def test_plot_without_matplotlib_is_refused_up_front(monkeypatch):
-    monkeypatch.setattr(bench, "Figure", None)
-    with pytest.raises(UserError, match="--plot=cost.png needs matplotlib"):
-        bench.parse_args(["--device=cpu", "--plot=cost.png"])
-
-
-def test_the_research_modes_are_the_cost_sweeps(capsys):
-    for mode in ("sweep", "train", "all"):  # experiments/cost_sweep.py's now (tests/test_cost_sweep.py)
-        with pytest.raises(SystemExit):
-            bench.parse_args(["--device=cpu", f"--mode={mode}"])
-        assert f"invalid choice: '{mode}'" in capsys.readouterr().err
-
-
-def test_list_flags_that_are_not_integers_are_argparse_errors(capsys):
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--device=cpu", "--streams=1,two"])
-    assert "expected comma-separated integers such as 1,2,4, got '1,two'" in capsys.readouterr().err
-
-
-# -----------------------------------------------------------------------------
-# the lesson (the default run)
-
-LESSON = ["--preset=tiny", "--streams=1,2", "--steps=2", "--repeats=3", "--long_context=40"]
-
-
-def test_lesson_end_to_end_with_its_json_line(capsys):
-    result = bench.main(["--device=cpu", *LESSON])
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) <= 26, "the lesson is one table of at most 25 lines, then the JSON line"
-    assert last_json_line("\n".join(out))["ratios"] == json.loads(json.dumps(measure.rounded(result)))["ratios"]
-    assert [m["label"] for m in result["models"]] == ["base", "P=2", "width~P2"]
-    for m in result["models"]:
-        assert len(m["prefill_s"]) == len(m["step_short_s"]) == len(m["step_long_s"]) == 3
-        assert all(t > 0 for t in m["prefill_s"] + m["step_short_s"] + m["step_long_s"])
-        assert m["peak_short"] is not None and m["peak_long"] >= m["peak_short"]  # each in its own process, RSS measured
-        assert 0 < m["floor_short"] < 10 and m["kv_long_mb"] > m["kv_short_mb"]
-    r = result["ratios"][0]
-    assert r["P"] == 2 and {"memory_peak_short", "memory_counted_long", "step_short_s", "step_long_s", "total_s"} <= set(r)
-    assert result["bandwidth"] > 0 and "GiB" in result["bandwidth_how"] and result["dtype_why"]
-    assert any("filled directly" in line for line in out) and any("22x memory, 6x latency" in line for line in out)
-
-
-def fake_family(times):
-    """model_family at the tiny shape, each model with fixed 'measurements': times[label] = dict of runs."""
-    base_cfg = GPTConfig(n_layer=2, n_embd=96, n_head=12, n_kv_head=2, vocab_size=512, n_prefix=4, block_size=64)
-    family = measure.model_family(base_cfg, [1, 2], 0.39)
-    for m in family:
-        m.update(times[m["label"]])
-    return family
-
-
-def test_lesson_ratios_on_a_fixed_timing_table():
-    args = bench.argparse.Namespace(dtype=torch.bfloat16, batch=1, prompt=16, long_context=40, steps=2, bandwidth=1e10)
-    family = fake_family({
-        "base": dict(prefill_s=[1.0, 1.2], step_short_s=[0.100, 0.120], step_long_s=[0.2, 0.2], peak_short=1000, peak_long=1001),
-        # ParScale's runs, each paired with its own backbone's run in the same process
-        "P=2": dict(prefill_s=[2.0, 2.2], step_short_s=[0.110, 0.125], step_long_s=[0.3, 0.3], peak_short=1010, peak_long=1011,
-                    base_prefill_s=[1.0, 1.1], base_step_short_s=[0.100, 0.105], base_step_long_s=[0.2, 0.2]),
-        "width~P2": dict(prefill_s=[1.5, 1.7], step_short_s=[0.160, 0.170], step_long_s=[0.2, 0.2], peak_short=1100, peak_long=1101),
-    })
-    (r,), pool = bench.lesson_rows(family, args)
-    assert r["memory_peak_short"] == pytest.approx(10.0)  # (1100 - 1000) / (1010 - 1000)
-    assert r["memory_peak_long"] == pytest.approx(10.0)
-    # every P = 1 run of the session: the base's own two and the two ParScale ran beside its backbone
-    assert pool["step_short_s"] == [0.100, 0.120, 0.100, 0.105]
-    par = [0.010, 0.020]  # ParScale, paired run by run with its backbone
-    wid = [w - b for w in (0.160, 0.170) for b in pool["step_short_s"]]  # width, against the whole pool
-    med, lo, hi = r["step_short_s"]
-    assert med == pytest.approx(statistics.median(wid) / statistics.median(par))
-    assert lo == pytest.approx(min(wid) / max(par)) and hi == pytest.approx(max(wid) / min(par))
-    assert r["step_long_s"] == (0.0, 0.0, 0.0)  # width adds nothing at the long context here
-    assert r["prefill_s"][0] < 1  # ParScale's prefill costs more than width's
-    # prefill + 64 steps, run by run
-    par_total = [2.0 + 64 * 0.110 - (1.0 + 64 * 0.100), 2.2 + 64 * 0.125 - (1.1 + 64 * 0.105)]
-    base_total = [1.0 + 64 * 0.100, 1.2 + 64 * 0.120, 1.0 + 64 * 0.100, 1.1 + 64 * 0.105]
-    wid_total = [w - b for w in (1.5 + 64 * 0.160, 1.7 + 64 * 0.170) for b in base_total]
-    assert r["total_s"][0] == pytest.approx(statistics.median(wid_total) / statistics.median(par_total))
-    assert r["total_s"][1] == pytest.approx(min(wid_total) / max(par_total))
-    assert family[1]["step_increase"] == pytest.approx(0.015 / 0.1025)  # +15 ms over the paired 102.5 ms
-    n = measure.param_counts(family[0]["cfg"])
-    assert family[0]["weights_mb"] == pytest.approx((n["embedding"] + n["non_embedding"]) * 2 / 2**20)
-
-
-def test_ratio_spread_is_infinite_where_parscale_adds_nothing():
-    assert bench.ratio_spread([1.0], [0.0]) == (math.inf, math.inf, math.inf)
-    med, lo, hi = bench.ratio_spread([2.0, 1.8], [0.5, -0.1])
-    assert med == pytest.approx(1.9 / 0.2) and lo == pytest.approx(1.8 / 0.5) and hi == math.inf
-
-
-@pytest.mark.parametrize("P, kv, B", [(1, 4, 1), (4, 2, 3)])
-def test_floor_counts_the_bytes_of_the_tensors_a_step_reads(P, kv, B):
-    cfg = tiny_config(n_streams=P, n_kv_head=kv)
-    model = GPT(cfg).to(torch.bfloat16)
-    # every weight once: wte is the LM head (tied), wpe gives one row; the prefixes are parameters
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "transformer.wpe.weight")
-    cache = KVCache(model, B, max_len=20)
-    assert measure.floor_bytes(cfg, measure.param_counts(cfg), B, 20, 2) == weights + cache.k.nbytes + cache.v.nbytes
 
 
 def test_built_models_are_cheap_tied_finite_and_in_their_dtype():
@@ -205,25 +181,187 @@ def test_built_models_are_cheap_tied_finite_and_in_their_dtype():
     assert model.transformer.h[0].attn.c_attn.weight.float().std().item() == pytest.approx(0.02, rel=0.1)
     again = measure.build_model(cfg, torch.device("cpu"), torch.bfloat16, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    idx = torch.randint(cfg.vocab_size, (2, 8))
     with torch.no_grad():
-        assert torch.isfinite(model(idx)[0]).all()
+        assert torch.isfinite(model(torch.randint(cfg.vocab_size, (2, 8)))[0]).all()
 
 
-def test_read_bandwidth_reads_more_than_the_last_cache():
-    bw, how = measure.read_bandwidth(torch.device("cpu"))
-    llc = measure.last_cache_bytes(torch.device("cpu"))
-    assert bw > 1e8 and "sums over" in how
-    assert llc is None or f"{max(2**30, 4 * llc) / 2**30:.0f} GiB" in how
+def test_read_bandwidth_is_a_rate():
+    assert 1e8 < measure.read_bandwidth(torch.device("cpu")) < 1e13
 
 
-def test_step_mode_end_to_end(capsys):
+# -----------------------------------------------------------------------------
+# the card and the summary on fixed numbers: the full family of P = 1, 2, 4, 8
+
+def fixed_lesson(phases=3):
+    """The paper preset's family with made-up measurements, summarised as bench.lesson does: every model 100 MB per P
+    above the base; width's steps and prefill 40% dearer; ParScale's step within noise of its P=1, its prefill P
+    times."""
+    args = bench.parse_args(["--device=cpu", "--budget=0"])
+    args.dtype, args.dtype_why, args.bandwidth = torch.bfloat16, "bf16, measured: ...", 3e10
+    args.roof = dict(shape=[8192, 2048], per_weight={r: 6e-11 * max(1, r / 64) for r in (1, 2, 4, 8, 16, 32, 64, 128)},
+                     peak_flops=2e12, ridge=67)
+    args.phases, args.need = list(bench.PHASES)[:phases], {ph: 999.0 for ph in bench.PHASES}
+    cfg = GPTConfig(n_layer=36, n_embd=2048, n_head=16, n_kv_head=2, vocab_size=151936, n_prefix=48, block_size=1001)
+    family = measure.model_family(cfg, [1, 2, 4, 8], 0.39)
+    base = [0.20, 0.21, 0.22] * 7
+    for m in family:
+        m["peak"] = [3.7e9 + (m["P"] - 1) * 1e8 * (1 + 9 * (m["side"] == "width"))] * 2
+        for ph in args.phases:
+            scale = {"base": 1, "width": 1.4, "parscale": m["P"] if ph == "prefill" else 1}[m["side"]]
+            model = [scale * t for t in (base if m["side"] == "width" or ph == "prefill" else base[::-1])]
+            m[ph] = (base, model)  # ParScale's steps: +10%, 0 and -9% in turn
+    return family, bench.summarise(family, args), args
+
+
+@pytest.mark.parametrize("phases", [3, 2, 1])
+def test_the_card_fits_and_never_prints_inf(phases):
+    family, ratios, args = fixed_lesson(phases)
+    lines = bench.card(family, ratios, args)
+    assert len(lines) <= 24 and max(map(len, lines)) <= 120, "\n".join(lines)
+    text = " ".join(line.strip() for line in lines)
+    assert not re.search(r"\binf\b|-\d[\d.]*x", text) and "memory: P=2 10.0x, P=4 10.0x, P=8 10.0x (paper 22x)" in text
+    assert "P=8 decode step @64: ParScale's increase is within noise, below +10.0%: at least 4x (paper 6x)" in text
+    assert ("prefill 64 tokens not timed (16 pairs: ~999 s)" in text) == (phases < 3)
+    assert ("in the prefill (dearer: ParScale +700%)" in text) == (phases == 3)
+    assert ("decode step @1000 not timed" in text) == (phases < 2) and ("latency not timed" in text) == (phases < 2)
+    result = dict(preset="paper", device="CPU", dtype="bfloat16", batch=1, ratios=ratios,
+                  models=[{k: v for k, v in m.items() if k != "cfg"} for m in family])
+    summary = json.loads(bench.summary(result))
+    assert len(bench.summary(result)) <= 1000 - 40 and {"memory", "latency", "ratio"} <= set(summary)  # 40: a long name
+    assert summary["ratio"]["8"]["decode"].startswith(">=") and summary["memory"]["P=8"] == [round(7e8 / 2**20)] * 2
+    assert summary["latency"]["width~P8"]["decode"] == [40, 40, 40] and summary["latency"]["P=8"]["decode"][0] == 0.0
+
+
+def test_nearly_free_is_the_most_rows_within_ten_percent_and_survives_one_noisy_point():
+    family, ratios, args = fixed_lesson()
+    assert "nearly free here up to P=64 at batch 1: a 64-row Linear costs what reading its weights costs" in " ".join(
+        line.strip() for line in bench.card(family, ratios, args))
+    args.roof["per_weight"][2] *= 3  # a scheduler stall at 2 rows
+    args.roof["per_weight"] = {r: s * (1 if r < 16 else 5) for r, s in args.roof["per_weight"].items()}  # compute
+    text = " ".join(line.strip() for line in bench.card(family, ratios, args))
+    assert "up to P=8 at batch 1: a 8-row Linear" in text and "a 16-row one, 4.5x" in text  # 5 x 6e-11 / (2 / 3e10)
+
+
+# -----------------------------------------------------------------------------
+# bad flag values: one named UserError each, before anything is built
+# (tests/test_cli.py checks that the command line turns these into `error: ...` and exit 1)
+
+@pytest.mark.parametrize("flags, match", [
+    (["--streams=1,2"], r"--streams is now --stream_counts \(here the P values: --stream_counts=1,2\)"),
+    (["--stream_counts=-2"], r"--stream_counts must list integers >= 1, one of them > 1"),
+    (["--stream_counts=1"], r"--stream_counts must list integers >= 1, one of them > 1"),
+    (["--n_embd=100"], r"n_embd \(100\) must be divisible by n_head \(16\)"),
+    (["--n_layer=0"], r"n_layer must be a positive integer"),
+    (["--n_prefix=0"], r"n_prefix must be >= 1 at n_streams="),
+    (["--n_kv_head=5"], r"n_kv_head \(5\) must divide n_head \(16\)"),
+    (["--k=-0.1"], r"--k must be >= 0"),
+    (["--k=nan"], r"--k must be >= 0"),
+    (["--budget=-1"], r"--budget must be >= 0"),
+    (["--batch=0"], r"--batch must be >= 1"),
+    (["--long_context=0"], r"--long_context must be >= 1"),
+    (["--dtype=float16"], r"--dtype=float16 is for GPUs"),
+    (["--device=tpu"], r"--device=tpu is not a device"),
+    (["--device=meta"], r"--device=meta: bench.py runs on cpu, cuda"),
+    (["--mode=step", "--plot=x.png"], r"--mode=step has no figure"),
+    (["--plot=/no/such/folder/x.png"], r"--plot=.*: its folder does not exist"),
+    (["--json=/no/such/folder/x.json"], r"--json=.*: its folder does not exist"),
+])
+def test_bad_flag_values(flags, match):
+    device = [] if any(f.startswith("--device") for f in flags) else ["--device=cpu"]
+    with pytest.raises(UserError, match=match) as e:
+        bench.parse_args(device + flags)
+    assert "\n" not in str(e.value)
+
+
+def test_plot_without_matplotlib_is_refused_up_front(monkeypatch):
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find(name, *a))
+    with pytest.raises(UserError, match="--plot=cost.png: it needs matplotlib"):
+        bench.parse_args(["--device=cpu", "--plot=cost.png"])
+
+
+def test_the_research_modes_are_the_cost_sweeps(capsys):
+    for mode in ("sweep", "train", "all"):  # experiments/cost_sweep.py's now (tests/test_cost_sweep.py)
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device=cpu", f"--mode={mode}"])
+        assert f"invalid choice: '{mode}'" in capsys.readouterr().err
+
+
+def test_list_flags_that_are_not_integers_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device=cpu", "--stream_counts=1,two"])
+    assert "expected comma-separated integers such as 1,2,4, got '1,two'" in capsys.readouterr().err
+
+
+def test_fused_path_is_refused_when_unavailable():
+    with pytest.raises(UserError, match="--paths=fused"):
+        bench.parse_args(["--device=cpu", "--paths=fused"])
+
+
+def test_memory_turns_the_dtype_bf16_or_names_a_smaller_preset(monkeypatch):
+    args = bench.parse_args(["--device=cpu"])
+    args.dtype, args.dtype_why = torch.float32, "fp32, measured: ..."
+    cfg = GPTConfig(n_layer=36, n_embd=2048, n_head=16, n_kv_head=2, vocab_size=151936, n_prefix=48)
+    family = measure.model_family(cfg, [1, 8], 0.39)
+    monkeypatch.setattr(bench, "proc_value", lambda path, key: "100000000 kB")  # ~100 GB free
+    bench.check_memory(family, args)
+    assert args.dtype == torch.bfloat16 and args.dtype_why.startswith("bfloat16, as fp32 needs 22 GB; fp32, measured")
+    monkeypatch.setattr(bench, "proc_value", lambda path, key: "4000000 kB")  # ~4 GB free
+    with pytest.raises(UserError, match=r"the paper preset needs ~11.\d GB of free memory, this machine has 4.1 GB "
+                                        r"available: try --preset=gpt2"):
+        bench.check_memory(family, args)
+
+
+# -----------------------------------------------------------------------------
+# end to end at a toy shape: the lesson's command line once, every assertion on that one run
+
+@pytest.fixture(scope="module")
+def lesson_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lesson")
+    plot = [f"--plot={tmp / 'cost.png'}"] if importlib.util.find_spec("matplotlib") else []
+    flags = ["--device=cpu", "--preset=tiny", "--stream_counts=1,2", "--budget=0", f"--json={tmp / 'all.json'}", *plot]
+    out = subprocess.run([sys.executable, "bench.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp / "all.json") as f:
+        return out, json.load(f), tmp, bool(plot)
+
+
+def test_lesson_prints_a_card_then_one_short_json_line(lesson_run):
+    out, _, _, _ = lesson_run
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) <= 25 and max(map(len, lines[:-1])) <= 120, out.stdout  # at most 24, then the JSON line
+    assert all(line.startswith("[bench]") for line in out.stderr.strip().splitlines()), out.stderr
+    summary = json.loads(lines[-1])
+    assert len(lines[-1]) <= 1000 and {"memory", "latency", "ratio"} <= set(summary)
+    assert not re.search(r"\binf\b", out.stdout) and "USDT" not in out.stdout + out.stderr
+    assert any("ridge point" in line for line in lines) and any("free here" in line for line in lines)
+
+
+def test_lesson_pairs_every_increase_and_writes_everything(lesson_run):
+    _, result, tmp, plotted = lesson_run
+    assert [m["label"] for m in result["models"]] == ["P=1", "P=2", "width~P2"]
+    for m in result["models"][1:]:
+        for ph in result["phases"]:
+            base, model = m[ph]
+            assert len(base) == len(model) >= measure.MIN_PAIRS and min(base + model) > 0
+            med, lo, hi = m["latency"][ph]
+            assert lo <= med <= hi
+    base = result["models"][0]
+    assert 0 < base["peak"][0] <= base["peak"][1]  # in its own process, above the torch runtime
+    assert result["roofline"]["ridge"] > 0 and result["bandwidth"] > 0 and result["flags"]["stream_counts"] == [1, 2]
+    assert result["device"] and result["dtype_why"] and result["elapsed_s"] > 0
+    assert (tmp / "cost.png").exists() == plotted
+
+
+def test_step_mode_end_to_end(capfd):
     result = bench.main(["--device=cpu", "--mode=step", "--n_layer=1", "--n_embd=256", "--n_head=4", "--vocab_size=64",
-                         "--n_prefix=4", "--steps=2", "--repeats=1"])
-    out = capsys.readouterr().out
+                         "--n_prefix=4", "--budget=0"])
+    out, err = capfd.readouterr()
     assert [r["context"] for r in result["step"]] == [128, 960] and "targets:" in out
+    assert "USDT" not in out + err and "profiler" not in out + err  # the allocation count's own output is silenced
     for r in result["step"]:
-        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"] and r["bytes_ratio"] > 1
-        assert len(r["p1_ms"]) == len(r["p8_ms"]) == 2 and r["alloc_p8"] > 0
+        assert r["ratio_lo"] <= r["ratio"] <= r["ratio_hi"] and r["bytes_ratio"] > 1
+        assert len(r["p1_ms"]) == len(r["p8_ms"]) == measure.MIN_PAIRS and r["alloc_p8"] > 0
     layer_keys = 8 * 4 * 961 * 64 * 2  # P=8 rows x 4 kv heads x (960 + 1) slots x head_dim 64, bf16
     assert result["step"][1]["alloc_p8"] < layer_keys / 2, "a decode step allocated as much as a copy of the cache"

@@ -12,8 +12,8 @@ from common import UserError
 from experiments import cost_sweep, crossovers, plots
 
 # one layer, a handful of tokens: the whole sweep runs in about a second on CPU
-TOY = ["--mode=decode", "--n_layer=1", "--n_embd=32", "--n_head=4", "--vocab_size=64", "--n_prefix=2", "--streams=1,2",
-       "--batches=1,2", "--contexts=4,8", "--l_out=2", "--repeats=1"]
+TOY = ["--mode=decode", "--n_layer=1", "--n_embd=32", "--n_head=4", "--vocab_size=64", "--n_prefix=2",
+       "--stream_counts=1,2", "--batches=1,2", "--contexts=4,8", "--l_out=2", "--repeats=1"]
 
 
 def last_json_line(out):
@@ -32,7 +32,7 @@ def test_decode_sweep_end_to_end(capsys, tmp_path):
     plot = [f"--plot={png}"] if plots.Figure is not None else []  # without matplotlib --plot is refused up front
     result = cost_sweep.main(["--device=cpu", *TOY, *plot])
     out = capsys.readouterr().out
-    assert last_json_line(out)["headline"] == json.loads(json.dumps(measure.rounded(result)))["headline"]
+    assert last_json_line(out)["headline"] == json.loads(json.dumps(cost_sweep.rounded(result)))["headline"]
     assert "decode paths: eager" in out and result["paths"] == ["eager"]  # CPU: said, not silent
     assert png.exists() == bool(plot)
     for key in ("models", "results", "headline", "crossovers", "paper_cell", "notes", "elapsed_s"):
@@ -103,9 +103,9 @@ def test_peak_flops_comes_from_model_py():
 def test_the_preset_fills_what_the_flags_leave():
     args = cost_sweep.parse_args(["--device=cpu"])  # auto on a CPU: the tiny shape and its sizes
     assert (args.preset_name, args.n_embd, args.batches, args.contexts, args.l_out) == ("tiny", 96, [1, 2, 4, 8], [32, 128], 16)
-    args = cost_sweep.parse_args(["--device=cpu", "--preset=gpt2", "--contexts=64", "--streams=2,4", "--mode=all"])
+    args = cost_sweep.parse_args(["--device=cpu", "--preset=gpt2", "--contexts=64", "--stream_counts=2,4", "--mode=all"])
     assert (args.n_layer, args.vocab_size, args.contexts, args.l_out, args.train_seq) == (12, 50257, [64], 64, 1024)
-    assert args.streams == [1, 2, 4] and args.kv_heads == [0, 2] and args.mode == "all"  # the P=1 base always runs
+    assert args.stream_counts == [1, 2, 4] and args.kv_heads == [0, 2] and args.mode == "all"  # the P=1 base always runs
 
 
 # -----------------------------------------------------------------------------
@@ -115,7 +115,8 @@ def test_the_preset_fills_what_the_flags_leave():
 @pytest.mark.parametrize("flags, match", [
     (["--batches=1,0"], r"--batches must list integers >= 1"),
     (["--contexts="], r"--contexts must list integers >= 1"),
-    (["--streams=-2"], r"--streams must list integers >= 1"),
+    (["--streams=1,2"], r"--streams is now --stream_counts \(here the P values: --stream_counts=1,2\)"),
+    (["--stream_counts=-2"], r"--stream_counts must list integers >= 1"),
     (["--kv_heads=-1"], r"--kv_heads must list integers >= 0"),
     (["--kv_heads=5"], r"--kv_heads=5 must divide --n_head=12"),
     (["--preset=paper", "--kv_heads=5"], r"--kv_heads=5 must divide --n_head=16"),
@@ -123,7 +124,7 @@ def test_the_preset_fills_what_the_flags_leave():
     (["--l_out=0"], r"--l_out must be >= 1"),
     (["--repeats=0"], r"--repeats must be >= 1"),
     (["--train_steps=0"], r"--train_steps must be >= 1"),
-    (["--n_prefix=0"], r"--n_prefix must be >= 1 when --streams has a P > 1"),
+    (["--n_prefix=0"], r"--n_prefix must be >= 1 when --stream_counts has a P > 1"),
     (["--k=-0.1"], r"--k must be a finite number >= 0"),
     (["--time_limit=0"], r"--time_limit must be .* > 0, or -1"),
     (["--threads=0"], r"--threads must be >= 1, or -1 for all cores"),
@@ -164,7 +165,7 @@ def test_the_mode_names_are_the_sweeps(capsys):
 def test_decode_sweep_on_gpu():
     # head_dim 32: the smallest the fused kernels take
     result = cost_sweep.main(["--device=cuda", "--n_layer=1", "--n_embd=128", "--n_head=4", "--vocab_size=64", "--n_prefix=2",
-                              "--streams=1,2", "--batches=1,2", "--contexts=4,8", "--l_out=3", "--repeats=1"])
+                              "--stream_counts=1,2", "--batches=1,2", "--contexts=4,8", "--l_out=3", "--repeats=1"])
     assert not result["notes"], result["notes"]
     assert {r["path"] for r in result["results"]} == set(result["paths"])
     assert all(r["peak_mb"] >= r["weights_mb"] > 0 and r["roofline"] > 0 for r in result["results"])
