@@ -30,9 +30,10 @@ from dataclasses import asdict
 
 import torch
 
-from common import UserError, model_config, resolve_device, resolve_dtype
-from measure import (MIN_PAIRS, PRESETS, decode_paths, increase, int_list, kv_bytes, measure_model, model_family,
-                     param_counts, proc_value, read_bandwidth, synchronize, timed, with_threads_and_dtype)
+from cli import ArgumentParser, RenamedFlag, UserError, int_list, model_config, resolved
+from machine import linear_seconds, proc_value, resolve_device, resolve_dtype
+from measure import (MIN_PAIRS, PRESETS, decode_paths, increase, kv_bytes, measure_model, model_family, param_counts,
+                     read_bandwidth, with_threads_and_dtype)
 from model import GPTConfig
 
 PAPER = {1: (22, 6), 2: (12.8, 3.2), 4: (6.9, 1.7), 8: (3.6, 0.9)}  # width's increase over P=8's: memory, latency
@@ -41,29 +42,30 @@ PHASES = {"decode": "decode step @{T}", "long": "decode step @{L}", "prefill": "
 
 
 def roofline(args):
-    """A Linear of the MLP's shape timed at 1 to 512 rows: seconds per weight, best FLOP/s, ridge point (FLOP/byte)."""
+    """This machine's roofline: read bandwidth (bytes/s), and a Linear of the MLP's shape timed at 1 to 512 rows:
+    seconds per weight, best FLOP/s, ridge point (FLOP/byte)."""
     w = torch.randn(4 * args.n_embd, args.n_embd, device=args.device, dtype=args.dtype)
-    per_weight = {}
-    for r in sorted({2**i for i in range(10)} | {P * args.batch for P in args.stream_counts}):
-        x = torch.randn(r, args.n_embd, device=args.device, dtype=args.dtype)
-        per_weight[r] = statistics.median(timed(lambda: (x @ w.T, synchronize(args.device)))) / w.numel()
+    bandwidth = read_bandwidth(args.device)
+    per_weight = {r: linear_seconds(w, r, reps=5) / w.numel()
+                  for r in sorted({2**i for i in range(10)} | {P * args.batch for P in args.stream_counts})}
     peak = max(2 * r / s for r, s in per_weight.items())
-    return dict(shape=list(w.shape), per_weight=per_weight, peak_flops=peak, ridge=peak / args.bandwidth)
+    return dict(shape=list(w.shape), per_weight=per_weight, peak_flops=peak, ridge=peak / bandwidth,
+                bandwidth=bandwidth, itemsize=args.dtype.itemsize)
 
 
-def weight_s(rows, args):
+def weight_s(rows, roof):
     """A weight's seconds at `rows` rows: the larger of reading it and its measured compute (scaled past the ladder)."""
-    ladder, top = args.roof["per_weight"], max(args.roof["per_weight"])
+    ladder, top = roof["per_weight"], max(roof["per_weight"])
     compute = ladder[min(r for r in ladder if r >= rows)] if rows <= top else ladder[top] * rows / top
-    return max(args.dtype.itemsize / args.bandwidth, compute)
+    return max(roof["itemsize"] / roof["bandwidth"], compute)
 
 
-def predicted_s(cfg, args, phase):
+def predicted_s(cfg, args, roof, phase):
     """A phase's seconds by the roofline: the body at P*B rows (P*B*T in the prefill), the LM head at B, the cache."""
     T, rows = args.prompt, cfg.n_streams * args.batch
-    kv = kv_bytes(cfg, args.batch, args.long_context if phase == "long" else T, args.dtype.itemsize)
-    return (param_counts(cfg)["non_embedding"] * weight_s(rows * (T if phase == "prefill" else 1), args)
-            + cfg.vocab_size * cfg.n_embd * weight_s(args.batch, args) + kv / args.bandwidth)
+    kv = kv_bytes(cfg, args.batch, args.long_context if phase == "long" else T, roof["itemsize"])
+    return (param_counts(cfg)["non_embedding"] * weight_s(rows * (T if phase == "prefill" else 1), roof)
+            + cfg.vocab_size * cfg.n_embd * weight_s(args.batch, roof) + kv / roof["bandwidth"])
 
 
 def ratio(par, wid):
@@ -82,36 +84,38 @@ def pct(x):
     return f"{100 * x:+.1f}%" if abs(x) < 0.1 else f"{100 * x:+.0f}%"
 
 
-def summarise(family, args):
+def summarise(family, args, roof, phases):
     """Each model's increase over P = 1 (memory MB, latency, the roofline's); for each P width's over ParScale's."""
     base, ratios = family[0], []
     base["memory_mb"] = [None if v is None else v / 2**20 for v in base["peak"]]  # the base's own peak, above torch
     for m in family[1:]:
         m["memory_mb"] = [None if None in (a, b) else (a - b) / 2**20 for a, b in zip(m["peak"], base["peak"])]
-        m["latency"] = {ph: increase(*m[ph]) for ph in args.phases}
-        m["roofline"] = {ph: predicted_s(m["cfg"], args, ph) / predicted_s(base["cfg"], args, ph) - 1 for ph in PHASES}
+        m["latency"] = {ph: increase(*m[ph]) for ph in phases}
+        m["roofline"] = {ph: predicted_s(m["cfg"], args, roof, ph) / predicted_s(base["cfg"], args, roof, ph) - 1
+                         for ph in PHASES}
     for par, wide in zip(family[1::2], family[2::2]):  # memory: one measurement each, an interval of none
         mem = [ratio((p,) * 3, (w,) * 3) if p is not None else ("n/a",) * 2
                for p, w in zip(par["memory_mb"], wide["memory_mb"])]
         ratios.append(dict(P=par["P"], memory=mem[0], memory_long=mem[1],
-                           **{ph: ratio(par["latency"][ph], wide["latency"][ph]) for ph in args.phases}))
+                           **{ph: ratio(par["latency"][ph], wide["latency"][ph]) for ph in phases}))
     return ratios
 
 
-def card(family, ratios, args):
+def card(family, ratios, args, roof, need, phases):
     """The card: at most 24 lines, none over 120 characters."""
-    T, L, B, roof, base, dt = args.prompt, args.long_context, args.batch, args.roof, family[0], str(args.dtype)[6:]
+    T, L, B, base, dt = args.prompt, args.long_context, args.batch, family[0], str(args.dtype)[6:]
     pw, top, paper = roof["per_weight"], max(args.stream_counts) * B, PAPER.get(B)
     # nearly free: the most rows (P*B, P whole) whose Linear costs within 10% of what B rows cost
-    free = max(r for r in pw if r % B == 0 and weight_s(r, args) <= 1.1 * weight_s(B, args)) // B
-    n, why = [len(m[ph][0]) for m in family[1:] for ph in args.phases], f"ridge point {roof['ridge']:.0f} FLOP/byte"
-    more = weight_s(2 * free * B, args) / weight_s(B, args)  # what twice as many rows cost
+    free = max(r for r in pw if r % B == 0 and weight_s(r, roof) <= 1.1 * weight_s(B, roof)) // B
+    n, why = [len(m[ph][0]) for m in family[1:] for ph in phases], f"ridge point {roof['ridge']:.0f} FLOP/byte"
+    more = weight_s(2 * free * B, roof) / weight_s(B, roof)  # what twice as many rows cost
     lines = [f"P streams against width, the {args.preset_name} preset: {args.n_layer} layers, width {args.n_embd}, "
              f"{args.n_head}/{args.n_kv_head or args.n_head} heads, vocab {args.vocab_size}, {args.n_prefix} prefix "
              "slots",
              f"{args.device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}; "
              f"{args.paths[0]} path ({args.fused_reason}); dtype {args.dtype_why}",
-             f"roofline: reads {args.bandwidth / 1e9:.1f} GB/s; a {roof['shape'][1]}x{roof['shape'][0]} {dt} Linear: "
+             f"roofline: reads {roof['bandwidth'] / 1e9:.1f} GB/s; a {roof['shape'][1]}x{roof['shape'][0]} {dt} Linear:"
+             " "
              f"{1e3 * pw[1] * 4 * args.n_embd**2:.2f} ms at 1 row, {pw[top] / pw[1]:.1f}x at {top}; best "
              f"{roof['peak_flops'] / 1e12:.2f} TFLOP/s: {why}",
              f"So streams stay nearly free here up to P={free} at batch {B}: a {free * B}-row Linear costs what reading"
@@ -119,15 +123,15 @@ def card(family, ratios, args):
              f"{2 * free * B}-row one, {more:.1f}x.",
              f"latency: median increase over the model's own P=1 [95% bootstrap interval], {min(n)}-{max(n)} pairs "
              "each; pred = the roofline's" + "".join(f"; {PHASES[p].format(T=T, L=L)} not timed ({MIN_PAIRS} pairs: "
-                                                     f"~{args.need[p]:.0f} s)" for p in PHASES if p not in args.phases)]
+                                                     f"~{need[p]:.0f} s)" for p in PHASES if p not in phases)]
     lines = [line for t in lines for line in textwrap.wrap(t, 120, subsequent_indent="  ")]
     lines.append(f"{'model':9} {'width':>5} {'N':>5} | {f'MB @{T} / @{L}':>15} | " + " | ".join(
-        f"{PHASES[ph].format(T=T, L=L) + ('' if ph == 'prefill' else ' pred'):>24}" for ph in args.phases))
+        f"{PHASES[ph].format(T=T, L=L) + ('' if ph == 'prefill' else ' pred'):>24}" for ph in phases))
     for m in family:
         x, mb = m.get("latency"), ["n/a" if v is None else f"{v:{'+' * (m is not base)},.0f}" for v in m["memory_mb"]]
         cells = [f"{1e3 * statistics.median(t for o in family[1:] for t in o[ph][0]):,.1f} ms" if m is base else
                  "{} [{:.{d}f}, {:.{d}f}]".format(pct(x[ph][0]), *(100 * v for v in x[ph][1:]), d=+(abs(x[ph][0]) < .1))
-                 + ("" if ph == "prefill" else f" {pct(m['roofline'][ph]):>5}") for ph in args.phases]
+                 + ("" if ph == "prefill" else f" {pct(m['roofline'][ph]):>5}") for ph in phases]
         lines.append(f"{m['label']:9} {m['cfg'].n_embd:5d} {m['non_embedding'] / 1e9:4.2f}B | {' / '.join(mb):>15} | "
                      + " | ".join(f"{c:>24}" for c in cells))
     p8 = [f" (paper {paper[i]}x)" if paper and r["P"] == 8 else "" for r in ratios for i in (0, 1)]
@@ -146,47 +150,50 @@ def card(family, ratios, args):
         f"free up to {free * B} here).", 120, subsequent_indent="  ")
 
 
-def lesson(args):
+def lesson(args, t0):
     """The default run: measure, print the card; returns everything (the --json file)."""
-    cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head or
-                    args.n_head, vocab_size=args.vocab_size, n_prefix=args.n_prefix, block_size=args.long_context + 1)
-    family = model_family(cfg, args.stream_counts, args.k)
-    check_memory(family, args)
-    args.bandwidth = read_bandwidth(args.device)
-    args.roof = roofline(args)
+    cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head,
+                    vocab_size=args.vocab_size, n_prefix=args.n_prefix, block_size=args.long_context + 1)
+    family = model_family(cfg, args.stream_counts, args.law_k)
+    args = memory_fit(family, args)
+    roof = roofline(args)
     spec = dict(device=str(args.device), dtype=str(args.dtype)[6:], batch=args.batch, prompt=args.prompt,
                 path=args.paths[0], long_context=args.long_context, threads=torch.get_num_threads(), base=asdict(cfg))
     # the long context and the prefill are timed where the roofline says MIN_PAIRS pairs of each fit a third of budget
-    args.need = {ph: MIN_PAIRS * sum(predicted_s(c, args, ph) for m in family[1:] for c in (m["cfg"], cfg))
-                 for ph in PHASES}
-    args.phases = ["decode"] + [ph for ph in ("long", "prefill") if args.need[ph] <= args.budget / 3]
-    seconds = args.budget / (len(family) - 1) / len(args.phases)  # for each increase, beyond its MIN_PAIRS pairs
+    need = {ph: MIN_PAIRS * sum(predicted_s(c, args, roof, ph) for m in family[1:] for c in (m["cfg"], cfg))
+            for ph in PHASES}
+    phases = ["decode"] + [ph for ph in ("long", "prefill") if need[ph] <= args.budget / 3]
+    seconds = args.budget / (len(family) - 1) / len(phases)  # for each increase, beyond its MIN_PAIRS pairs
     for i, m in enumerate(family):  # each in a process of its own
-        print(f"[bench] {i + 1}/{len(family)}: {m['label']}, {time.time() - args.t0:.0f} s", file=sys.stderr)
+        print(f"[bench] {i + 1}/{len(family)}: {m['label']}, {time.time() - t0:.0f} s", file=sys.stderr)
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             m.update(pool.apply(measure_model, ({**spec, "config": asdict(m["cfg"]),
-                                                 "phases": {ph: seconds for ph in args.phases} if i else {}},)))
-    ratios = summarise(family, args)
-    print("\n".join(card(family, ratios, args)))
+                                                 "phases": {ph: seconds for ph in phases} if i else {}},)))
+    ratios = summarise(family, args, roof, phases)
+    print("\n".join(card(family, ratios, args, roof, need, phases)))
     if args.plot:
         import bench_plot  # the figure's code and matplotlib, for --plot alone
-        bench_plot.plot_lesson(family, args, args.phases)
+        bench_plot.plot_lesson(family, args, phases)
     return dict(models=[{k: v for k, v in m.items() if k != "cfg"} | dict(config=asdict(m["cfg"])) for m in family],
-                ratios=ratios, pair_seconds=seconds, roofline=args.roof, bandwidth=args.bandwidth, phases=args.phases)
+                ratios=ratios, pair_seconds=seconds, roofline=roof, phases=phases, dtype=str(args.dtype)[6:],
+                dtype_why=args.dtype_why)
 
 
-def check_memory(family, args):
-    """On a CPU: auto turns bf16 where fp32 passes RAM_CAP; too little free RAM is an error naming a smaller preset."""
+def memory_fit(family, args):
+    """On a CPU: auto turns bf16 where fp32 passes RAM_CAP (a copy of args says so); too little free RAM is an error
+    naming a smaller preset."""
     def need(itemsize):  # the largest process holds a model and its base; ~1 GB more for the runtimes
         return 1e9 + itemsize * max(m["total"] + family[0]["total"] for m in family)
 
     if args.device.type == "cpu" and args.dtype == torch.float32 and args.dtype_auto and need(4) > RAM_CAP:
-        args.dtype, args.dtype_why = torch.bfloat16, f"bfloat16, as fp32 needs {need(4) / 1e9:.0f} GB; {args.dtype_why}"
+        args = resolved(args, dtype=torch.bfloat16,
+                        dtype_why=f"bfloat16, as fp32 needs {need(4) / 1e9:.0f} GB; {args.dtype_why}")
     free = int((proc_value("/proc/meminfo", "MemAvailable") or "0").split()[0]) * 1024  # 0: not Linux, not checked
     if args.device.type == "cpu" and 0 < free < need(args.dtype.itemsize):
         smaller = {"paper": "--preset=gpt2", "gpt2": "--preset=tiny"}.get(args.preset_name, "a smaller --n_embd")
         raise UserError(f"the {args.preset_name} preset needs ~{need(args.dtype.itemsize) / 1e9:.1f} GB of free memory,"
                         f" this machine has {free / 1e9:.1f} GB available: try {smaller}")
+    return args
 
 
 def summary(result):
@@ -201,16 +208,17 @@ def summary(result):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["lesson", "step"], default="lesson",
                    help="lesson: the cost claim at one shape (default); step: the reference decode step, P=8 vs P=1")
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto", help="auto: paper (lesson), gpt2 (step)")
     # model: None = the preset's
     for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size", "n_prefix"):
-        p.add_argument(f"--{name}", type=int, default=None, help="0 = n_head (MHA)" if name == "n_kv_head" else None)
+        p.add_argument(f"--{name}", type=int, default=None)
     p.add_argument("--stream_counts", type=int_list, default=[1, 2, 4, 8], help="the P values; P=1 is the base")
-    p.add_argument("--streams", default=None, help=argparse.SUPPRESS)  # the old name: refused, naming the new one
-    p.add_argument("--k", type=float, default=0.39, help="P streams are worth N_base(1 + k ln P) (the paper: 0.39)")
+    p.add_argument("--streams", action=RenamedFlag, new="--stream_counts", why="the P values; --streams is a file")
+    p.add_argument("--law_k", type=float, default=0.39, help="P streams are worth N_base(1 + k ln P) (the paper: 0.39)")
+    p.add_argument("--k", action=RenamedFlag, new="--law_k", why="the scaling law's k")
     # the lesson: None = the preset's
     p.add_argument("--batch", type=int, default=1, help="batch size (the paper's claim is for batch 1)")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens: the short context, and the prefill")
@@ -224,20 +232,15 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto = bf16 on CUDA; on CPU bf16 if a probe finds it no slower than fp32, or fp32 needs 12 GB")
     args = p.parse_args(argv)
-    args.threads = -1  # every core this process may use (measure.with_threads_and_dtype)
-    if args.streams is not None:
-        raise UserError(f"--streams is now --stream_counts (here the P values: --stream_counts={args.streams})")
-    args.device = torch.device(resolve_device(args.device, allowed=("cpu", "cuda"), who="bench.py"))
-    args.preset_name = args.preset if args.preset != "auto" else {"lesson": "paper", "step": "gpt2"}[args.mode]
-    for key, value in PRESETS[args.preset_name].items():
-        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
-    if min(args.stream_counts, default=0) < 1 or max(args.stream_counts) < 2:
-        raise UserError(f"--stream_counts must list integers >= 1, one of them > 1; got {args.stream_counts}")
-    for flag, low in [("batch", 1), ("prompt", 1), ("long_context", 1), ("budget", 0), ("k", 0), ("n_kv_head", 0)]:
-        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= low):
-            raise UserError(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
-    model_config("the model flags", n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
-                 n_kv_head=args.n_kv_head or args.n_head, vocab_size=args.vocab_size, n_prefix=args.n_prefix,
+    device = torch.device(resolve_device(args.device, allowed=("cpu", "cuda"), who="bench.py"))
+    preset = args.preset if args.preset != "auto" else {"lesson": "paper", "step": "gpt2"}[args.mode]
+    sizes = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in PRESETS[preset].items()}  # None: its
+    if max(args.stream_counts) < 2:
+        raise UserError(f"--stream_counts must list a P > 1 (P=1 is the base); got {args.stream_counts}")
+    for flag, low in [("batch", 1), ("prompt", 1), ("long_context", 1), ("budget", 0), ("law_k", 0)]:
+        if not (math.isfinite(sizes.get(flag, getattr(args, flag))) and sizes.get(flag, getattr(args, flag)) >= low):
+            raise UserError(f"--{flag} must be >= {low}, got {sizes.get(flag, getattr(args, flag))}")
+    model_config("the model flags", **{k: v for k, v in sizes.items() if k in GPTConfig.__dataclass_fields__},
                  n_streams=max(args.stream_counts))  # names a bad one
     for flag in ("plot", "json"):
         if getattr(args, flag) and not os.path.isdir(os.path.dirname(os.path.abspath(getattr(args, flag)))):
@@ -245,15 +248,14 @@ def parse_args(argv):
     if args.plot and (args.mode == "step" or importlib.util.find_spec("matplotlib") is None):
         raise UserError(f"--plot={args.plot}: " + ("--mode=step has no figure" if args.mode == "step" else
                                                    "it needs matplotlib; pip install it, or drop --plot"))
-    args.dtype_auto = args.dtype == "auto"
-    if not args.dtype_auto:  # checked before anything is measured; auto is resolved in main, threads set
-        resolve_dtype(args.dtype, args.device)
+    if args.dtype != "auto":  # checked before anything is measured; auto is resolved in main, threads set
+        resolve_dtype(args.dtype, device)
     cpu = proc_value("/proc/cpuinfo", "model name") or "CPU"
-    args.device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else cpu
-    args.stream_counts = sorted(set(args.stream_counts) | {1})  # the P=1 base is what every increase is measured from
     with contextlib.redirect_stdout(io.StringIO()):  # kernels/fused.py's own line about it: the card says it, shorter
-        args.paths, args.fused_reason = decode_paths(args.paths, args.device)
-    return args
+        paths, fused_reason = decode_paths(args.paths, device)
+    return resolved(args, **sizes, device=device, preset_name=preset, threads=-1, dtype_auto=args.dtype == "auto",
+                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+                    stream_counts=sorted(set(args.stream_counts) | {1}), paths=paths, fused_reason=fused_reason)
 
 
 def main(argv=None):
@@ -261,16 +263,17 @@ def main(argv=None):
 
 
 def run(args):
-    args.t0 = time.time()
+    t0 = time.time()
     result = dict(mode=args.mode, preset=args.preset_name, device=args.device_name, torch=torch.__version__,
                   batch=args.batch, threads=torch.get_num_threads(), paths=args.paths, fused_reason=args.fused_reason,
                   flags={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list, type(None)))})
+    result.update(dtype=str(args.dtype)[6:], dtype_why=args.dtype_why)  # the lesson may turn bf16 (memory_fit)
     if args.mode == "lesson":
-        result.update(lesson(args))
+        result.update(lesson(args, t0))
     else:
         import bench_step  # --mode=step's code, for that mode alone: the lesson does not carry it
         result.update(bench_step.step_check(args))
-    result.update(dtype=str(args.dtype)[6:], dtype_why=args.dtype_why, elapsed_s=time.time() - args.t0)
+    result.update(elapsed_s=time.time() - t0)
     print(f"[bench] elapsed {result['elapsed_s']:.1f} s", file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -20,8 +20,8 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from measure import (EagerDecoder, build_model, increase, kv_bytes, paired, param_counts, runner, synchronize, tile_,
-                     timed)
+from machine import linear_seconds
+from measure import EagerDecoder, build_model, increase, kv_bytes, paired, param_counts, runner, tile_
 from model import GPTConfig
 
 STEP_TARGETS = {128: 1.25, 960: 2.1}  # P = 8 / P = 1 per decode step at these contexts (docs/bench.md)
@@ -65,17 +65,12 @@ def step_check(args):
     # what 8 rows cost over 1 in one block's four Linears, where P = 8 pays beyond its bytes when the cache is short
     block = models[1].transformer.h[0]
     linears = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
-    rows = {n: sum(linear_ms(lin.weight, n, args.device) for lin in linears) for n in (1, 8)}
+    rows = {n: sum(1e3 * linear_seconds(lin.weight, n, reps=30) for lin in linears) for n in (1, 8)}
     print(f"one block's four Linears, median: {rows[1]:.3f} ms for 1 row, {rows[8]:.3f} ms for 8 rows "
           f"({rows[8] / rows[1]:.2f}x)")
     print("targets: " + ", ".join(f"P=8/P=1 at ctx {r['context']} = {r['ratio']:.2f} ({'OK' if r['ok'] else 'MISSED'}, "
                                   f"<= {r['target']})" for r in out))
     return dict(step=out, linear_ms=rows)
-
-
-def linear_ms(weight, rows, device):
-    x = torch.randn(rows, weight.size(1), device=device, dtype=weight.dtype)
-    return statistics.median(timed(lambda: (x @ weight.T, synchronize(device)), reps=30)) * 1e3
 
 
 def step_allocations(model, dec, ctx):

@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 import torch
 
-from common import UserError, check, model_config
+from cli import UserError, check, model_config
 from model import GPT
 from model_init import convert_to_streams, is_parscale_param
 

@@ -3,7 +3,6 @@ How bench.py measures (read it first): the width-matched family, random-weight m
 both paths, the machine, and each increase timed in pairs with its own P = 1, one model per process (its own memory).
 """
 
-import argparse
 import dataclasses
 import math
 import os
@@ -12,7 +11,9 @@ import time
 
 import torch
 
-from common import UserError, param_report, resolve_dtype
+from cli import UserError, resolved
+from counts import param_report
+from machine import proc_value, resolve_dtype, synchronize, timed
 from kernels.fused import FusedDecoder, fused_decoder_for, fused_status
 from model import GPT, GPTConfig, KVCache
 
@@ -23,7 +24,7 @@ if sys.platform == "darwin":  # the peak memory of a process there; Windows has 
 PRESETS = {
     "paper": dict(n_layer=36, n_embd=2048, n_head=16, n_kv_head=2, vocab_size=151936, n_prefix=48,
                   prompt=64, long_context=1000, budget=200),
-    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=0, vocab_size=50257, n_prefix=48,
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=None, vocab_size=50257, n_prefix=48,
                  prompt=64, long_context=1000, budget=30),
     "tiny": dict(n_layer=2, n_embd=96, n_head=12, n_kv_head=2, vocab_size=512, n_prefix=4,
                  prompt=16, long_context=100, budget=5),
@@ -33,7 +34,7 @@ _COUNTS = {}
 
 
 def param_counts(cfg):
-    """common.param_report(GPT(cfg)) from a model on the meta device, once per config (width matching asks often)."""
+    """counts.param_report(GPT(cfg)) from a model on the meta device, once per config (width matching asks often)."""
     if repr(cfg) not in _COUNTS:  # a dataclass's repr names every field
         with torch.device("meta"):
             _COUNTS[repr(cfg)] = param_report(GPT(cfg))
@@ -59,14 +60,14 @@ def match_width(base_cfg, target_non_embedding):
     return cfg_for(min((n_head, n_head + step), key=lambda h: abs(count(h) - target_non_embedding)))
 
 
-def model_family(base_cfg, stream_counts, k):
+def model_family(base_cfg, stream_counts, law_k):
     """The P=1 base, then for each P > 1 the ParScale model and the P=1 model of what P streams are worth by the law
     L = E + (A / (N (k ln P + 1)))^alpha: N_base (1 + k ln P) non-embedding parameters (arXiv 2505.10475, sec. 3)."""
     base = dataclasses.replace(base_cfg, n_streams=1)
     n_base = param_counts(base)["backbone"]
     family = [dict(side="base", P=1, label="P=1", cfg=base, target=n_base)]
     for P in sorted(set(stream_counts) - {1}):
-        target = n_base * (1 + k * math.log(P))
+        target = n_base * (1 + law_k * math.log(P))
         family += [dict(side="parscale", P=P, label=f"P={P}", cfg=dataclasses.replace(base_cfg, n_streams=P)),
                    dict(side="width", P=P, label=f"width~P{P}", cfg=match_width(base_cfg, target))]
         family[-1]["target"] = family[-2]["target"] = target
@@ -137,21 +138,6 @@ def runner(dec, prompt, context, device):
     return run
 
 
-def timed(fn, reps=5, min_s=0.05, clock=time.perf_counter):
-    """Seconds of each call of fn() (done when it returns) after a warm-up call: at least `reps` and min_s seconds."""
-    times, start = [], clock()
-    while len(times) <= reps or clock() - start < min_s:
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return times[1:]
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def read_bandwidth(device):
     """Bytes/s: the best of 5 sums over 2 GiB, more than any last cache level here (CUDA: 4x its L2 if larger)."""
     nbytes = max(2**31, 4 * torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0)
@@ -169,15 +155,6 @@ def peak_memory(device):
     return None if kib is None else int(kib.split()[0]) * 1024
 
 
-def proc_value(path, key):
-    """The value after `key:` in a /proc file, or None (not Linux)."""
-    try:
-        with open(path) as f:
-            return next(v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line) if k.strip() == key)
-    except (OSError, StopIteration):
-        return None
-
-
 def decode_paths(requested, device):
     """(paths, why the fused one is or is not here): auto = fused (when it works here) then eager; fused or refused."""
     ok, why = fused_status(device)
@@ -193,8 +170,8 @@ def with_threads_and_dtype(args, run):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(args.threads if args.threads > 0 else cores)
     try:
-        args.dtype, args.dtype_why = resolve_dtype(args.dtype, args.device, cpu_auto="probe")
-        return run(args)
+        dtype, why = resolve_dtype(args.dtype, args.device, cpu_auto="probe")
+        return run(resolved(args, dtype=dtype, dtype_why=why))
     finally:
         torch.set_num_threads(threads)
 
@@ -256,10 +233,3 @@ def measure_model(spec):
             theirs[phase](), ours[phase]()  # the prefill's warm-up (the steps had theirs)
             out[phase] = paired(theirs[phase], ours[phase], seconds)
     return out
-
-
-def int_list(s):
-    try:
-        return [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {s!r}") from None

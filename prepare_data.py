@@ -61,7 +61,7 @@ import tiktoken.load
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 from tqdm import tqdm
 
-from common import UserError
+from cli import ArgumentParser, UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
@@ -307,7 +307,7 @@ def default_out_dir(input_path, tokenizer):
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize a corpus into train.bin / val.bin / meta.json.")
+    parser = ArgumentParser(description="Tokenize a corpus into train.bin / val.bin / meta.json.")
     # data
     parser.add_argument("--input", type=str, default="",
                         help="UTF-8 text file or folder; '' = this Python's stdlib source")

@@ -29,14 +29,15 @@ import time
 import torch
 
 from checkpoint import load_checkpoint, load_streams
-from common import UserError, load_meta, resolve_device, resolve_dtype
+from cli import ArgumentParser, UserError, load_meta
+from machine import resolve_device, resolve_dtype
 from kernels.fused import fused_decoder_for
 from model import GPT, GPTConfig
 from prepare_data import load_tokenizer
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # I/O
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
     p.add_argument("--ckpt", default="", help="checkpoint path; '' = out_dir/ckpt.pt")

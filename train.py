@@ -21,10 +21,11 @@ GPTConfig and GPT from model.py, and the paper's recipes from model_init.py) -> 
 evaluation, checkpoints, log lines, signals, then the checks on the flags. nanoGPT's order leaves the
 loop at the end; here it follows the model init, as the loop is what a reader opens this file for.
 Beside it: model_init.py (two-stage, the frozen backbone, --prefix_reparam), checkpoint.py (checkpoints
-and streams files), diagnostics.py (the stream diagnostics), common.py (device, dtype and meta.json rules
-shared with sample.py and bench.py; parameter counts and MFU). A mistake the user can fix raises
-common.UserError, which `python train.py` prints as one `error: ...` line; everything that can refuse
-a run does so before out_dir is written.
+and streams files), diagnostics.py (the stream diagnostics), cli.py (the errors, the model-config check and
+meta.json, as every script has them), machine.py (device and dtype, as sample.py and bench.py resolve them),
+counts.py (parameter counts, FLOPs, MFU). A mistake the user can fix raises cli.UserError, which
+`python train.py` prints as one `error: ...` line; everything that can refuse a run does so before out_dir
+is written.
 """
 
 import argparse
@@ -46,8 +47,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_streams, save_checkpoint, streams_state
-from common import (UserError, check, estimate_mfu, load_meta, model_config, param_report, peak_flops,
-                    resolve_device, resolve_dtype)
+from cli import ArgumentParser, UserError, check, load_meta, model_config
+from counts import estimate_mfu, param_report
+from machine import peak_flops, resolve_device, resolve_dtype
 from diagnostics import diversity, stream_losses
 from model import GPT, GPTConfig
 from model_init import (add_prefix_reparam, convert_to_streams, folded_state_dict, freeze_backbone,
@@ -64,8 +66,8 @@ STREAM_FIELDS = ("n_streams", "n_prefix", "agg_smoothing", "prefix_init_std")
 
 def get_args(argv=None):
     """The command line -> (args, the names of the flags it typed). Every value is checked here: the
-    model's by model.py's own rules (GPTConfig, through common.model_config), the others by check_args."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model's by model.py's own rules (GPTConfig, through cli.model_config), the others by check_args."""
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # I/O
     p.add_argument("--out_dir", default="out", help="where ckpt.pt and log.jsonl go")
     p.add_argument("--data_dir", default="data/stdlib_bytes",

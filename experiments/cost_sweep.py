@@ -4,7 +4,7 @@ attention kinds x decode paths, where ParScale stops winning, and the training c
 lesson measures the paper's claim at one shape; this maps where it holds.
 
     python experiments/cost_sweep.py --device=cpu               # the tiny shape on a CPU, in seconds
-    python experiments/cost_sweep.py                            # GPT-2-small on one GPU: batch {1,2,4,8} x context {128,512,1024}
+    python experiments/cost_sweep.py                            # GPT-2-small on one GPU: batch 1-8 x context 128-1024
     python experiments/cost_sweep.py --mode=train               # training cost: tokens/s and MFU for P = 1, 2, 4, 8
     python experiments/cost_sweep.py --mode=all --time_limit=140 --plot=cost.png   # both, on one GPU
     (no multi-GPU run: every measurement is one model on one device)
@@ -33,11 +33,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/cost_sweep.py` from anywhere
     sys.path.insert(0, ROOT)
-from common import UserError, estimate_mfu, flops_per_token, peak_flops, resolve_device, resolve_dtype  # noqa: E402
+from cli import ArgumentParser, RenamedFlag, UserError, int_list, resolved  # noqa: E402
+from counts import estimate_mfu, flops_per_token  # noqa: E402
+from machine import peak_flops, resolve_device, resolve_dtype, synchronize  # noqa: E402
 from experiments import plots  # noqa: E402
 from experiments.crossovers import paper_comparison, print_summary, summarise  # noqa: E402
-from measure import (PRESETS, build_model, decode_paths, int_list, make_decoder, model_family,  # noqa: E402
-                     synchronize, with_threads_and_dtype)
+from measure import PRESETS, build_model, decode_paths, make_decoder, model_family, with_threads_and_dtype  # noqa
 from model import GPT, GPTConfig  # noqa: E402
 
 # the sweep's sizes for each of measure.py's shapes (its PRESETS give n_layer, n_embd, n_head, vocab_size, n_prefix);
@@ -131,16 +132,19 @@ def bench_decode(args, base_cfgs):
     rows, notes, families, skipped = [], [], {}, 0
     for base_cfg in base_cfgs:
         kind = attn_label(base_cfg)
-        families[kind] = model_family(base_cfg, args.stream_counts, args.k)
-        print_family(kind, families[kind], args.k)
+        families[kind] = model_family(base_cfg, args.stream_counts, args.law_k)
+        print_family(kind, families[kind], args.law_k)
     cuda = args.device.type == "cuda"
-    print(f"\ndecode: prefill `context` prompt tokens, then {args.l_out} greedy decode steps; {args.repeats} timed runs "
-          f"after a warm-up. mem = {'peak allocated (weights + decoder state + activations)' if cuda else 'weights + KV cache (CPU: no allocator peak)'}; "
+    mem = ("peak allocated (weights + decoder state + activations)" if cuda else
+           "weights + KV cache (CPU: no allocator peak)")
+    print(f"\ndecode: prefill `context` prompt tokens, then {args.l_out} greedy decode steps; {args.repeats} timed "
+          f"runs after a warm-up. mem = {mem}; "
           f"weights = parameter bytes; state = what the decoder allocates (KV cache, ...); "
           f"floor% = bandwidth floor / measured ms per token"
           + (f" (stated peak {args.peak_bw / 1e12:.2f} TB/s)" if cuda else " (n/a on CPU)"))
-    print(f"{'attn':5} {'path':5} {'model':9} {'width':>5} {'B':>2} {'ctx':>5} | {'mem MB':>8} {'weights':>8} {'state':>8} | "
-          f"{'latency ms: median [min, max]':>32} {'prefill':>8} {'ms/tok':>7} {'floor%':>6} | elapsed", flush=True)
+    print(f"{'attn':5} {'path':5} {'model':9} {'width':>5} {'B':>2} {'ctx':>5} | {'mem MB':>8} {'weights':>8} "
+          f"{'state':>8} | {'latency ms: median [min, max]':>32} {'prefill':>8} {'ms/tok':>7} {'floor%':>6} | "
+          "elapsed", flush=True)
     t_start = time.time()
 
     def out_of_time():
@@ -156,7 +160,7 @@ def bench_decode(args, base_cfgs):
                         continue
                     free_memory(args.device)
                     baseline = torch.cuda.memory_allocated(args.device) if cuda else 0
-                    cfg = dataclasses.replace(m["cfg"], block_size=context + args.l_out)  # the cache fits this run exactly
+                    cfg = dataclasses.replace(m["cfg"], block_size=context + args.l_out)  # the cache fits the run
                     model = build_model(cfg, args.device, args.dtype, args.seed)
                     resident = torch.cuda.memory_allocated(args.device) - baseline if cuda else 0
                     for batch_size in args.batches:
@@ -166,20 +170,24 @@ def bench_decode(args, base_cfgs):
                         try:
                             r = measure(model, path, batch_size, context, args, resident)
                         except UserError as e:  # the fused path refused this model: eager measures it
-                            notes.append(f"fused path not used for {kind} {m['label']}: {e}: measured on the eager path only")
+                            notes.append(f"fused path not used for {kind} {m['label']}: {e}: measured on the eager "
+                                         "path only")
                             print(f"!!! {notes[-1]}", flush=True)
                             break
                         except Exception as e:  # a failing path or shape is reported, and the sweep goes on
-                            notes.append(f"FAILED {kind} {path} {m['label']} B={batch_size} ctx={context}: {type(e).__name__}: {e}")
+                            notes.append(f"FAILED {kind} {path} {m['label']} B={batch_size} ctx={context}: "
+                                         f"{type(e).__name__}: {e}")
                             print(f"!!! {notes[-1]} (skipping this model's larger batches)", flush=True)
                             if cuda and not cuda_still_works(args.device):
                                 notes.append("the CUDA context is broken after that failure: sweep stopped")
                                 print(f"!!! {notes[-1]}", flush=True)
                                 return rows, families, notes
                             break
-                        floor = decode_floor_seconds(cfg, m["non_embedding"], batch_size, context, args) if cuda else None
+                        floor = (decode_floor_seconds(cfg, m["non_embedding"], batch_size, context, args)
+                                 if cuda else None)
                         r.update(attn=kind, path=path, side=m["side"], P=m["P"], label=m["label"], n_embd=cfg.n_embd,
-                                 batch=batch_size, context=context, roofline=None if floor is None else floor / r["ms_per_token"] * 1e3)
+                                 batch=batch_size, context=context,
+                                 roofline=None if floor is None else floor / r["ms_per_token"] * 1e3)
                         rows.append(r)
                         print(format_row(r) + f" | {time.time() - t_start:6.1f}s", flush=True)
                     del model
@@ -202,7 +210,8 @@ def format_row(r):
     floor = "n/a" if r["roofline"] is None else f"{100 * r['roofline']:.0f}"
     return (f"{r['attn']:5} {r['path']:5} {r['label']:9} {r['n_embd']:5d} {r['batch']:2d} {r['context']:5d} | "
             f"{r['mem_mb']:8.1f} {r['weights_mb']:8.1f} {r['state_mb']:8.1f} | "
-            f"{r['ms']:10.2f} [{r['ms_min']:9.2f}, {r['ms_max']:9.2f}] {r['prefill_ms']:8.2f} {r['ms_per_token']:7.3f} {floor:>6}")
+            f"{r['ms']:10.2f} [{r['ms_min']:9.2f}, {r['ms_max']:9.2f}] {r['prefill_ms']:8.2f} "
+            f"{r['ms_per_token']:7.3f} {floor:>6}")
 
 
 
@@ -218,7 +227,8 @@ def bench_train(args, base_cfgs):
           f"eager (no torch.compile); median of {args.train_steps} steps after 2 warm-up steps; MFU "
           + (f"against {peak / 1e12:.0f} TFLOP/s ({args.peak_flops_source})" if peak else
              f"n/a (no datasheet peak for {args.device_name}; --peak_flops gives one)"))
-    print(f"{'attn':5} {'P':>2} | {'tok/s':>10} {'vs P=1':>6} | {'step ms':>8} | {'TFLOP/s':>8} {'MFU':>6} | {'peak GB':>7}")
+    print(f"{'attn':5} {'P':>2} | {'tok/s':>10} {'vs P=1':>6} | {'step ms':>8} | {'TFLOP/s':>8} {'MFU':>6} | "
+          f"{'peak GB':>7}")
     out = []
     for base_cfg in base_cfgs:
         for P in args.stream_counts:
@@ -290,7 +300,7 @@ def rounded(obj):
 def base_configs(args):
     """The sweep: one base config per attention kind in --kv_heads, block_size set per run."""
     return [GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size,
-                      n_kv_head=kv or args.n_head, n_prefix=args.n_prefix, dropout=0.0) for kv in args.kv_heads]
+                      n_kv_head=kv, n_prefix=args.n_prefix, dropout=0.0) for kv in args.kv_heads]
 
 
 
@@ -305,32 +315,30 @@ def check_args(args):
         if getattr(args, flag) < low:
             raise UserError(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
     if args.n_embd % args.n_head:
-        raise UserError(f"--n_embd={args.n_embd} must be a multiple of --n_head={args.n_head} (head_dim = n_embd / n_head)")
-    if args.streams is not None:
-        raise UserError(f"--streams is now --stream_counts (here the P values: --stream_counts={args.streams})")
-    for flag, low in [("batches", 1), ("contexts", 1), ("stream_counts", 1), ("kv_heads", 0)]:
-        values = getattr(args, flag)
-        if not values or min(values) < low:
-            raise UserError(f"--{flag} must list integers >= {low}, comma-separated; got {values}")
+        raise UserError(f"--n_embd={args.n_embd} must be a multiple of --n_head={args.n_head} "
+                        "(head_dim = n_embd / n_head)")
     for kv in args.kv_heads:
-        if kv and args.n_head % kv:
-            raise UserError(f"--kv_heads={kv} must divide --n_head={args.n_head} (0 = n_head, multi-head attention)")
+        if args.n_head % kv:
+            raise UserError(f"--kv_heads={kv} must divide --n_head={args.n_head} (= n_head: multi-head attention)")
     if max(args.stream_counts) > 1 and args.n_prefix < 1:
         raise UserError(f"--n_prefix must be >= 1 when --stream_counts has a P > 1 (without a prefix every stream is "
                         f"the same), got {args.n_prefix}")
-    if not (math.isfinite(args.k) and args.k >= 0):
-        raise UserError(f"--k must be a finite number >= 0 (the paper fits 0.39 on code, 0.33 on the Pile), got {args.k}")
+    if not (math.isfinite(args.law_k) and args.law_k >= 0):
+        raise UserError(f"--law_k must be a finite number >= 0 (the paper fits 0.39 on code, 0.33 on the Pile), "
+                        f"got {args.law_k}")
     if not (args.time_limit > 0 or args.time_limit == -1):
         raise UserError(f"--time_limit must be a number of seconds > 0, or -1 for never; got {args.time_limit}")
     if args.threads == 0 or args.threads < -1:
         raise UserError(f"--threads must be >= 1, or -1 for all cores; got {args.threads}")
     if not (math.isfinite(args.peak_flops) and args.peak_flops > 0 or args.peak_flops == -1):
-        raise UserError(f"--peak_flops must be a positive number of FLOP/s, or -1 to look up the GPU; got {args.peak_flops}")
+        raise UserError(f"--peak_flops must be a positive number of FLOP/s, or -1 to look up the GPU; "
+                        f"got {args.peak_flops}")
     if not (math.isfinite(args.peak_bw) and args.peak_bw > 0):
         raise UserError(f"--peak_bw must be a positive number of bytes/s, got {args.peak_bw}")
     if args.plot:
         if plots.Figure is None:
-            raise UserError(f"--plot={args.plot} needs matplotlib, which is not importable here; pip install matplotlib, or drop --plot")
+            raise UserError(f"--plot={args.plot} needs matplotlib, which is not importable here; pip install "
+                            "matplotlib, or drop --plot")
         if args.mode == "train":
             raise UserError(f"--plot draws the sweep's cost figure; --mode={args.mode} has none")
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
@@ -338,7 +346,7 @@ def check_args(args):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="cost_sweep.py", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="cost_sweep.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["decode", "train", "all"], default="decode",
                    help="decode: batches x contexts x attention kinds x paths; train: training cost; all: both")
@@ -347,58 +355,65 @@ def parse_args(argv):
     # model
     p.add_argument("--n_layer", type=int, default=None, help="None = preset")
     p.add_argument("--n_embd", type=int, default=None, help="None = preset")
-    p.add_argument("--n_head", type=int, default=None, help="None = preset; head_dim = n_embd / n_head stays fixed when width scales")
+    p.add_argument("--n_head", type=int, default=None,
+                   help="None = preset; head_dim = n_embd / n_head stays fixed when width scales")
     p.add_argument("--vocab_size", type=int, default=None, help="None = preset (paper: 151936, gpt2: 50257)")
-    p.add_argument("--n_prefix", type=int, default=None, help="prefix slots per layer per stream; None = preset (48, the paper's)")
-    p.add_argument("--kv_heads", type=int_list, default=[0, 2], help="attention kinds, comma-separated n_kv_head; 0 = n_head (MHA)")
+    p.add_argument("--n_prefix", type=int, default=None,
+                   help="prefix slots per layer per stream; None = preset (48, the paper's)")
+    p.add_argument("--kv_heads", type=int_list, default=None,
+                   help="attention kinds, comma-separated n_kv_head (n_head = MHA); None = n_head and 2")
     p.add_argument("--stream_counts", type=int_list, default=[1, 2, 4, 8],
                    help="P values, comma-separated; P=1 is the base")
-    p.add_argument("--streams", default=None, help=argparse.SUPPRESS)  # the old name: refused, naming the new one
-    p.add_argument("--k", type=float, default=0.39, help="scaling-law k: P streams are worth N_base(1 + k ln P) (0.39 code, 0.33 Pile)")
+    p.add_argument("--streams", action=RenamedFlag, new="--stream_counts", why="the P values; --streams is a file")
+    p.add_argument("--law_k", type=float, default=0.39,
+                   help="the scaling law's k: P streams are worth N_base(1 + k ln P) (0.39 code, 0.33 Pile)")
+    p.add_argument("--k", action=RenamedFlag, new="--law_k", why="the scaling law's k")
     p.add_argument("--seed", type=int, default=0, help="the random weights' seed (their values do not matter for cost)")
     # decode
     p.add_argument("--batches", type=int_list, default=None, help="batch sizes, comma-separated; None = preset")
-    p.add_argument("--contexts", type=int_list, default=None, help="prompt lengths prefilled before decoding; None = preset")
-    p.add_argument("--l_out", type=int, default=None, help="decode steps after the prefill; None = preset (gpt2: 64, the paper's)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median, min, max reported); None = preset")
+    p.add_argument("--contexts", type=int_list, default=None,
+                   help="prompt lengths prefilled before decoding; None = preset")
+    p.add_argument("--l_out", type=int, default=None,
+                   help="decode steps after the prefill; None = preset (gpt2: 64, the paper's)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per measurement (median, min, max reported); None = preset")
     p.add_argument("--paths", default="auto", choices=["auto", "fused", "eager"],
                    help="auto = fused (when kernels/fused.py works here), then eager; fused errors out if unavailable")
-    p.add_argument("--time_limit", type=float, default=-1, help="seconds after which remaining measurements are skipped (loudly); -1 = never")
-    p.add_argument("--peak_bw", type=float, default=H200_HBM_BYTES, help="stated memory bandwidth for the floor, bytes/s (H200: 4.8e12)")
+    p.add_argument("--time_limit", type=float, default=-1,
+                   help="seconds after which remaining measurements are skipped (loudly); -1 = never")
+    p.add_argument("--peak_bw", type=float, default=H200_HBM_BYTES,
+                   help="stated memory bandwidth for the floor, bytes/s (H200: 4.8e12)")
     p.add_argument("--plot", default="", help="write the cost figure to this PNG (needs matplotlib); empty = no figure")
     # training cost
     p.add_argument("--train_batch", type=int, default=None, help="sequences per step; None = preset")
     p.add_argument("--train_seq", type=int, default=None, help="tokens per sequence; None = preset")
     p.add_argument("--train_steps", type=int, default=None, help="timed steps per P; None = preset")
     p.add_argument("--peak_flops", type=float, default=-1,
-                   help="peak FLOP/s for MFU; -1 = the GPU's datasheet bf16 peak (common.peak_flops: H100/H200 989e12), none on CPU")
+                   help="peak FLOP/s for MFU; -1 = the GPU's datasheet bf16 peak (machine.peak_flops: H100/H200 "
+                        "989e12), none on CPU")
     # system
     p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=-1, help="torch CPU threads; -1 = every core this process may use")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="decode dtype; auto = bfloat16 on CUDA; on CPU bfloat16 where a start-up probe finds torch's bf16 "
-                        "matmul at least as fast as fp32, else float32")
+                   help="decode dtype; auto = bfloat16 on CUDA; on CPU bfloat16 where a start-up probe finds "
+                        "torch's bf16 matmul at least as fast as fp32, else float32")
     args = p.parse_args(argv)
-
-    args.device = torch.device(resolve_device(args.device, allowed=("cpu", "cuda"), who="cost_sweep.py"))
-    cuda = args.device.type == "cuda"
-    args.preset_name = args.preset if args.preset != "auto" else "gpt2" if cuda else "tiny"
-    preset = {key: PRESETS[args.preset_name][key] for key in SHAPE} | SIZES[args.preset_name]
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    check_args(args)
+    device = torch.device(resolve_device(args.device, allowed=("cpu", "cuda"), who="cost_sweep.py"))
+    preset = args.preset if args.preset != "auto" else "gpt2" if device.type == "cuda" else "tiny"
+    sizes = {key: PRESETS[preset][key] for key in SHAPE} | SIZES[preset]
+    sizes = {key: value if getattr(args, key) is None else getattr(args, key) for key, value in sizes.items()}
+    sizes["kv_heads"] = args.kv_heads or [sizes["n_head"], 2]  # MHA and GQA with 2 kv heads
+    check_args(resolved(args, **sizes))
     if args.dtype != "auto":  # checked before anything is measured; auto is resolved in main, threads set
-        resolve_dtype(args.dtype, args.device)
-    args.device_name = torch.cuda.get_device_name(args.device) if cuda else "CPU"
-    # MFU's denominator: the flag, else common.py's datasheet table (None on CPU or an unlisted GPU)
-    args.peak_flops_source = "--peak_flops" if args.peak_flops > 0 else f"datasheet bf16 peak of {args.device_name}"
-    args.peak_flops = args.peak_flops if args.peak_flops > 0 else peak_flops(args.device_name)
-    if 1 not in args.stream_counts:
-        args.stream_counts = [1] + args.stream_counts  # the P=1 base is what every increase is measured from
-
-    args.paths, args.fused_reason = decode_paths(args.paths, args.device)
-    return args
+        resolve_dtype(args.dtype, device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    # MFU's denominator: the flag, else machine.py's datasheet table (None on CPU or an unlisted GPU)
+    peak = (args.peak_flops, "--peak_flops") if args.peak_flops > 0 else (peak_flops(device_name),
+                                                                          f"datasheet bf16 peak of {device_name}")
+    paths, fused_reason = decode_paths(args.paths, device)
+    return resolved(args, **sizes, device=device, preset_name=preset, device_name=device_name, peak_flops=peak[0],
+                    peak_flops_source=peak[1], stream_counts=sorted(set(args.stream_counts) | {1}),
+                    paths=paths, fused_reason=fused_reason)
 
 
 def main(argv=None):
@@ -412,12 +427,13 @@ def run(args):
     result = dict(mode=args.mode, device=args.device_name, torch=torch.__version__, threads=torch.get_num_threads(),
                   dtype=str(args.dtype).removeprefix("torch."), paths=args.paths, fused_reason=args.fused_reason,
                   shape=dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size,
-                             n_prefix=args.n_prefix), stream_counts=args.stream_counts, k=args.k,
+                             n_prefix=args.n_prefix), stream_counts=args.stream_counts, law_k=args.law_k,
                   kv_heads=args.kv_heads)
-    print(f"device {args.device} ({args.device_name}), torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), "
-          f"decode dtype {args.dtype_why}")
-    print(f"shape: {args.n_layer} layers, width {args.n_embd}, {args.n_head} heads (head_dim {args.n_embd // args.n_head}), "
-          f"vocab {args.vocab_size}, {args.n_prefix} prefix slots; attention kinds: {', '.join(attn_label(c) for c in cfgs)}")
+    print(f"device {args.device} ({args.device_name}), torch {torch.__version__}, {torch.get_num_threads()} CPU "
+          f"thread(s), decode dtype {args.dtype_why}")
+    print(f"shape: {args.n_layer} layers, width {args.n_embd}, {args.n_head} heads (head_dim "
+          f"{args.n_embd // args.n_head}), vocab {args.vocab_size}, {args.n_prefix} prefix slots; attention kinds: "
+          f"{', '.join(attn_label(c) for c in cfgs)}")
     print(f"decode paths: {', '.join(args.paths)} (fused path: {args.fused_reason})")
     if args.mode in ("decode", "all"):
         rows, families, notes = bench_decode(args, cfgs)
@@ -427,9 +443,10 @@ def run(args):
         if args.plot:
             plots.plot_cost(rows, families, args)
         result.update(batches=args.batches, contexts=args.contexts, l_out=args.l_out, repeats=args.repeats,
-                      models={kind: [dict(label=m["label"], side=m["side"], P=m["P"], n_embd=m["cfg"].n_embd, n_head=m["cfg"].n_head,
-                                          n_kv_head=m["cfg"].n_kv_head, non_embedding=m["non_embedding"], target=round(m["target"]),
-                                          total=m["total"]) for m in fam] for kind, fam in families.items()},
+                      models={kind: [dict(label=m["label"], side=m["side"], P=m["P"], n_embd=m["cfg"].n_embd,
+                                          n_head=m["cfg"].n_head, n_kv_head=m["cfg"].n_kv_head,
+                                          non_embedding=m["non_embedding"], target=round(m["target"]), total=m["total"])
+                                     for m in fam] for kind, fam in families.items()},
                       results=rows, headline=headline, crossovers=crossovers, paper_cell=paper, notes=notes)
         for note in notes:
             print(f"!!! {note}")

@@ -17,7 +17,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/diversity.py` from anywhere
     sys.path.insert(0, ROOT)
-from common import RenamedFlag  # noqa: E402
+from cli import RenamedFlag  # noqa: E402
 from experiments import noise, runner  # noqa: E402
 
 # its own grid: fewer P and steps than the sweep's

@@ -17,7 +17,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/dynamic.py` from anywhere
     sys.path.insert(0, ROOT)
-from common import UserError  # noqa: E402
+from cli import UserError  # noqa: E402
 from experiments import runner  # noqa: E402
 
 

@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/fit.py` from anywhere
     sys.path.insert(0, ROOT)
 from checkpoint import load_checkpoint  # noqa: E402
-from common import UserError, param_report  # noqa: E402
+from cli import ArgumentParser, UserError  # noqa: E402
+from counts import param_report  # noqa: E402
 from experiments import law, runner  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -100,7 +101,7 @@ def points_from(path):
 
 
 def get_args(argv=None):
-    p = runner.Parser(prog="fit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="fit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paper", action="store_true", help="the paper's Stack-V2-Python grid")
     p.add_argument("--runs", default="", help="a folder of finished runs (searched recursively) or a sweep.csv")
     p.add_argument("--starts", type=int, default=27, help="starting points of the fit, 1..27")

@@ -15,7 +15,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/plots.py` from anywhere
     sys.path.insert(0, ROOT)
-from common import RenamedFlag, UserError  # noqa: E402
+from cli import ArgumentParser, RenamedFlag, UserError  # noqa: E402
 from experiments import noise, runner  # noqa: E402
 
 try:  # optional; the object-oriented API needs no backend choice (no import-time side effects)
@@ -150,7 +150,7 @@ def plot_repeated(result, path):
 
 
 def get_args(argv=None):
-    p = runner.Parser(prog="plots.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="plots.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=sorted(runner.load_presets()),
                    help="reads <results>/<experiment>_<preset>.json")
     p.add_argument("--results", default=os.path.join(ROOT, "results"), help="the folder of those files")

@@ -39,7 +39,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/repeated.py` from anywhere
     sys.path.insert(0, ROOT)
-from common import UserError  # noqa: E402
+from cli import UserError, int_list  # noqa: E402
 from experiments import noise, plots, runner  # noqa: E402
 from measure import match_width, param_counts  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -363,9 +363,9 @@ def get_args(argv=None):
                    help="the capped training set, tokens; -1 = the preset's")
     p.add_argument("--arms", type=arm_list, default="", help=f"comma-separated arms to run, of {', '.join(ARMS)}; "
                    "'' = all (p1 is always run)")
-    p.add_argument("--explore_seeds", type=runner.int_list, default=None,
+    p.add_argument("--explore_seeds", type=int_list, default=None,
                    help="comma-separated train.py seeds to choose the arm on; default: the preset's")
-    p.add_argument("--confirm_seeds", type=runner.int_list, default=None,
+    p.add_argument("--confirm_seeds", type=int_list, default=None,
                    help="comma-separated new seeds to confirm it on; default: the preset's")
     p.add_argument("--jobs", type=int, default=2,
                    help="train.py processes at a time (give each --threads=1 on a small CPU)")

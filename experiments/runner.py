@@ -21,7 +21,9 @@ import sys
 import torch
 
 from checkpoint import load_checkpoint
-from common import RenamedFlag, UserError, flops_per_token, param_report, peak_flops
+from cli import ArgumentParser, RenamedFlag, UserError, int_list
+from counts import flops_per_token, param_report
+from machine import peak_flops
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,9 +226,9 @@ def read_meta(data_dir):
 
 def plan(pre, data_dir, runs):
     """
-    What a sweep will cost, run by run: tokens and FLOPs (common.flops_per_token, evaluations counted as
+    What a sweep will cost, run by run: tokens and FLOPs (counts.flops_per_token, evaluations counted as
     forward passes, a third of a training step's FLOPs per token), and for a GPU an estimate of the time from
-    three assumptions: ASSUMED_MFU of the H200's datasheet bf16 peak (common.peak_flops; the one measurement,
+    three assumptions: ASSUMED_MFU of the H200's datasheet bf16 peak (machine.peak_flops; the one measurement,
     results/h200_train.txt, got 18.8% at 11M parameters, and smaller models get less),
     ASSUMED_STEP_OVERHEAD seconds per step (kernel launches, optimizer, logging) and ASSUMED_RUN_OVERHEAD
     seconds per run (starting Python, torch and CUDA; the first steps). runs: sweep_runs' list.
@@ -279,28 +281,6 @@ def write_csv(path, rows):
 # -----------------------------------------------------------------------------
 # the command line every experiment shares
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose complaints are UserErrors: one `error:` line and exit 1, like every other user mistake."""
-
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
-
-
-def int_list(text, multiple_of=1, unique=True):
-    """An argparse type: comma-separated positive integers, multiples of `multiple_of`, each at most once
-    (each is a run folder of its own) unless unique=False."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 or v % multiple_of for v in values):
-        what = f"positive multiples of {multiple_of}" if multiple_of > 1 else "positive integers"
-        raise argparse.ArgumentTypeError(f"{text}: expected comma-separated {what}")
-    if unique and len(set(values)) < len(values):
-        raise argparse.ArgumentTypeError(f"{text}: a value is repeated (each is a run folder of its own)")
-    return values
-
-
 def absolute(path):
     """An argparse type: the path made absolute (train.py runs in the repository root); '' stays ''."""
     return os.path.abspath(path) if path else ""
@@ -309,7 +289,7 @@ def absolute(path):
 def parser(prog, doc):
     """An experiment's parser with the flags they all take; the experiment adds its own, then calls parse.
     Integer flags whose default is -1 mean "the preset's" (or torch's); parse refuses 0 and below -1."""
-    p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=sorted(load_presets()))
     p.add_argument("--out_dir", type=absolute, default="", help="results and run folders; '' = out/scaling/<preset>")
     p.add_argument("--out", action=RenamedFlag, new="--out_dir", why="an output folder is --out_dir in every script")

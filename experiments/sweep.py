@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/sweep.py` from anywhere
     sys.path.insert(0, ROOT)
-from common import UserError  # noqa: E402
+from cli import UserError, int_list  # noqa: E402
 from experiments import law, runner  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def noise_row(pre, args, rows, d, width, P):
 
 def get_args(argv=None):
     p = runner.parser("sweep.py", __doc__)
-    p.add_argument("--widths", type=runner.int_list, default=None,
+    p.add_argument("--widths", type=int_list, default=None,
                    help="comma-separated n_embd, multiples of the preset's n_head, e.g. 32,48,64; "
                    "default: the preset's")
     runner.add_stream_counts(p, "streams")

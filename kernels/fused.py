@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import nvrtc
-from common import UserError
+from cli import UserError
 from model import GPT, MLP, Block, CausalSelfAttention, KVCache
 
 KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))

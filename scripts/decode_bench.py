@@ -89,7 +89,8 @@ def floor_bytes(model, B, ctx):
 
 
 bw = hbm_bandwidth()
-print(f"device: {torch.cuda.get_device_name()}, measured HBM bandwidth {bw / 1e12:.2f} TB/s (1 GiB D2D copy, read+write)")
+print(f"device: {torch.cuda.get_device_name()}, measured HBM bandwidth {bw / 1e12:.2f} TB/s "
+      "(1 GiB D2D copy, read+write)")
 rows = []
 max_ctx = max(contexts)
 for P in streams:
@@ -137,12 +138,14 @@ for P in streams:
     torch.cuda.empty_cache()
 
 print(f"\npeak (measured): {bw / 1e9:.0f} GB/s; floor = (weights + prefixes + KV bytes) / peak")
-hdr = f"{'P':>2} {'B':>2} {'ctx':>5} | {'eager us':>9} {'fused us':>9} {'graph us':>9} | {'floor us':>8} {'MB/step':>8} {'GB/s':>6} {'% floor':>7} {'x eager':>7}"
+hdr = (f"{'P':>2} {'B':>2} {'ctx':>5} | {'eager us':>9} {'fused us':>9} {'graph us':>9} | {'floor us':>8} "
+       f"{'MB/step':>8} {'GB/s':>6} {'% floor':>7} {'x eager':>7}")
 print(hdr)
 print("-" * len(hdr))
 for r in rows:
-    print(f"{r['P']:>2} {r['B']:>2} {r['ctx']:>5} | {r['eager_us']:>9.0f} {r['fused_us']:>9.0f} {r['graph_us']:>9.0f} | "
-          f"{r['floor_us']:>8.1f} {r['mbytes']:>8.1f} {r['graph_gbps']:>6.0f} {r['graph_pct_floor']:>6.1f}% {r['speedup_vs_eager']:>6.1f}x")
+    print(f"{r['P']:>2} {r['B']:>2} {r['ctx']:>5} | {r['eager_us']:>9.0f} {r['fused_us']:>9.0f} "
+          f"{r['graph_us']:>9.0f} | {r['floor_us']:>8.1f} {r['mbytes']:>8.1f} {r['graph_gbps']:>6.0f} "
+          f"{r['graph_pct_floor']:>6.1f}% {r['speedup_vs_eager']:>6.1f}x")
 
 
 def find(P, B, ctx):

@@ -15,7 +15,8 @@ from util import ROOT, tiny_config
 
 import bench
 import measure
-from common import UserError, param_report
+from cli import UserError, resolved
+from counts import param_report
 from model import GPT, GPTConfig, KVCache
 
 
@@ -89,32 +90,28 @@ def test_a_resolved_increase_prints_a_ratio_and_dearer_below_one():
 # -----------------------------------------------------------------------------
 # the roofline: from a Linear's cost by rows and the bandwidth
 
-def roof_args(**kw):
-    """A machine reading 10 GB/s whose Linear costs its weight read up to 8 rows and 3x that at 16 (bf16)."""
-    args = argparse_ns(batch=1, prompt=4, long_context=100, dtype=torch.bfloat16, bandwidth=1e10, **kw)
+def roof_args():
+    """(flags, roofline) of a machine reading 10 GB/s whose Linear costs its weight read up to 8 rows and 3x that
+    at 16 (bf16)."""
     read = 2 / 1e10
-    args.roof = dict(per_weight={1: read / 2, 2: read, 4: read, 8: read, 16: 3 * read})
-    return args
-
-
-def argparse_ns(**kw):
-    return bench.argparse.Namespace(**kw)
+    return (bench.argparse.Namespace(batch=1, prompt=4, long_context=100),
+            dict(per_weight={1: read / 2, 2: read, 4: read, 8: read, 16: 3 * read}, bandwidth=1e10, itemsize=2))
 
 
 def test_roofline_predicts_free_streams_below_the_ridge_and_dear_ones_above():
-    args = roof_args()
+    args, roof = roof_args()
     read = 2 / 1e10
-    assert bench.weight_s(1, args) == read and bench.weight_s(8, args) == read  # reading dominates
-    assert bench.weight_s(16, args) == 3 * read and bench.weight_s(64, args) == pytest.approx(12 * read)  # compute
+    assert bench.weight_s(1, roof) == read and bench.weight_s(8, roof) == read  # reading dominates
+    assert bench.weight_s(16, roof) == 3 * read and bench.weight_s(64, roof) == pytest.approx(12 * read)  # compute
     base = tiny_config(n_kv_head=2, block_size=128)
     p8, p16 = (dataclasses.replace(base, n_streams=P) for P in (8, 16))
-    step = {c.n_streams: bench.predicted_s(c, args, "decode") for c in (base, p8, p16)}
+    step = {c.n_streams: bench.predicted_s(c, args, roof, "decode") for c in (base, p8, p16)}
     kv = {c.n_streams: measure.kv_bytes(c, 1, 4, 2) / 1e10 for c in (base, p8, p16)}
     n = {c.n_streams: measure.param_counts(c)["non_embedding"] for c in (base, p8, p16)}
     head = base.vocab_size * base.n_embd * read
     assert step[8] == pytest.approx(n[8] * read + head + kv[8])  # P=8: still the weights' read
     assert step[16] == pytest.approx(n[16] * 3 * read + head + kv[16])  # P=16: past the ridge
-    assert bench.predicted_s(p8, args, "prefill") == pytest.approx(n[8] * bench.weight_s(32, args) + head + kv[8])
+    assert bench.predicted_s(p8, args, roof, "prefill") == pytest.approx(n[8] * bench.weight_s(32, roof) + head + kv[8])
 
 
 def test_kv_bytes_is_the_caches_size():
@@ -160,7 +157,7 @@ def test_match_width(n_kv_head):
 
 
 def test_family_pairs_every_p_with_a_width_model():
-    fam = measure.model_family(tiny_config(n_embd=96, n_head=12, n_kv_head=2), [1, 2, 8], k=0.39)
+    fam = measure.model_family(tiny_config(n_embd=96, n_head=12, n_kv_head=2), [1, 2, 8], law_k=0.39)
     assert [(m["side"], m["P"]) for m in fam] == [("base", 1), ("parscale", 2), ("width", 2), ("parscale", 8),
                                                   ("width", 8)]
     assert all(m["cfg"].n_kv_head == 2 for m in fam)
@@ -196,27 +193,26 @@ def fixed_lesson(phases=3):
     """The paper preset's family with made-up measurements, summarised as bench.lesson does: every model 100 MB per P
     above the base; width's steps and prefill 40% dearer; ParScale's step within noise of its P=1, its prefill P
     times."""
-    args = bench.parse_args(["--device=cpu", "--budget=0"])
-    args.dtype, args.dtype_why, args.bandwidth = torch.bfloat16, "bf16, measured: ...", 3e10
-    args.roof = dict(shape=[8192, 2048], per_weight={r: 6e-11 * max(1, r / 64) for r in (1, 2, 4, 8, 16, 32, 64, 128)},
-                     peak_flops=2e12, ridge=67)
-    args.phases, args.need = list(bench.PHASES)[:phases], {ph: 999.0 for ph in bench.PHASES}
+    args = resolved(bench.parse_args(["--device=cpu", "--budget=0"]), dtype=torch.bfloat16, dtype_why="bf16, measured")
+    roof = dict(shape=[8192, 2048], per_weight={r: 6e-11 * max(1, r / 64) for r in (1, 2, 4, 8, 16, 32, 64, 128)},
+                peak_flops=2e12, ridge=67, bandwidth=3e10, itemsize=2)
+    phases, need = list(bench.PHASES)[:phases], {ph: 999.0 for ph in bench.PHASES}
     cfg = GPTConfig(n_layer=36, n_embd=2048, n_head=16, n_kv_head=2, vocab_size=151936, n_prefix=48, block_size=1001)
     family = measure.model_family(cfg, [1, 2, 4, 8], 0.39)
     base = [0.20, 0.21, 0.22] * 7
     for m in family:
         m["peak"] = [3.7e9 + (m["P"] - 1) * 1e8 * (1 + 9 * (m["side"] == "width"))] * 2
-        for ph in args.phases:
+        for ph in phases:
             scale = {"base": 1, "width": 1.4, "parscale": m["P"] if ph == "prefill" else 1}[m["side"]]
             model = [scale * t for t in (base if m["side"] == "width" or ph == "prefill" else base[::-1])]
             m[ph] = (base, model)  # ParScale's steps: +10%, 0 and -9% in turn
-    return family, bench.summarise(family, args), args
+    return family, bench.summarise(family, args, roof, phases), (args, roof, need, phases)
 
 
 @pytest.mark.parametrize("phases", [3, 2, 1])
 def test_the_card_fits_and_never_prints_inf(phases):
-    family, ratios, args = fixed_lesson(phases)
-    lines = bench.card(family, ratios, args)
+    family, ratios, run = fixed_lesson(phases)
+    lines = bench.card(family, ratios, *run)
     assert len(lines) <= 24 and max(map(len, lines)) <= 120, "\n".join(lines)
     text = " ".join(line.strip() for line in lines)
     assert not re.search(r"\binf\b|-\d[\d.]*x", text) and "memory: P=2 10.0x, P=4 10.0x, P=8 10.0x (paper 22x)" in text
@@ -233,12 +229,12 @@ def test_the_card_fits_and_never_prints_inf(phases):
 
 
 def test_nearly_free_is_the_most_rows_within_ten_percent_and_survives_one_noisy_point():
-    family, ratios, args = fixed_lesson()
+    family, ratios, (args, roof, need, phases) = fixed_lesson()
     assert "nearly free here up to P=64 at batch 1: a 64-row Linear costs what reading its weights costs" in " ".join(
-        line.strip() for line in bench.card(family, ratios, args))
-    args.roof["per_weight"][2] *= 3  # a scheduler stall at 2 rows
-    args.roof["per_weight"] = {r: s * (1 if r < 16 else 5) for r, s in args.roof["per_weight"].items()}  # compute
-    text = " ".join(line.strip() for line in bench.card(family, ratios, args))
+        line.strip() for line in bench.card(family, ratios, args, roof, need, phases))
+    roof["per_weight"][2] *= 3  # a scheduler stall at 2 rows
+    roof["per_weight"] = {r: s * (1 if r < 16 else 5) for r, s in roof["per_weight"].items()}  # compute
+    text = " ".join(line.strip() for line in bench.card(family, ratios, args, roof, need, phases))
     assert "up to P=8 at batch 1: a 8-row Linear" in text and "a 16-row one, 4.5x" in text  # 5 x 6e-11 / (2 / 3e10)
 
 
@@ -247,15 +243,15 @@ def test_nearly_free_is_the_most_rows_within_ten_percent_and_survives_one_noisy_
 # (tests/test_cli.py checks that the command line turns these into `error: ...` and exit 1)
 
 @pytest.mark.parametrize("flags, match", [
-    (["--streams=1,2"], r"--streams is now --stream_counts \(here the P values: --stream_counts=1,2\)"),
-    (["--stream_counts=-2"], r"--stream_counts must list integers >= 1, one of them > 1"),
-    (["--stream_counts=1"], r"--stream_counts must list integers >= 1, one of them > 1"),
+    (["--streams=1,2"], r"--streams is now --stream_counts \(the P values; --streams is a file\)"),
+    (["--stream_counts=1"], r"--stream_counts must list a P > 1"),
     (["--n_embd=100"], r"n_embd \(100\) must be divisible by n_head \(16\)"),
     (["--n_layer=0"], r"n_layer must be a positive integer"),
     (["--n_prefix=0"], r"n_prefix must be >= 1 at n_streams="),
     (["--n_kv_head=5"], r"n_kv_head \(5\) must divide n_head \(16\)"),
-    (["--k=-0.1"], r"--k must be >= 0"),
-    (["--k=nan"], r"--k must be >= 0"),
+    (["--law_k=-0.1"], r"--law_k must be >= 0"),
+    (["--law_k=nan"], r"--law_k must be >= 0"),
+    (["--k=0.3"], r"--k is now --law_k \(the scaling law's k\)"),
     (["--budget=-1"], r"--budget must be >= 0"),
     (["--batch=0"], r"--batch must be >= 1"),
     (["--long_context=0"], r"--long_context must be >= 1"),
@@ -280,17 +276,18 @@ def test_plot_without_matplotlib_is_refused_up_front(monkeypatch):
         bench.parse_args(["--device=cpu", "--plot=cost.png"])
 
 
-def test_the_research_modes_are_the_cost_sweeps(capsys):
+def test_the_research_modes_are_the_cost_sweeps():
     for mode in ("sweep", "train", "all"):  # experiments/cost_sweep.py's now (tests/test_cost_sweep.py)
-        with pytest.raises(SystemExit):
+        with pytest.raises(UserError, match=f"invalid choice: '{mode}'"):
             bench.parse_args(["--device=cpu", f"--mode={mode}"])
-        assert f"invalid choice: '{mode}'" in capsys.readouterr().err
 
 
-def test_list_flags_that_are_not_integers_are_argparse_errors(capsys):
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--device=cpu", "--stream_counts=1,two"])
-    assert "expected comma-separated integers such as 1,2,4, got '1,two'" in capsys.readouterr().err
+@pytest.mark.parametrize("value, why", [("1,two", "expected comma-separated positive integers"),
+                                        ("-2", "expected comma-separated positive integers"),
+                                        ("1,1", "a value is repeated")])
+def test_list_flags_that_are_not_positive_integers_are_refused(value, why):
+    with pytest.raises(UserError, match=f"--stream_counts: {value}: {why}"):
+        bench.parse_args(["--device=cpu", f"--stream_counts={value}"])
 
 
 def test_fused_path_is_refused_when_unavailable():
@@ -299,17 +296,18 @@ def test_fused_path_is_refused_when_unavailable():
 
 
 def test_memory_turns_the_dtype_bf16_or_names_a_smaller_preset(monkeypatch):
-    args = bench.parse_args(["--device=cpu"])
-    args.dtype, args.dtype_why = torch.float32, "fp32, measured: ..."
+    args = resolved(bench.parse_args(["--device=cpu"]), dtype=torch.float32, dtype_why="fp32, measured: ...")
     cfg = GPTConfig(n_layer=36, n_embd=2048, n_head=16, n_kv_head=2, vocab_size=151936, n_prefix=48)
     family = measure.model_family(cfg, [1, 8], 0.39)
     monkeypatch.setattr(bench, "proc_value", lambda path, key: "100000000 kB")  # ~100 GB free
-    bench.check_memory(family, args)
-    assert args.dtype == torch.bfloat16 and args.dtype_why.startswith("bfloat16, as fp32 needs 22 GB; fp32, measured")
+    fitted = bench.memory_fit(family, args)
+    assert fitted.dtype == torch.bfloat16
+    assert fitted.dtype_why.startswith("bfloat16, as fp32 needs 22 GB; fp32, measured")
+    assert args.dtype == torch.float32, "the flags the user gave stay as they were"
     monkeypatch.setattr(bench, "proc_value", lambda path, key: "4000000 kB")  # ~4 GB free
     with pytest.raises(UserError, match=r"the paper preset needs ~11.\d GB of free memory, this machine has 4.1 GB "
                                         r"available: try --preset=gpt2"):
-        bench.check_memory(family, args)
+        bench.memory_fit(family, fitted)
 
 
 # -----------------------------------------------------------------------------
@@ -349,7 +347,8 @@ def test_lesson_pairs_every_increase_and_writes_everything(lesson_run):
             assert lo <= med <= hi
     base = result["models"][0]
     assert 0 < base["peak"][0] <= base["peak"][1]  # in its own process, above the torch runtime
-    assert result["roofline"]["ridge"] > 0 and result["bandwidth"] > 0 and result["flags"]["stream_counts"] == [1, 2]
+    assert result["roofline"]["ridge"] > 0 and result["roofline"]["bandwidth"] > 0
+    assert result["flags"]["stream_counts"] == [1, 2]
     assert result["device"] and result["dtype_why"] and result["elapsed_s"] > 0
     assert (tmp / "cost.png").exists() == plotted
 

@@ -8,7 +8,7 @@ import torch
 from util import model_from, tiny_config
 
 import checkpoint
-from common import UserError
+from cli import UserError
 from model import GPT
 
 

@@ -21,7 +21,7 @@ from util import HAS_CUDA, ROOT, tiny_config
 import prepare_data
 import sample
 from checkpoint import streams_state
-from common import UserError
+from cli import UserError
 from model import GPT
 from model_init import convert_to_streams
 
@@ -48,7 +48,7 @@ CASES = {
     # bench.py (the lesson) and experiments/cost_sweep.py (the research sweep)
     "bench-batch": ("bench.py", ["--device=cpu", "--batch=0"], ["--batch must be >= 1"]),
     "cost-sweep-batches": ("experiments/cost_sweep.py", ["--device=cpu", "--batches=1,0"],
-                           ["--batches must list integers >= 1"]),
+                           ["--batches: 1,0: expected comma-separated positive integers"]),
 }
 if NO_MATPLOTLIB:
     CASES["bench-plot-without-matplotlib"] = ("bench.py", ["--device=cpu", "--plot={tmp}/cost.png"],

@@ -11,7 +11,7 @@ import tiktoken_ext.openai_public
 from util import ROOT  # noqa: F401  (puts the repo root on sys.path)
 
 import prepare_data as prep  # noqa: E402
-from common import UserError  # noqa: E402
+from cli import UserError  # noqa: E402
 
 TEXT = "Hello world! naïve café, Ünïcödé, 日本語, emoji 🙂, a\ttab and\r\nCRLF.\n"
 

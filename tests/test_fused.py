@@ -81,7 +81,8 @@ def test_marshal_types_every_argument():
     assert [type(v) for v in vals] == [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     assert [v.value for v in vals[4:]] == [3, -4, 5]
     att = [torch.zeros(1, dtype=torch.bfloat16)] * 5 + [torch.zeros(1, dtype=torch.int32), torch.zeros(1),
-                                                        torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.bfloat16)]
+                                                        torch.zeros(1, dtype=torch.int32),
+                                                        torch.zeros(1, dtype=torch.bfloat16)]
     vals = fused.marshal("attn_decode", torch.bfloat16, att + [1] * 6 + [0.125], "cpu")
     assert isinstance(vals[-1], ctypes.c_float) and vals[-1].value == 0.125 and isinstance(vals[-2], ctypes.c_int)
     with pytest.raises(TypeError, match=r"argument 3 \(float\* x\)"):
@@ -144,7 +145,8 @@ def test_kernels_compile_without_a_toolkit(toolkit_free_builds, arch, dtype, hea
     assert not b["error"], f"{b['error']}\n{b['log']}"
     lib = b["nvrtc"]  # from a wheel: <an entry of the subprocess's sys.path>/nvidia/<package>/lib/libnvrtc.so.N
     assert re.fullmatch(r"libnvrtc\.so\.\d+", os.path.basename(lib)) and os.path.basename(os.path.dirname(lib)) == "lib"
-    assert any(os.path.dirname(lib).startswith(os.path.join(os.path.abspath(p), "nvidia", "")) for p in sys_path if p), lib
+    assert any(os.path.dirname(lib).startswith(os.path.join(os.path.abspath(p), "nvidia", ""))
+               for p in sys_path if p), lib
     assert b["cubin"] > 0
     # with --ptxas-options=-v the log is ptxas's report and nothing else: a warning or remark fails here
     other = [ln for ln in b["log"].splitlines() if not ln.startswith("ptxas") or re.search(r"warning|error", ln, re.I)]
@@ -160,7 +162,8 @@ def test_kernels_compile_without_a_toolkit(toolkit_free_builds, arch, dtype, hea
 @needs_nvrtc
 def test_a_compile_error_becomes_the_reason_and_warnings_reach_the_log(monkeypatch):
     """The same helpers as the real build: a broken kernel comes back as fused_status's one-line reason."""
-    monkeypatch.setattr(fused, "kernel_source", lambda dtype, head_dim: 'extern "C" __global__ void embed() { no_such_name = 1; }\n')
+    broken = 'extern "C" __global__ void embed() { no_such_name = 1; }\n'
+    monkeypatch.setattr(fused, "kernel_source", lambda dtype, head_dim: broken)
     monkeypatch.setattr(fused, "compile_kernels", fused.compile_kernels.__wrapped__)  # no cached good build
     monkeypatch.setattr(fused, "_MODULES", {})
     monkeypatch.setattr(fused, "device_arch", lambda index: "sm_90")
@@ -179,7 +182,8 @@ def test_nvrtc_search_order(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"")
         return str(path)
-    site_a = [touch("a", "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.12"), touch("a", "nvidia", "cu13", "lib", "libnvrtc.so.13")]
+    site_a = [touch("a", "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.12"),
+              touch("a", "nvidia", "cu13", "lib", "libnvrtc.so.13")]
     site_b = touch("b", "nvidia", "cu13", "lib", "libnvrtc.so.13")
     for decoy in ("libnvrtc.alt.so.13", "libnvrtc-builtins.so.13.0"):
         touch("a", "nvidia", "cu13", "lib", decoy)
@@ -192,7 +196,8 @@ def test_nvrtc_search_order(tmp_path):
     assert nvrtc.find_nvrtc(paths, homes) == newest_first  # a CPU torch has no CUDA version
     assert nvrtc.find_nvrtc(paths, homes, cuda_major=12) == [site_a[0], site_a[1], site_b, toolkit, "libnvrtc.so.12",
                                                              "libnvrtc.so.13", "libnvrtc.so"]
-    with pytest.raises(nvrtc.BuildError, match=r"no usable libnvrtc .*/b/nvidia/cu13/lib/libnvrtc\.so\.13 does not load"):
+    with pytest.raises(nvrtc.BuildError,
+                       match=r"no usable libnvrtc .*/b/nvidia/cu13/lib/libnvrtc\.so\.13 does not load"):
         nvrtc.open_nvrtc([site_b, "libnvrtc.so.0"])  # an empty file, and a name the loader does not know
     with pytest.raises(nvrtc.BuildError, match=r"\(none found\); .*pip install nvidia-cuda-nvrtc"):
         nvrtc.open_nvrtc([])
@@ -208,7 +213,8 @@ def test_nvcc_compiles_without_spills():
                                capture_output=True, text=True)
             assert r.returncode == 0, r.stderr
             assert "error" not in r.stderr.lower()
-            spills = [ln for ln in r.stderr.splitlines() if "spill" in ln and not ln.strip().startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")]
+            clean = "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"
+            spills = [ln for ln in r.stderr.splitlines() if "spill" in ln and not ln.strip().startswith(clean)]
             assert not spills, "\n".join(spills)
 
 
@@ -289,7 +295,8 @@ def test_kernel_attention(dtype, hd, P, B, H, Hkv, n_pre, pos, nsplit):
     pk, pv = torch.randn(P, Hkv, max(n_pre, 1), hd, **dev), torch.randn(P, Hkv, max(n_pre, 1), hd, **dev)
     ck, cv = torch.randn(R, Hkv, Tmax, hd, **dev), torch.randn(R, Hkv, Tmax, hd, **dev)
     scale = hd ** -0.5
-    expected = reference_attention(qkv.cpu(), pk.cpu(), pv.cpu(), ck.cpu(), cv.cpu(), pos, B, H, Hkv, n_pre, scale).float()
+    expected = reference_attention(qkv.cpu(), pk.cpu(), pv.cpu(), ck.cpu(), cv.cpu(), pos, B, H, Hkv, n_pre,
+                                   scale).float()
     out = torch.full((R, H * hd), float("nan"), **dev)
     part = torch.full((R, H, nsplit, hd + 2), float("nan"), device="cuda")
     counters = torch.zeros(R, H, device="cuda", dtype=torch.int32)

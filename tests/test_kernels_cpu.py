@@ -531,7 +531,8 @@ def collect(runs, name):
 def test_kernels_and_decoder_under_sanitizer(sanitizer_runs, name):
     """Every kernel and the whole decoder, built with -fsanitize=address,undefined or thread: no report."""
     rc, out, err = collect(sanitizer_runs, name)
-    assert rc == 0 and "workload passed" in out, (out + err)[-6000:]
+    last = (err.strip().splitlines() or ["no output"])[-1]
+    assert rc == 0 and "workload passed" in out, f"exit {rc}: {last}\n{(out + err)[-6000:]}"
     assert "Sanitizer" not in err and "runtime error" not in err, err[-6000:]
 
 

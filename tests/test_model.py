@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from util import ROOT, assert_close, tiny_config
 
 from checkpoint import attach_streams, clean_state_dict, streams_state
-from common import param_report
+from counts import param_report
 from model import GPT, GPTConfig, KVCache
 from model_init import backbone_of, convert_to_streams, freeze_backbone, is_parscale_param
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from common import UserError
+from cli import UserError
 from experiments import repeated, runner
 
 

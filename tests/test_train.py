@@ -13,7 +13,7 @@ from util import ROOT, assert_close
 import sample
 import train
 from checkpoint import load_checkpoint, streams_state
-from common import UserError
+from cli import UserError
 from model import GPT, GPTConfig
 from model_init import convert_to_streams
 
@@ -55,7 +55,7 @@ def test_short_run_lowers_loss_and_logs_stream_weights(data_dir, tmp_path, P):
     run(data_dir, tmp_path, "--max_iters=40", "--eval_interval=20", f"--n_streams={P}", "--peak_flops=1e12")
     ev = evals(tmp_path)
     with open(os.path.join(tmp_path, "log.jsonl")) as f:
-        # common.estimate_mfu against the given peak
+        # counts.estimate_mfu against the given peak
         assert all(r["mfu"] > 0 for r in map(json.loads, f) if r["kind"] == "train")
     assert [r["step"] for r in ev] == [0, 20, 40]
     assert ev[-1]["val"] < ev[0]["val"] - 1.0, ev
@@ -165,8 +165,8 @@ def test_bad_flag_values_are_refused_where_parsed(flag, message):
         train.get_args(TINY + flag.split())
 
 
-def test_argparse_keeps_its_own_type_errors(tmp_path):
-    with pytest.raises(SystemExit):
+def test_argparse_complaints_are_one_error_line_too(tmp_path):
+    with pytest.raises(UserError, match=r"argument --batch_size: invalid int value: 'abc'; see .* --help"):
         train.get_args(["--batch_size=abc"])
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="is a file, not a folder"):
