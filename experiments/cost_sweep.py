@@ -33,7 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/cost_sweep.py` from anywhere
     sys.path.insert(0, ROOT)
-from cli import ArgumentParser, RenamedFlag, UserError, int_list, resolved  # noqa: E402
+from cli import ArgumentParser, RenamedFlag, UserError, int_list, model_config, resolved  # noqa: E402
 from counts import estimate_mfu, flops_per_token  # noqa: E402
 from machine import peak_flops, resolve_device, resolve_dtype, synchronize  # noqa: E402
 from experiments import plots  # noqa: E402
@@ -72,7 +72,7 @@ def generate_once(dec, prompt, n_steps, device):
 
 def decode_floor_seconds(cfg, n_non_embedding, batch_size, context, args):
     """Bandwidth floor of one decode step: every weight read once (for all P*B rows) plus the KV
-    cache at the run's mean length (README, fused GPU decode path section: the "floor" column)."""
+    cache at the run's mean length (docs/fused.md's decode table: the "floor" column)."""
     weights = n_non_embedding + cfg.vocab_size * cfg.n_embd  # the body and the LM head
     kv_len = cfg.n_prefix_slots + context + args.l_out / 2
     kv = 2 * cfg.n_layer * cfg.n_streams * batch_size * cfg.n_kv_head * kv_len * cfg.head_dim
@@ -310,19 +310,13 @@ def base_configs(args):
 
 def check_args(args):
     """Values argparse cannot check, after the preset filled the gaps: one `error:` line each, naming the flag."""
-    for flag, low in [("n_layer", 1), ("n_embd", 1), ("n_head", 1), ("vocab_size", 1), ("n_prefix", 0), ("l_out", 1),
-                      ("repeats", 1), ("train_batch", 1), ("train_seq", 1), ("train_steps", 1)]:
-        if getattr(args, flag) < low:
-            raise UserError(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
-    if args.n_embd % args.n_head:
-        raise UserError(f"--n_embd={args.n_embd} must be a multiple of --n_head={args.n_head} "
-                        "(head_dim = n_embd / n_head)")
-    for kv in args.kv_heads:
-        if args.n_head % kv:
-            raise UserError(f"--kv_heads={kv} must divide --n_head={args.n_head} (= n_head: multi-head attention)")
-    if max(args.stream_counts) > 1 and args.n_prefix < 1:
-        raise UserError(f"--n_prefix must be >= 1 when --stream_counts has a P > 1 (without a prefix every stream is "
-                        f"the same), got {args.n_prefix}")
+    for flag in ("l_out", "repeats", "train_batch", "train_seq", "train_steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for kv in args.kv_heads:  # model.py's own rules, through the one place that makes them the user's
+        model_config(f"the model flags (--kv_heads={kv})", n_layer=args.n_layer, n_embd=args.n_embd,
+                     n_head=args.n_head, n_kv_head=kv, vocab_size=args.vocab_size, n_prefix=args.n_prefix,
+                     n_streams=max(args.stream_counts))
     if not (math.isfinite(args.law_k) and args.law_k >= 0):
         raise UserError(f"--law_k must be a finite number >= 0 (the paper fits 0.39 on code, 0.33 on the Pile), "
                         f"got {args.law_k}")

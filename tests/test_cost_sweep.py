@@ -118,13 +118,14 @@ def test_the_preset_fills_what_the_flags_leave():
 
 @pytest.mark.parametrize("flags, match", [
     (["--streams=1,2"], r"--streams is now --stream_counts \(the P values; --streams is a file\)"),
-    (["--kv_heads=5"], r"--kv_heads=5 must divide --n_head=12"),
-    (["--preset=paper", "--kv_heads=5"], r"--kv_heads=5 must divide --n_head=16"),
-    (["--n_embd=100"], r"--n_embd=100 must be a multiple of --n_head=12"),
+    (["--kv_heads=5"], r"the model flags \(--kv_heads=5\): n_kv_head \(5\) must divide n_head \(12\)"),
+    (["--preset=paper", "--kv_heads=5"], r"n_kv_head \(5\) must divide n_head \(16\)"),
+    (["--n_embd=100"], r"n_embd \(100\) must be divisible by n_head \(12\)"),
+    (["--n_layer=0"], r"n_layer must be a positive integer, got 0"),
     (["--l_out=0"], r"--l_out must be >= 1"),
     (["--repeats=0"], r"--repeats must be >= 1"),
     (["--train_steps=0"], r"--train_steps must be >= 1"),
-    (["--n_prefix=0"], r"--n_prefix must be >= 1 when --stream_counts has a P > 1"),
+    (["--n_prefix=0"], r"n_prefix must be >= 1 at n_streams=8, got 0"),
     (["--law_k=-0.1"], r"--law_k must be a finite number >= 0"),
     (["--k=0.3"], r"--k is now --law_k"),
     (["--time_limit=0"], r"--time_limit must be .* > 0, or -1"),
