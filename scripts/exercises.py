@@ -173,10 +173,7 @@ def main():
         print("\n".join(block), flush=True)
         lines += block + [""]
     lines.append(f"the README's tests pass after every Exercise: {'yes' if not broken else 'NO: ' + ', '.join(broken)}")
-    with open(args.out, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print(f"[exercises] wrote {args.out}")
-    sys.exit(1 if broken else 0)
+    scratch.finish(args.out, lines, "exercises", broken)
 
 
 if __name__ == "__main__":

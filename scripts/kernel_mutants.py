@@ -11,7 +11,6 @@ bug went uncaught.
 import argparse
 import os
 import re
-import sys
 import tempfile
 
 import scratch
@@ -90,10 +89,7 @@ def main():
         print("\n".join(block), flush=True)
         lines += block
     lines.append(f"every planted bug caught: {'yes' if not uncaught else 'NO: ' + '; '.join(uncaught)}")
-    with open(args.out, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print(f"[mutants] wrote {args.out}")
-    sys.exit(1 if uncaught else 0)
+    scratch.finish(args.out, lines, "mutants", uncaught)
 
 
 if __name__ == "__main__":

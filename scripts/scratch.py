@@ -61,6 +61,14 @@ def pytest(dest, args):
     return summary, failed, time.time() - t0, out
 
 
+def finish(path, lines, who, failures):
+    """Write the log, say where, and exit 1 if anything failed."""
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print(f"[{who}] wrote {path}")
+    sys.exit(1 if failures else 0)
+
+
 def machine():
     """'<date>, <CPU>, <cores> cores, Python x, torch y, g++ z' for a log's header."""
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
