@@ -291,11 +291,17 @@ def run_phase(pre, args, data_dir, meta, arms, seeds, phase):
             key = run_key(pre, vocab, arm)
             d = os.path.join(args.out_dir, "repeated", run_name(key, seed))
             todo.setdefault(d, (key, seed))
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {d: pool.submit(runner.run, run_argv(pre, data_dir, d, key, seed), d, pre["repeated_iters"])
-                   for d, (key, seed) in todo.items()}
-        for d, f in futures.items():
-            print(f"{phase}: {os.path.basename(d)} {f.result()}", flush=True)
+    def train(d, key, seed):
+        return runner.run(run_argv(pre, data_dir, d, key, seed), d, pre["repeated_iters"])
+
+    if args.jobs == 1:  # in turn, in this thread
+        for d, (key, seed) in todo.items():
+            print(f"{phase}: {os.path.basename(d)} {train(d, key, seed)}", flush=True)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            futures = {d: pool.submit(train, d, key, seed) for d, (key, seed) in todo.items()}
+            for d, f in futures.items():
+                print(f"{phase}: {os.path.basename(d)} {f.result()}", flush=True)
     per_step = pre["batch_size"] * pre["block_size"]
     return [run_row(os.path.join(args.out_dir, "repeated", run_name(run_key(pre, vocab, arm), seed)), arm, seed, phase,
                     meta["train_tokens"], per_step) for seed in seeds for arm in arms]

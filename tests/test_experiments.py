@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from test_train import write_corpus
-from util import ROOT, model_from
+from util import ROOT, model_from, train_in_this_process
 
 from checkpoint import attach_streams, load_checkpoint
 from cli import UserError
@@ -34,7 +34,9 @@ def tiny_base(data, tmp_path_factory):
     experiment finds it finished (as a second command in the same --out would)."""
     out = tmp_path_factory.mktemp("base_out")
     args = dynamic.get_args(["--preset=tiny", f"--out_dir={out}", f"--data_dir={data}", ONE_THREAD])
-    runner.train_base(runner.preset(args), args)
+    with pytest.MonkeyPatch.context() as mp:
+        train_in_this_process(mp)
+        runner.train_base(runner.preset(args), args)
     return out / "base"
 
 
@@ -310,7 +312,8 @@ def test_a_failed_run_says_why(tmp_path):
                           str(tmp_path / "out"))
 
 
-def test_dynamic_p_switches_kv_initialised_streams_on_an_untouched_backbone(data, tiny_base, tmp_path):
+def test_dynamic_p_switches_kv_initialised_streams_on_an_untouched_backbone(data, tiny_base, tmp_path, monkeypatch):
+    train_in_this_process(monkeypatch)
     out = tmp_path / "out"
     shutil.copytree(tiny_base, out / "base")
     result = dynamic.main(["--preset=tiny", "--stream_counts=2,4", f"--out_dir={out}", f"--data_dir={data}",
@@ -362,7 +365,8 @@ def test_the_noise_run_is_evaluated_again_on_the_first_seeds_batches(data, tmp_p
     assert f"--seed={runner.SEED}" in argv and f"--out_dir={d}" in argv
 
 
-def test_prefix_matched_writes_cells_runs_and_contrasts(data, tiny_base, tmp_path):
+def test_prefix_matched_writes_cells_runs_and_contrasts(data, tiny_base, tmp_path, monkeypatch):
+    train_in_this_process(monkeypatch)
     out, results = tmp_path / "out", tmp_path / "results"
     shutil.copytree(tiny_base, out / "base")
     result = prefix_matched.main(["--preset=tiny", "--cells=2x1", "--seeds=1", f"--out_dir={out}", f"--data_dir={data}",
@@ -389,7 +393,8 @@ def test_prefix_matched_writes_cells_runs_and_contrasts(data, tiny_base, tmp_pat
     assert os.path.isfile(out / "prefix_matched.csv") and os.path.isfile(out / "prefix_matched.json")
 
 
-def test_diversity_writes_its_table_and_plots_reads_it(data, tmp_path, capsys):
+def test_diversity_writes_its_table_and_plots_reads_it(data, tmp_path, capsys, monkeypatch):
+    train_in_this_process(monkeypatch)
     out, results = tmp_path / "out", tmp_path / "results"
     diversity.main(["--preset=tiny", "--stream_counts=1,2", "--seeds=1", f"--out_dir={out}", f"--data_dir={data}",
                     f"--results={results}", ONE_THREAD])

@@ -7,6 +7,7 @@ import pytest
 
 from cli import UserError
 from experiments import repeated, runner
+from util import train_in_this_process
 
 
 def row(arm, seed, best, overfit=0.0, phase="confirm", rho=(), gap=0.5):
@@ -92,8 +93,10 @@ def test_bad_flags_are_one_named_error(flags, match, tmp_path):
         repeated.get_args(["--preset=tiny", f"--out_dir={tmp_path}", *flags])
 
 
-def test_the_flow_end_to_end_on_the_tiny_preset(tmp_path, capsys):
+def test_the_flow_end_to_end_on_the_tiny_preset(tmp_path, capsys, monkeypatch):
+    train_in_this_process(monkeypatch)  # --jobs=1: one run at a time, in the main thread, as train.py wants
     args = ["--preset=tiny", f"--out_dir={tmp_path / 'out'}", f"--results={tmp_path / 'res'}", "--threads=1",
+            "--jobs=1",
             "--arms=p2_plain,p1_dropout,p1_matched_p2,p1_law_p2", "--explore_seeds=1", "--confirm_seeds=2"]
     result = repeated.main(args)
     out = capsys.readouterr().out

@@ -1,4 +1,6 @@
 """Shared test helpers. pytest puts tests/ on sys.path, so test files `from util import ...`."""
+import contextlib
+import io
 import os
 import sys
 
@@ -71,3 +73,26 @@ def model_from(ckpt):
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def train_in_this_process(monkeypatch):
+    """The experiments' train.py runs inside the test's own process, not one process each: starting Python and
+    torch costs more than a tiny run. runner.call_train's contract is kept (argv in; the run's output appended to
+    out_dir/train.out and returned; train.py's UserError for a refused run). The subprocess itself is tested too:
+    test_experiments' sweep end to end and its refused run, and every experiment's command line."""
+    import train
+    from experiments import runner
+
+    def call_train(argv, out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        out, threads = io.StringIO(), torch.get_num_threads()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                train.main(list(argv))
+        finally:  # --threads sets torch's for the whole process: give the tests theirs back
+            torch.set_num_threads(threads)
+            with open(os.path.join(out_dir, "train.out"), "a") as log:
+                log.write(f"$ python train.py {' '.join(argv)}\n{out.getvalue()}")
+        return out.getvalue()
+
+    monkeypatch.setattr(runner, "call_train", call_train)
