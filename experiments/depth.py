@@ -238,8 +238,8 @@ def point_table(rows, phase):
     for L, S in sorted({(r["layers"], r["slots"]) for r in rows if r["phase"] == phase and r["arm"] != "p1"}):
         g = list(gap(rows, phase, L, S).values())
         ctl = vals(rows, phase, "ctl", L, S)
-        p4 = [r for r in rows if r["phase"] == phase and r["arm"] == "p4" and (r["layers"], r["slots"]) == (L, S)]
-        ctl_rows = [r for r in rows if r["phase"] == phase and r["arm"] == "ctl" and (r["layers"], r["slots"]) == (L, S)]
+        here = [r for r in rows if r["phase"] == phase and (r["layers"], r["slots"]) == (L, S)]
+        p4, ctl_rows = [r for r in here if r["arm"] == "p4"], [r for r in here if r["arm"] == "ctl"]
 
         def mean(key, among=p4):
             return noise.rnd(noise.mean([r[key] for r in among]), 5 if key == "kl" else 4)
@@ -302,7 +302,7 @@ def plan(pre, vocab_size, points, jobs, budget_min, n_claims, measure=True):
         options = [p for p in kept if cuttable(kept, p)]
         if not options:
             break
-        p = max(options, key=lambda p: (p not in corners, cost[("p4",) + p] + cost[("ctl",) + p]))
+        p = max(options, key=lambda p: (p not in corners, cost[("p4",) + p] + cost[("ctl",) + p], p))
         kept.discard(p)
         cut.append(p)
     est = minutes(kept)
@@ -354,9 +354,6 @@ def depth(args):
     for key in ("layers", "slots", "explore_seeds", "confirm_seeds"):
         if getattr(args, key):
             pre[f"depth_{key}"] = getattr(args, key)
-    if pre["depth_width"] % pre["n_head"]:
-        raise UserError(f"--depth_width={pre['depth_width']}: must be a multiple of the preset's n_head "
-                        f"({pre['n_head']})")
     vocab = math.ceil(runner.read_meta(args.data_dir)["vocab_size"] / 64) * 64  # as train.py pads it
     start = time.time()
     points = [(L, S) for L in pre["depth_layers"] for S in pre["depth_slots"]]
@@ -379,7 +376,8 @@ def depth(args):
     confirm_keys = sorted(set().union(*(needs(i) for i in chosen)))
     rows += run_phase(pre, args, confirm_keys, pre["depth_confirm_seeds"], "confirm", cost)
     p1_moved = [r["last20"] for r in rows if r["arm"] == "p1"]
-    result = dict(preset=args.preset, experiment="depth", points=points, cut=cut, estimate_min=round(est, 1), wall_min=round((time.time() - start) / 60, 1),
+    result = dict(preset=args.preset, experiment="depth", points=points, cut=cut, estimate_min=round(est, 1),
+                  wall_min=round((time.time() - start) / 60, 1),
                   chosen=[dict(claim=i["claim"], at=i["at"]) for i in chosen],
                   verdicts=verdicts(rows, chosen, best),
                   readings=dict(explore=readings(rows, points, "explore"), confirm=readings(rows, points, "confirm")),
@@ -443,9 +441,13 @@ def get_args(argv=None):
     p.add_argument("--results", type=runner.absolute, default="",
                    help="a folder that also gets depth_<preset>.json, .csv and .png, e.g. results")
     args = runner.parse(p, argv)
-    if "depth_layers" not in runner.load_presets()[args.preset]:
+    pre = runner.load_presets()[args.preset]
+    if "depth_layers" not in pre:
         raise UserError(f"--preset={args.preset}: presets.json gives depth.py no grid for it (depth_*); use "
                         "--preset=cpu or --preset=tiny")
+    if args.depth_width > 0 and args.depth_width % pre["n_head"]:
+        raise UserError(f"--depth_width={args.depth_width}: must be a multiple of the preset's n_head "
+                        f"({pre['n_head']})")
     if args.jobs < 1:
         raise UserError(f"--jobs={args.jobs}: must be >= 1")
     if not 0 <= args.claims <= len(CLAIMS):
