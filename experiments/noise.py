@@ -2,7 +2,8 @@
 Paired differences against P = 1 and the noise rule, shared by the experiments that run every cell at
 several seeds (prefix_matched, diversity, and any later one): a run's row (its parameters, val loss, the
 difference to P = 1 on its own seed's val batches, the stream diagnostics), cells summarised over seeds,
-contrasts between two cells paired seed by seed, and the report that prints and writes them.
+contrasts between two cells paired seed by seed, a hypothesis judged on its paired differences, and the report
+that prints and writes them.
 
 The rule: a mean difference in val loss under NOISE (0.01 nats) is noise; the seeds and the val batches move
 a toy model's loss that much. The paper's Proposition 1 needs each stream alone about as good as one model
@@ -38,6 +39,26 @@ def verdict(d, low, high):
     if abs(d) < NOISE:
         return "noise"
     return ("lower" if d < 0 else "higher") + (", seeds disagree" if low < 0 < high else "")
+
+
+def judged(hypothesis, diffs, better_if_lower=True, matches_ok=False, missing="not measured (an arm was cut)",
+           holds="holds", refuted="refuted"):
+    """One verdict on a hypothesis from its paired differences, one a seed: the mean [min, max] read by the noise
+    rule. `holds` needs every seed on the hypothesis's side of zero and the mean beyond NOISE, `refuted` every
+    seed on the other side and the mean beyond NOISE; anything else is a null. matches_ok: a difference within
+    NOISE holds too. holds, refuted: the words for the two (an experiment may say "confirmed")."""
+    if not diffs:
+        return dict(hypothesis=hypothesis, seeds=0, mean="", min="", max="", verdict=missing)
+    m, lo, hi = sum(diffs) / len(diffs), min(diffs), max(diffs)
+    good = (hi < 0) if better_if_lower else (lo > 0)
+    bad = (lo > 0) if better_if_lower else (hi < 0)
+    if abs(m) < NOISE:
+        verdict = f"{holds} (a match, within noise)" if matches_ok else "null: within noise"
+    elif (m < 0) == better_if_lower:
+        verdict = holds if good else "null: seeds disagree"
+    else:
+        verdict = refuted if bad else "null: seeds disagree (the mean goes the other way)"
+    return dict(hypothesis=hypothesis, seeds=len(diffs), mean=rnd(m), min=rnd(lo), max=rnd(hi), verdict=verdict)
 
 
 def run_row(counts, p1_val, ev, status, **keys):

@@ -1,6 +1,7 @@
 """
 The figures, drawn from results alone: does P pay (prefix_matched's and diversity's JSON), repeated data
-(called by repeated.py), and the cost sweep's cost increase against P (called by cost_sweep.py --plot).
+(called by repeated.py), the gap against depth and prefix slots (called by depth.py), and the cost sweep's cost
+increase against P (called by cost_sweep.py --plot).
 matplotlib is optional: without it the pays figure is skipped with a note, and cost_sweep.py refuses --plot
 before measuring.
 
@@ -145,6 +146,57 @@ def plot_repeated(result, path):
     ax_rho.set(xlabel="epoch", ylabel="rho between streams' per-token losses", title="do the streams decorrelate?")
     ax_val.legend(fontsize=6)
     ax_rho.legend(fontsize=6)
+    fig.savefig(path, dpi=120)
+    print(f"figure written to {path}")
+
+
+def plot_depth(rows, path):
+    """depth.py's figure from its runs: the gap P = 4 - P = 1 against depth, a line per slot count, the mean over
+    seeds with their min-max as bars (exploration seeds solid, confirmation seeds dashed and hollow, reported apart),
+    the prefix-only control - P = 1 dotted; beside it rho, the correlation of P = 4's streams' errors. Without
+    matplotlib: a note, no figure."""
+    if Figure is None:
+        print(f"note: matplotlib is not installed, so {path} was not drawn; the numbers are in the JSON beside it")
+        return
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_gap, ax_rho = fig.subplots(1, 2)
+    p1 = {(r["phase"], r["layers"], r["seed"]): r["val"] for r in rows if r["arm"] == "p1"}
+    slots = sorted({r["slots"] for r in rows if r["arm"] != "p1"})
+    for i, S in enumerate(slots):
+        for phase, style, face, shift in (("explore", "-", f"C{i}", 0.97), ("confirm", "--", "white", 1.03)):
+            for arm, key in (("p4", "gap"), ("ctl", "ctl")):
+                if arm == "ctl" and phase == "confirm":
+                    continue
+                by_layer = {}
+                for r in rows:
+                    if (r["phase"], r["arm"], r["slots"]) == (phase, arm, S) and (phase, r["layers"], r["seed"]) in p1:
+                        by_layer.setdefault(r["layers"], []).append(
+                            (r["val"] - p1[phase, r["layers"], r["seed"]], r["rho"]))
+                if not by_layer:
+                    continue
+                x = sorted(by_layer)
+                d = [[v for v, _ in by_layer[L]] for L in x]
+                mean = [sum(v) / len(v) for v in d]
+                seeds = max(len(v) for v in d)
+                if arm == "ctl":
+                    ax_gap.plot(x, mean, ":", marker="x", color=f"C{i}", label=f"control - P=1, {S} slots ({phase})")
+                    continue
+                bars = [[m - min(v) for m, v in zip(mean, d)], [max(v) - m for m, v in zip(mean, d)]]
+                ax_gap.errorbar([L * shift for L in x], mean, yerr=bars, fmt=style, marker="o", color=f"C{i}",
+                                mfc=face, capsize=3, label=f"P=4 - P=1, {S} slots ({phase}, {seeds} seeds)")
+                rho = [sum(r for _, r in by_layer[L]) / len(by_layer[L]) for L in x]
+                ax_rho.plot(x, rho, style, marker="o", color=f"C{i}", mfc=face, label=f"{S} slots ({phase})")
+    layers = sorted({r["layers"] for r in rows})
+    for ax in (ax_gap, ax_rho):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(layers, [str(L) for L in layers])
+        ax.minorticks_off()
+        ax.legend(fontsize=6)
+    ax_gap.axhspan(-noise.NOISE, noise.NOISE, color="0.9", zorder=0)
+    ax_gap.axhline(0, color="0.5", lw=0.8)
+    ax_gap.set(xlabel="layers", ylabel="val loss difference (nats per byte)",
+               title=f"the gap, paired by seed (grey: within {noise.NOISE} nats)")
+    ax_rho.set(xlabel="layers", ylabel="rho between P=4's streams' per-token losses", title="do the streams differ?")
     fig.savefig(path, dpi=120)
     print(f"figure written to {path}")
 

@@ -25,14 +25,12 @@ read by noise.py's 0.01-nat rule. verdicts() is arithmetic on the rows alone, te
 the result in <out>/repeated.json and, with --results, <results>/repeated_<preset>.json, .csv and .png.
 """
 import argparse
-import concurrent.futures
 import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -42,7 +40,7 @@ if ROOT not in sys.path:  # run as a script: `python experiments/repeated.py` fr
 from cli import UserError, int_list  # noqa: E402
 from experiments import noise, plots, runner  # noqa: E402
 from measure import match_width, param_counts  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPTConfig  # noqa: E402
 
 K = 0.39  # the law's k on code (arXiv 2505.10475, section 3): the law-width arms
 # arm: (P, width rule, extra train.py flags); width rule: "base", ("matched", P) or ("law", P)
@@ -135,25 +133,6 @@ def paired(rows, arm_a, arm_b, key, phase):
     return [a[s] - b[s] for s in sorted(set(a) & set(b))]
 
 
-def judged(hypothesis, diffs, better_if_lower=True, matches_ok=False, missing="not measured (an arm was cut)"):
-    """One verdict: the mean paired difference [min, max] read by the noise rule. 'holds' needs every seed on
-    the right side of zero and the mean beyond NOISE, 'refuted' every seed on the wrong side; matches_ok: a
-    difference within NOISE holds too."""
-    if not diffs:
-        return dict(hypothesis=hypothesis, seeds=0, mean="", min="", max="", verdict=missing)
-    m, lo, hi = sum(diffs) / len(diffs), min(diffs), max(diffs)
-    good = (hi < 0) if better_if_lower else (lo > 0)
-    bad = (lo > 0) if better_if_lower else (hi < 0)
-    if abs(m) < noise.NOISE:
-        verdict = "holds (a match, within noise)" if matches_ok else "null: within noise"
-    elif (m < 0) == better_if_lower:
-        verdict = "holds" if good else "null: seeds disagree"
-    else:
-        verdict = "refuted" if bad else "null: seeds disagree (the mean goes the other way)"
-    return dict(hypothesis=hypothesis, seeds=len(diffs), mean=noise.rnd(m), min=noise.rnd(lo), max=noise.rnd(hi),
-                verdict=verdict)
-
-
 def rho_trend(rows, arm, phase):
     """rho at the last evaluation minus rho at the first after step 0, seed by seed (a fall is negative)."""
     out = []
@@ -179,6 +158,7 @@ def choose(rows):
 def verdicts(rows, chosen, phase="confirm"):
     """One verdict per hypothesis, for the chosen arm on one phase's seeds."""
     P = ARMS[chosen][0]
+    judged = noise.judged
     return [
         judged(f"{chosen} beats P = 1 (best val)", paired(rows, chosen, "p1", "best_val", phase)),
         judged(f"{chosen} overfits less than P = 1 (final - best val)", paired(rows, chosen, "p1", "overfit", phase)),
@@ -197,40 +177,24 @@ def verdicts(rows, chosen, phase="confirm"):
 # the plan: runs by phase, a measured estimate, arms cut to the budget
 
 def step_seconds(cfg, pre, reparam):
-    """Seconds per training step of cfg at the preset's batch, on one thread: the median of 3 after a warm-up."""
-    torch.manual_seed(0)
-    model = GPT(cfg)
+    """Seconds per training step of cfg at the preset's batch, on one thread (runner.step_seconds); with
+    --prefix_reparam, the MLPs' parameters stand in as one Linear per prefix tensor in the optimizer."""
     extra = [torch.nn.Linear(cfg.n_embd, pre["reparam_hidden"]) for _ in range(2 * cfg.n_layer)] if reparam else []
-    opt = torch.optim.AdamW(list(model.parameters()) + [p for m in extra for p in m.parameters()], lr=1e-3)
-    x = torch.randint(cfg.vocab_size, (pre["batch_size"], cfg.block_size))
-    times = []
-    for _ in range(4):
-        t0 = time.perf_counter()
-        _, loss = model(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[1]
+    return runner.step_seconds(cfg, pre["batch_size"], extra)
 
 
 def plan(pre, vocab_size, arms, jobs, budget_min, measure=True):
     """(runs by phase, estimated minutes, the arms cut, lines to print). Exploration: every arm on the exploration
     seeds; confirmation: at most P = 1, the chosen arm and its controls on the confirmation seeds (estimated
     with the costliest P > 1 arm). Arms are cut in CUT_ORDER until the estimate fits budget_min."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     cost = {}
-    try:
-        for arm in ARMS:
-            key = run_key(pre, vocab_size, arm)
-            if key not in cost:
-                evals = pre["repeated_iters"] // pre["repeated_eval_interval"] + 1
-                steps = pre["repeated_iters"] + evals * 2 * pre["repeated_eval_iters"] / 3  # eval batch ~ 1/3 step
-                cfg = base_config(pre, vocab_size, key[0], key[1])
-                cost[key] = steps * (step_seconds(cfg, pre, "reparam" in key[2]) if measure else 0)
-    finally:
-        torch.set_num_threads(threads)
+    for arm in ARMS:
+        key = run_key(pre, vocab_size, arm)
+        if key not in cost:
+            evals = pre["repeated_iters"] // pre["repeated_eval_interval"] + 1
+            steps = pre["repeated_iters"] + evals * 2 * pre["repeated_eval_iters"] / 3  # eval batch ~ 1/3 step
+            cfg = base_config(pre, vocab_size, key[0], key[1])
+            cost[key] = steps * (step_seconds(cfg, pre, "reparam" in key[2]) if measure else 0)
 
     def minutes(arms):
         explore = {run_key(pre, vocab_size, a) for a in arms}
@@ -291,17 +255,11 @@ def run_phase(pre, args, data_dir, meta, arms, seeds, phase):
             key = run_key(pre, vocab, arm)
             d = os.path.join(args.out_dir, "repeated", run_name(key, seed))
             todo.setdefault(d, (key, seed))
+
     def train(d, key, seed):
         return runner.run(run_argv(pre, data_dir, d, key, seed), d, pre["repeated_iters"])
 
-    if args.jobs == 1:  # in turn, in this thread
-        for d, (key, seed) in todo.items():
-            print(f"{phase}: {os.path.basename(d)} {train(d, key, seed)}", flush=True)
-    else:
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            futures = {d: pool.submit(train, d, key, seed) for d, (key, seed) in todo.items()}
-            for d, f in futures.items():
-                print(f"{phase}: {os.path.basename(d)} {f.result()}", flush=True)
+    runner.run_each(args.jobs, train, [(os.path.basename(d), (d, *ks)) for d, ks in todo.items()], phase)
     per_step = pre["batch_size"] * pre["block_size"]
     return [run_row(os.path.join(args.out_dir, "repeated", run_name(run_key(pre, vocab, arm), seed)), arm, seed, phase,
                     meta["train_tokens"], per_step) for seed in seeds for arm in arms]

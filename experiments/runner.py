@@ -1,7 +1,8 @@
 """
 The runner every experiment stands on: train.py runs as subprocesses, resumable; their evaluations read
-back; the presets (presets.json); a sweep's cost planned before it runs; and the command line that every
-experiment shares (--preset, --out_dir, --data_dir, --device, --eval_iters, --batch_size, --threads).
+back; the presets (presets.json); a sweep's cost planned, or a training step timed, before it runs; and the
+command line that every experiment shares (--preset, --out_dir, --data_dir, --device, --eval_iters, --batch_size,
+--threads).
 
 Every run is train.py in a process of its own, with its own out_dir; its output goes to out_dir/train.out.
 Runs are resumable: a run whose log.jsonl holds its final evaluation is skipped, one with a ckpt.pt
@@ -11,12 +12,14 @@ one JSON object. A mistake the user can fix (a bad flag, a missing or damaged fi
 refused) ends as one `error: ...` line on stderr and exit status 1 (cli); a traceback means a bug.
 """
 import argparse
+import concurrent.futures
 import csv
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -208,6 +211,30 @@ def train_base(pre, args):
 ASSUMED_MFU, ASSUMED_STEP_OVERHEAD, ASSUMED_RUN_OVERHEAD = 0.08, 0.015, 10.0
 
 
+def step_seconds(cfg, batch_size, extra=(), threads=1):
+    """Seconds per training step (forward, backward, AdamW) of GPT(cfg) at this batch on `threads` CPU threads,
+    the way an experiment's jobs each run: the median of 3 after a warm-up. extra: modules whose parameters the
+    optimizer steps too (a reparameterisation's). A measurement, so it moves with whatever else the CPU runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        opt = torch.optim.AdamW(list(model.parameters()) + [p for m in extra for p in m.parameters()], lr=1e-3)
+        x = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size))
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        return sorted(times[1:])[1]
+    finally:
+        torch.set_num_threads(before)
+
+
 def read_meta(data_dir):
     """data_dir/meta.json (written by prepare_data.py), or a UserError that says what to do."""
     path = os.path.join(data_dir, "meta.json")
@@ -276,6 +303,23 @@ def write_csv(path, rows):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
+
+def run_each(jobs, train, todo, phase):
+    """train(*args) for every (name, args) of todo, `jobs` at a time (jobs=1: in turn, in this thread, as
+    train.py wants when the tests run it in-process); one line per run, in todo's order; {name: its status}."""
+    status = {}
+    if jobs == 1:
+        for name, a in todo:
+            status[name] = train(*a)
+            print(f"{phase}: {name} {status[name]}", flush=True)
+        return status
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = [(name, pool.submit(train, *a)) for name, a in todo]
+        for name, f in futures:
+            status[name] = f.result()
+            print(f"{phase}: {name} {status[name]}", flush=True)
+    return status
 
 
 # -----------------------------------------------------------------------------

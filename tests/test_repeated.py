@@ -6,7 +6,7 @@ import os
 import pytest
 
 from cli import UserError
-from experiments import repeated, runner
+from experiments import noise, repeated, runner
 from util import train_in_this_process
 
 
@@ -46,11 +46,11 @@ def test_verdicts_on_fixed_numbers():
 
 def test_a_null_and_a_refutation_are_said_as_such():
     rows = [row("p1", 3, 2.00), row("p2_plain", 3, 2.03), row("p1", 4, 2.00), row("p2_plain", 4, 2.01)]
-    assert repeated.judged("x", repeated.paired(rows, "p2_plain", "p1", "best_val", "confirm"))["verdict"] == "refuted"
-    assert repeated.judged("x", [0.05, -0.01])["verdict"] == "null: seeds disagree (the mean goes the other way)"
-    assert repeated.judged("x", [-0.03, 0.005])["verdict"] == "null: seeds disagree"
-    assert repeated.judged("x", [0.004, -0.002])["verdict"] == "null: within noise"
-    assert repeated.judged("x", [])["verdict"].startswith("not measured")
+    assert noise.judged("x", repeated.paired(rows, "p2_plain", "p1", "best_val", "confirm"))["verdict"] == "refuted"
+    assert noise.judged("x", [0.05, -0.01])["verdict"] == "null: seeds disagree (the mean goes the other way)"
+    assert noise.judged("x", [-0.03, 0.005])["verdict"] == "null: seeds disagree"
+    assert noise.judged("x", [0.004, -0.002])["verdict"] == "null: within noise"
+    assert noise.judged("x", [])["verdict"].startswith("not measured")
 
 
 def test_the_choice_uses_only_the_exploration_seeds():
