@@ -339,17 +339,8 @@ def run_phase(pre, args, keys, seeds, phase, cost):
 
 
 def depth(args):
-    pre = runner.preset(args)
-    if args.threads == -1 and args.jobs > 1:
-        pre["threads"] = 1  # several processes: one thread each, or their OpenMP threads stall each other
-    for key in ("depth_iters", "depth_width"):
-        if getattr(args, key) > 0:
-            pre[key] = getattr(args, key)
-    if args.eval_iters > 0:
-        pre["depth_eval_iters"] = args.eval_iters
-    for key in ("layers", "slots", "explore_seeds", "confirm_seeds"):
-        if getattr(args, key):
-            pre[f"depth_{key}"] = getattr(args, key)
+    pre = runner.phased_preset(args, "depth", ("depth_iters", "depth_width"),
+                               ("layers", "slots", "explore_seeds", "confirm_seeds"))
     vocab = math.ceil(runner.read_meta(args.data_dir)["vocab_size"] / 64) * 64  # as train.py pads it
     start = time.time()
     points = [(L, S) for L in pre["depth_layers"] for S in pre["depth_slots"]]
@@ -444,15 +435,9 @@ def get_args(argv=None):
     if args.depth_width > 0 and args.depth_width % pre["n_head"]:
         raise UserError(f"--depth_width={args.depth_width}: must be a multiple of the preset's n_head "
                         f"({pre['n_head']})")
-    if args.jobs < 1:
-        raise UserError(f"--jobs={args.jobs}: must be >= 1")
+    runner.check_phases(args)
     if not 0 <= args.claims <= len(CLAIMS):
         raise UserError(f"--claims={args.claims}: must be 0 to {len(CLAIMS)}")
-    if set(args.explore_seeds or []) & set(args.confirm_seeds or []):
-        raise UserError("--explore_seeds and --confirm_seeds share a seed: the confirmation must "
-                        "use seeds the choice never saw")
-    if not (args.budget_min > 0 or args.budget_min == -1):
-        raise UserError(f"--budget_min={args.budget_min}: must be a number of minutes > 0, or -1 for none")
     return args
 
 

@@ -266,17 +266,8 @@ def run_phase(pre, args, data_dir, meta, arms, seeds, phase):
 
 
 def repeated(args):
-    pre = runner.preset(args)
-    if args.threads == -1 and args.jobs > 1:
-        pre["threads"] = 1  # several processes: one thread each, or their OpenMP threads stall each other
-    for key in ("repeated_iters", "repeated_train_tokens"):
-        if getattr(args, key) > 0:
-            pre[key] = getattr(args, key)
-    if args.eval_iters > 0:
-        pre["repeated_eval_iters"] = args.eval_iters
-    for key in ("explore_seeds", "confirm_seeds"):
-        if getattr(args, key):
-            pre[f"repeated_{key}"] = getattr(args, key)
+    pre = runner.phased_preset(args, "repeated", ("repeated_iters", "repeated_train_tokens"),
+                               ("explore_seeds", "confirm_seeds"))
     data_dir, meta = prepare(pre, args)
     vocab, epoch_steps = meta["vocab_size"], meta["train_tokens"] / (pre["batch_size"] * pre["block_size"])
     print(f"data: {data_dir}: {meta['train_tokens']:,} train tokens (capped from "
@@ -338,13 +329,7 @@ def get_args(argv=None):
     p.add_argument("--dry_run", action="store_true", help="print the arms, the runs and the estimate; train nothing")
     p.add_argument("--results", default="", help="a folder that also gets repeated_<preset>.json, .csv and .png")
     args = runner.parse(p, argv, need_data=False)
-    if args.jobs < 1:
-        raise UserError(f"--jobs={args.jobs}: must be >= 1")
-    if set(args.explore_seeds or []) & set(args.confirm_seeds or []):
-        raise UserError("--explore_seeds and --confirm_seeds share a seed: the confirmation must "
-                        "use seeds the choice never saw")
-    if not (args.budget_min > 0 or args.budget_min == -1):
-        raise UserError(f"--budget_min={args.budget_min}: must be a number of minutes > 0, or -1 for none")
+    runner.check_phases(args)
     return args
 
 

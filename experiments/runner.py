@@ -73,6 +73,25 @@ def preset(args, own=None):
     return pre
 
 
+def phased_preset(args, name, counts, lists):
+    """preset() for an experiment of exploration and confirmation phases (repeated, depth), --jobs train.py
+    processes at a time: one thread each unless --threads says; its flags override the preset's `name`_* fields:
+    `counts` (flags named as their field; 0 or -1 = the preset's), `lists` (flag X sets `name`_X; unset = the
+    preset's) and --eval_iters (`name`_eval_iters)."""
+    pre = preset(args)
+    if args.threads == -1 and args.jobs > 1:
+        pre["threads"] = 1  # several processes: one thread each, or their OpenMP threads stall each other
+    for key in counts:
+        if getattr(args, key) > 0:
+            pre[key] = getattr(args, key)
+    if args.eval_iters > 0:
+        pre[f"{name}_eval_iters"] = args.eval_iters
+    for key in lists:
+        if getattr(args, key):
+            pre[f"{name}_{key}"] = getattr(args, key)
+    return pre
+
+
 # -----------------------------------------------------------------------------
 # runs: train.py's command line, its evaluations, a run that is done or resumes
 
@@ -386,6 +405,17 @@ def parse(p, argv, need_data=True):
     if need_data:
         read_meta(args.data_dir)
     return args
+
+
+def check_phases(args):
+    """The flags of an experiment of exploration and confirmation phases (repeated, depth), checked."""
+    if args.jobs < 1:
+        raise UserError(f"--jobs={args.jobs}: must be >= 1")
+    if set(args.explore_seeds or []) & set(args.confirm_seeds or []):
+        raise UserError("--explore_seeds and --confirm_seeds share a seed: the confirmation must "
+                        "use seeds the choice never saw")
+    if not (args.budget_min > 0 or args.budget_min == -1):
+        raise UserError(f"--budget_min={args.budget_min}: must be a number of minutes > 0, or -1 for none")
 
 
 def main(experiment, get_args, argv=None, shown=None):
