@@ -186,8 +186,8 @@ def memory_fit(family, args):
         return 1e9 + itemsize * max(m["total"] + family[0]["total"] for m in family)
 
     if args.device.type == "cpu" and args.dtype == torch.float32 and args.dtype_auto and need(4) > RAM_CAP:
-        args = resolved(args, dtype=torch.bfloat16,
-                        dtype_why=f"bfloat16, as fp32 needs {need(4) / 1e9:.0f} GB; {args.dtype_why}")
+        measured = args.dtype_why.partition("measured: ")[2] or args.dtype_why  # the card's line has room for this
+        args = resolved(args, dtype=torch.bfloat16, dtype_why=f"bf16, as fp32 needs {need(4) / 1e9:.0f} GB; {measured}")
     free = int((proc_value("/proc/meminfo", "MemAvailable") or "0").split()[0]) * 1024  # 0: not Linux, not checked
     if args.device.type == "cpu" and 0 < free < need(args.dtype.itemsize):
         smaller = {"paper": "--preset=gpt2", "gpt2": "--preset=tiny"}.get(args.preset_name, "a smaller --n_embd")

@@ -76,8 +76,8 @@ def choose_cpu_dtype(probe=cpu_linear_ms):
     """
     bf16, fp32 = probe(torch.bfloat16), probe(torch.float32)
     dtype = torch.bfloat16 if bf16 <= fp32 else torch.float32
-    return dtype, (f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}, measured: an 8-row 2048x2048 Linear "
-                   f"takes {bf16:.2f} ms in bf16, {fp32:.2f} ms in fp32 here")
+    return dtype, (f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}, measured: an 8-row 2048x2048 Linear: "
+                   f"{bf16:.2f} ms in bf16, {fp32:.2f} ms in fp32")
 
 
 def resolve_dtype(name, device, cpu_auto="float32"):
