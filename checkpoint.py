@@ -52,8 +52,8 @@ def load_checkpoint(path, flag=""):
     """
     A checkpoint or streams file, loaded with weights_only=True and checked: its model_args make a
     GPTConfig, its weights fit that model (a streams file: its prefixes and aggregator). nanoGPT's
-    checkpoints load as they are: the keys torch.compile prefixes and nanoGPT's mask buffers are fixed
-    here. Every refusal is a UserError that starts with flag ("--ckpt: ...") when one is given.
+    checkpoints load as they are: the `_orig_mod.` key prefix of its compiled runs and its mask buffers
+    are fixed here. Every refusal is a UserError that starts with flag ("--ckpt: ...") when one is given.
     """
     say = f"{flag}: " if flag else ""
     check(os.path.isfile(path),
@@ -80,7 +80,7 @@ def load_checkpoint(path, flag=""):
 
 
 def clean_state_dict(state_dict):
-    """nanoGPT's checkpoints as they are: drop the `_orig_mod.` prefix torch.compile adds and the
+    """nanoGPT's checkpoints as they are: drop the `_orig_mod.` prefix its compiled runs save and the
     causal-mask buffers (`attn.bias`) that nanoGPT saves when flash attention is off."""
     return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()
             if not (k.endswith(".attn.bias") and v.dim() == 4)}

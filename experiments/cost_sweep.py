@@ -224,7 +224,7 @@ def bench_train(args, base_cfgs):
     peak = args.peak_flops
     B, T = args.train_batch, args.train_seq
     print(f"\ntrain: batch {B} x {T} tokens, forward + backward + AdamW, {'bf16 autocast' if cuda else 'float32'}, "
-          f"eager (no torch.compile); median of {args.train_steps} steps after 2 warm-up steps; MFU "
+          f"eager (no graph compiler); median of {args.train_steps} steps after 2 warm-up steps; MFU "
           + (f"against {peak / 1e12:.0f} TFLOP/s ({args.peak_flops_source})" if peak else
              f"n/a (no datasheet peak for {args.device_name}; --peak_flops gives one)"))
     print(f"{'attn':5} {'P':>2} | {'tok/s':>10} {'vs P=1':>6} | {'step ms':>8} | {'TFLOP/s':>8} {'MFU':>6} | "
