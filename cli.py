@@ -65,17 +65,15 @@ def resolved(args, **values):
     return argparse.Namespace(**{**vars(args), **values})
 
 
-def int_list(text, multiple_of=1, unique=True):
-    """An argparse type: comma-separated positive integers, multiples of `multiple_of`, each at most once
-    unless unique=False."""
+def int_list(text):
+    """An argparse type: comma-separated positive integers, each at most once."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if not values or any(v < 1 or v % multiple_of for v in values):
-        what = f"positive multiples of {multiple_of}" if multiple_of > 1 else "positive integers"
-        raise argparse.ArgumentTypeError(f"{text}: expected comma-separated {what}")
-    if unique and len(set(values)) < len(values):
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text}: expected comma-separated positive integers")
+    if len(set(values)) < len(values):
         raise argparse.ArgumentTypeError(f"{text}: a value is repeated")
     return values
 

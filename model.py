@@ -119,7 +119,7 @@ class CausalSelfAttention(nn.Module):
             # ParScale prefix and KV cache: every query sees the S - T keys before the new tokens;
             # among the T new ones, query i sees key j <= i. Without either, plain causal
             S = k.size(2)
-            mask = torch.ones(T, S, device=x.device).tril(S - T).bool() if S > T > 1 else None
+            mask = torch.ones(T, S, dtype=bool, device=x.device).tril(S - T) if S > T > 1 else None
             # causal self-attention; Self-attend: (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T)
             with sdpa_kernel(DECODE_BACKENDS) if cache is not None else nullcontext(): # KV cache
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T > 1,

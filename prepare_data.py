@@ -46,7 +46,6 @@ A mistake the user can fix (a bad flag value, a missing, empty or non-UTF-8 inpu
 ends as one `error: ...` line naming the flag, exit status 1, and nothing written.
 """
 
-import argparse
 import hashlib
 import json
 import os

@@ -30,7 +30,7 @@ import torch
 
 from checkpoint import load_checkpoint, load_streams
 from cli import ArgumentParser, UserError, load_meta
-from machine import resolve_device, resolve_dtype
+from machine import resolve_device, resolve_dtype, synchronize
 from kernels.fused import fused_decoder_for
 from model import GPT, GPTConfig
 from prepare_data import load_tokenizer
@@ -163,8 +163,7 @@ def main(argv=None):
     t0 = time.time()
     with torch.no_grad():
         y = (decoder or model).generate(x, args.max_new_tokens, temperature=temperature, top_k=top_k)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize(device)
     dt = time.time() - t0
     rows = y.tolist()
     for row in rows:

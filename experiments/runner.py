@@ -164,8 +164,8 @@ def call_train(argv, out_dir):
         out = f.read()
     if rc != 0:
         said = [line.split("error: ", 1)[1] for line in out.splitlines()
-                if line.startswith("error: ") or line.startswith("train.py: error: ")]
-        if said:  # train.py's own message, or argparse's
+                if line.startswith("error: ")]
+        if said:  # train.py's one error line (argparse's complaints too: cli.ArgumentParser)
             raise UserError(f"train.py in {out_dir}: {said[-1]} (its output: {path})")
         tail = "\n".join(out.splitlines()[-15:])
         raise RuntimeError(f"train.py failed (exit {rc}) in {out_dir}; the end of {path}:\n{tail}")
