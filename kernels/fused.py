@@ -487,7 +487,7 @@ class FusedDecoder:
         if next(model.parameters()).dtype != dtype:
             model = copy.deepcopy(model).to(dtype)  # prefill and the aggregator run in the decoder's dtype
         self.model = model.eval()
-        self.config, self.device, self.dtype, self.backend = cfg, device, dtype, backend
+        self.config, self.device, self.dtype = cfg, device, dtype
         self.cuda_graph = cuda_graph and backend.graphs
         self.kernels = build(dtype, cfg.head_dim, device, backend)
         P, B, C, L = cfg.n_streams, batch_size, cfg.n_embd, cfg.n_layer

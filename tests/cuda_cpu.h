@@ -53,7 +53,6 @@
 // ---- the language: qualifiers mean nothing on a CPU
 #define __global__
 #define __device__
-#define __host__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
 #ifdef CUDA_CPU_ASAN
@@ -128,7 +127,7 @@ static Fiber* came_from;  // the fiber the last switch left
 static void (*body)(void*);
 static void* body_arg;
 static char error[512];
-static dim3_t block_idx, grid_dim, block_dim;
+static dim3_t block_idx;
 static void* dynamic_smem;
 static unsigned long order_seed;
 
@@ -239,8 +238,6 @@ INTERNAL inline dim3_t block_index() { return block_idx; }
 // ---- CUDA's built-in variables and functions, as kernels/*.cu uses them
 #define threadIdx (cuda_cpu::thread_idx())
 #define blockIdx (cuda_cpu::block_index())
-#define blockDim (cuda_cpu::block_dim)
-#define gridDim (cuda_cpu::grid_dim)
 
 // macros, so that each barrier knows its source line: threads reaching different ones is an error
 #define __syncthreads() cuda_cpu::syncthreads(__LINE__)
@@ -253,7 +250,6 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
-inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
 template <class T> inline T min(T a, T b) { return b < a ? b : a; }
 template <class T> inline T max(T a, T b) { return a < b ? b : a; }
 
@@ -339,7 +335,7 @@ INTERNAL inline const char* run_grid(void (*fn)(void*), void* arg, dim3_t grid, 
     if (smem > 48 * 1024)
         return snprintf(error, sizeof error, "%u bytes of dynamic shared memory: more than 48 KiB needs an "
                         "opt-in the kernels do not make", smem), error;
-    body = fn, body_arg = arg, grid_dim = grid, block_dim = block;
+    body = fn, body_arg = arg;
     n_threads = (int)block.x;
     if (!fibers) {
         fibers = static_cast<Fiber*>(calloc(1024, sizeof(Fiber)));

@@ -23,9 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -94,18 +92,13 @@ def build_library(source, sanitize=""):
         src, out = os.path.join(tmp, "kernels.cpp"), os.path.join(tmp, "kernels.so")
         with open(src, "w") as fh:
             fh.write(source)
-        t0 = time.perf_counter()
         r = subprocess.run([CXX, *flags, "-I", HERE, src, "-o", out], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"g++ could not build the kernels for the CPU:\n{r.stderr[-4000:]}")
         tmp_path = f"{path}.{os.getpid()}.tmp"
         shutil.copyfile(out, tmp_path)
         os.replace(tmp_path, path)  # atomic: a concurrent build of the same content writes the same bytes
-        build_library.seconds[path] = time.perf_counter() - t0
     return path
-
-
-build_library.seconds = {}
 
 
 def cpu_source(source, kernels):
@@ -127,14 +120,12 @@ class CpuKernels:
             return False, f"the CPU backend runs on the CPU, not on '{device}'"
         return (False, missing()) if missing() else (True, "")
 
-    def library(self, source):
-        return ctypes.CDLL(build_library(cpu_source(source, fused.parse_signatures(source)), self.sanitize))
-
     def load(self, dtype, head_dim, device):
         """({kernel: launch(grid, block, smem, params)}, what was built) for kernel_source(dtype, head_dim)."""
         source = fused.kernel_source(dtype, head_dim)
-        lib = self.library(source)
-        return launchers(lib, fused.parse_signatures(source), self.block_order_seed), (
+        names = fused.parse_signatures(source)
+        lib = ctypes.CDLL(build_library(cpu_source(source, names), self.sanitize))
+        return launchers(lib, names, self.block_order_seed), (
             f"kernels/*.cu with {_compiler_version()} for the CPU ({self.sanitize or 'no'} sanitizer), "
             f"{str(dtype).removeprefix('torch.')}, head_dim {head_dim}")
 

@@ -28,7 +28,7 @@ from util import ROOT, assert_close, make_model, reference_attention
 
 from kernels import fused, nvrtc
 from kernels.fused import FusedDecoder, fused_status
-from model import GPT, KVCache
+from model import KVCache
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
