@@ -8,7 +8,8 @@ from matplotlib.figure import Figure  # the object-oriented API: no backend to c
 
 
 def plot_lesson(family, args, phases):
-    """family: bench.py's models, each with memory_mb, latency and roofline filled in; phases: {phase: label}."""
+    """family: bench.py's models, each with memory_mb, latency and roofline filled in; phases: the phases timed
+    (keys of bench.PHASES)."""
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     ax_mem, ax_lat = fig.subplots(1, 2)
     for side, mark, name in (("parscale", "o", "ParScale (P streams)"), ("width", "s", "width (N_base(1 + k ln P))")):

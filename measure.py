@@ -164,7 +164,7 @@ def decode_paths(requested, device):
 
 
 def with_threads_and_dtype(args, run):
-    """run(args) with --threads set (-1 = all cores) and --dtype resolved (a CPU's auto: common.choose_cpu_dtype's
+    """run(args) with --threads set (-1 = all cores) and --dtype resolved (a CPU's auto: machine.choose_cpu_dtype's
     probe); the thread count restored after, as the tests call main()."""
     threads = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -201,6 +201,16 @@ def increase(base, model, resamples=2000, seed=0):
     return d.quantile(0.5).item(), lo, hi
 
 
+def filled_runner(dec, tokens, context, device, noise):
+    """runner() for a decoder whose cache is filled directly with `noise` as keys and values (a 1,000-token prefill
+    takes minutes at P = 8 on a CPU), warmed up by one step (kernel choice, graph capture)."""
+    tile_(dec.cache.k, noise)
+    tile_(dec.cache.v, noise)
+    run = runner(dec, tokens, context, device)
+    run()
+    return run
+
+
 @torch.no_grad()
 def measure_model(spec):
     """One model in a process of its own (spec: plain values): caches filled directly to the prompt's length and to
@@ -216,10 +226,7 @@ def measure_model(spec):
         runs = {}
         for phase, context in (("decode", T), ("long", spec["long_context"])):
             dec = make_decoder(spec["path"], m, B, dtype, context + 1)
-            tile_(dec.cache.k, noise)  # filled directly: a 1,000-token prefill takes minutes at P = 8 on a CPU
-            tile_(dec.cache.v, noise)
-            runs[phase] = runner(dec, prompt, context, device)
-            runs[phase]()  # warm-up: kernel choice, graph capture
+            runs[phase] = filled_runner(dec, prompt, context, device, noise)
             if context == T:  # the prefill writes this cache from position 0
                 runs["prefill"] = runner(dec, prompt, None, device)
             if peaks:  # at the prompt's length, then at long_context
@@ -230,6 +237,7 @@ def measure_model(spec):
     if spec["phases"]:
         theirs = timers(build_model(GPTConfig(**spec["base"]), device, dtype), peaks=False)
         for phase, seconds in spec["phases"].items():
-            theirs[phase](), ours[phase]()  # the prefill's warm-up (the steps had theirs)
+            if phase == "prefill":  # its warm-up (the steps had theirs in timers)
+                theirs[phase](), ours[phase]()
             out[phase] = paired(theirs[phase], ours[phase], seconds)
     return out
