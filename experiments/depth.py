@@ -27,7 +27,6 @@ seeds, and the cut is said. Runs land in <out>/depth/; the result in <out>/depth
 --results, <results>/depth_<preset>.json, .csv and .png.
 """
 import itertools
-import math
 import os
 import sys
 import time
@@ -194,7 +193,7 @@ def verdicts(rows, chosen, best):
     and the verdict null, as no fresh seed tested it. best: choose's second value."""
     out = []
     for claim, (hypothesis, lower) in CLAIMS.items():
-        inst = next((i for i in chosen if i["claim"] == claim), best.get(claim))
+        inst = best.get(claim)  # a chosen claim: its chosen instance, which is its best
         if inst is None:
             out.append(dict(claim=claim, hypothesis=hypothesis, at="", explore="not measured (the grid lacks it)",
                             verdict="not measured (the grid lacks it)", seeds=0, mean="", min="", max=""))
@@ -204,7 +203,7 @@ def verdicts(rows, chosen, best):
         row = dict(claim=claim, hypothesis=hypothesis, at=inst["at"],
                    explore=f"{explore['verdict']}: {explore['mean']:+.4f} [{explore['min']:+.4f}, "
                    f"{explore['max']:+.4f}], {explore['seeds']} seeds")
-        if inst in chosen:
+        if claim in {i["claim"] for i in chosen}:
             confirm = noise.judged(hypothesis, diffs(rows, "confirm", inst), lower, holds="confirmed",
                                    missing="not measured (no confirmation run)")
             row.update({k: confirm[k] for k in ("seeds", "mean", "min", "max", "verdict")})
@@ -264,7 +263,7 @@ def makespan(seconds, jobs):
     return max(loads)
 
 
-def plan(pre, vocab_size, points, jobs, budget_min, n_claims, measure=True):
+def plan(pre, vocab_size, points, jobs, budget_min, n_claims):
     """
     (the points kept, estimated minutes, the points cut, seconds per run key, lines to print). Each run: its
     measured step time (runner.step_seconds, one thread) x (steps + evaluations, an evaluation batch ~1/3 of a
@@ -275,7 +274,7 @@ def plan(pre, vocab_size, points, jobs, budget_min, n_claims, measure=True):
     """
     n_evals = pre["depth_iters"] // evals_every(pre) + 1
     steps = pre["depth_iters"] + n_evals * 2 * pre["depth_eval_iters"] / 3
-    cost = {key: steps * (runner.step_seconds(config(pre, vocab_size, key), pre["batch_size"]) if measure else 0)
+    cost = {key: steps * runner.step_seconds(config(pre, vocab_size, key), pre["batch_size"])
             for key in sorted(runs_at(points))}
 
     def minutes(pts):
@@ -341,7 +340,7 @@ def run_phase(pre, args, keys, seeds, phase, cost):
 def depth(args):
     pre = runner.phased_preset(args, "depth", ("depth_iters", "depth_width"),
                                ("layers", "slots", "explore_seeds", "confirm_seeds"))
-    vocab = math.ceil(runner.read_meta(args.data_dir)["vocab_size"] / 64) * 64  # as train.py pads it
+    vocab = runner.padded_vocab(args.data_dir)
     start = time.time()
     points = [(L, S) for L in pre["depth_layers"] for S in pre["depth_slots"]]
     print(f"grid: {pre['depth_layers']} layers x {pre['depth_slots']} prefix slots ("
@@ -414,17 +413,9 @@ def get_args(argv=None):
                    "preset's depth_slots")
     p.add_argument("--depth_width", type=int, default=-1, help="n_embd of every run; -1 = the preset's")
     p.add_argument("--depth_iters", type=int, default=-1, help="steps per run; -1 = the preset's")
-    p.add_argument("--explore_seeds", type=runner.int_list, default=None,
-                   help="comma-separated train.py seeds that choose the claims; default: the preset's")
-    p.add_argument("--confirm_seeds", type=runner.int_list, default=None,
-                   help="comma-separated new seeds that confirm them; default: the preset's")
     p.add_argument("--claims", type=int, default=2, help=f"claims taken to the confirmation seeds, 0 to "
                    f"{len(CLAIMS)}")
-    p.add_argument("--jobs", type=int, default=2,
-                   help="train.py processes at a time (each gets --threads=1 unless --threads says otherwise)")
-    p.add_argument("--budget_min", type=float, default=120, help="minutes; grid points are cut when the estimate "
-                   "exceeds it; -1 = no budget")
-    p.add_argument("--dry_run", action="store_true", help="print the runs and the estimate; train nothing")
+    runner.add_phase_flags(p, 120, "claims", "grid points are cut")
     p.add_argument("--results", type=runner.absolute, default="",
                    help="a folder that also gets depth_<preset>.json, .csv and .png, e.g. results")
     args = runner.parse(p, argv)

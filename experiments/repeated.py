@@ -37,7 +37,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/repeated.py` from anywhere
     sys.path.insert(0, ROOT)
-from cli import UserError, int_list  # noqa: E402
+from cli import UserError  # noqa: E402
 from experiments import noise, plots, runner  # noqa: E402
 from measure import match_width, param_counts  # noqa: E402
 from model import GPTConfig  # noqa: E402
@@ -183,7 +183,7 @@ def step_seconds(cfg, pre, reparam):
     return runner.step_seconds(cfg, pre["batch_size"], extra)
 
 
-def plan(pre, vocab_size, arms, jobs, budget_min, measure=True):
+def plan(pre, vocab_size, arms, jobs, budget_min):
     """(runs by phase, estimated minutes, the arms cut, lines to print). Exploration: every arm on the exploration
     seeds; confirmation: at most P = 1, the chosen arm and its controls on the confirmation seeds (estimated
     with the costliest P > 1 arm). Arms are cut in CUT_ORDER until the estimate fits budget_min."""
@@ -194,7 +194,7 @@ def plan(pre, vocab_size, arms, jobs, budget_min, measure=True):
             evals = pre["repeated_iters"] // pre["repeated_eval_interval"] + 1
             steps = pre["repeated_iters"] + evals * 2 * pre["repeated_eval_iters"] / 3  # eval batch ~ 1/3 step
             cfg = base_config(pre, vocab_size, key[0], key[1])
-            cost[key] = steps * (step_seconds(cfg, pre, "reparam" in key[2]) if measure else 0)
+            cost[key] = steps * step_seconds(cfg, pre, "reparam" in key[2])
 
     def minutes(arms):
         explore = {run_key(pre, vocab_size, a) for a in arms}
@@ -318,15 +318,7 @@ def get_args(argv=None):
                    help="the capped training set, tokens; -1 = the preset's")
     p.add_argument("--arms", type=arm_list, default="", help=f"comma-separated arms to run, of {', '.join(ARMS)}; "
                    "'' = all (p1 is always run)")
-    p.add_argument("--explore_seeds", type=int_list, default=None,
-                   help="comma-separated train.py seeds to choose the arm on; default: the preset's")
-    p.add_argument("--confirm_seeds", type=int_list, default=None,
-                   help="comma-separated new seeds to confirm it on; default: the preset's")
-    p.add_argument("--jobs", type=int, default=2,
-                   help="train.py processes at a time (give each --threads=1 on a small CPU)")
-    p.add_argument("--budget_min", type=float, default=60, help="minutes; arms are cut (CUT_ORDER) when the estimate "
-                   "exceeds it; -1 = no budget")
-    p.add_argument("--dry_run", action="store_true", help="print the arms, the runs and the estimate; train nothing")
+    runner.add_phase_flags(p, 60, "arm", "arms are cut (CUT_ORDER)")
     p.add_argument("--results", default="", help="a folder that also gets repeated_<preset>.json, .csv and .png")
     args = runner.parse(p, argv, need_data=False)
     runner.check_phases(args)

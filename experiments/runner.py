@@ -230,12 +230,17 @@ def train_base(pre, args):
 ASSUMED_MFU, ASSUMED_STEP_OVERHEAD, ASSUMED_RUN_OVERHEAD = 0.08, 0.015, 10.0
 
 
-def step_seconds(cfg, batch_size, extra=(), threads=1):
-    """Seconds per training step (forward, backward, AdamW) of GPT(cfg) at this batch on `threads` CPU threads,
+def padded_vocab(data_dir):
+    """The data's vocabulary size padded up to a multiple of 64, as train.py pads it: the model's vocab_size."""
+    return math.ceil(read_meta(data_dir)["vocab_size"] / 64) * 64
+
+
+def step_seconds(cfg, batch_size, extra=()):
+    """Seconds per training step (forward, backward, AdamW) of GPT(cfg) at this batch on one CPU thread,
     the way an experiment's jobs each run: the median of 3 after a warm-up. extra: modules whose parameters the
     optimizer steps too (a reparameterisation's). A measurement, so it moves with whatever else the CPU runs."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
         model = GPT(cfg)
@@ -280,7 +285,7 @@ def plan(pre, data_dir, runs):
     seconds per run (starting Python, torch and CUDA; the first steps). runs: sweep_runs' list.
     Returns (lines to print, estimated seconds or None off the GPU).
     """
-    vocab = math.ceil(read_meta(data_dir)["vocab_size"] / 64) * 64  # as train.py pads it
+    vocab = padded_vocab(data_dir)
     tokens = pre["max_iters"] * pre["batch_size"] * pre["block_size"]
     n_evals = pre["max_iters"] // pre["eval_interval"] + 1 + (pre["max_iters"] % pre["eval_interval"] > 0)
     eval_tokens = n_evals * 2 * pre["eval_iters"] * pre["batch_size"] * pre["block_size"]  # train and val
@@ -405,6 +410,20 @@ def parse(p, argv, need_data=True):
     if need_data:
         read_meta(args.data_dir)
     return args
+
+
+def add_phase_flags(p, budget_min, chosen, cut):
+    """The flags of an experiment of exploration and confirmation phases (repeated, depth); check_phases checks
+    them. chosen: what the exploration seeds choose; cut: what is cut when the estimate exceeds --budget_min."""
+    p.add_argument("--explore_seeds", type=int_list, default=None,
+                   help=f"comma-separated train.py seeds that choose the {chosen}; default: the preset's")
+    p.add_argument("--confirm_seeds", type=int_list, default=None,
+                   help="comma-separated new seeds for the confirmation; default: the preset's")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="train.py processes at a time (each gets --threads=1 unless --threads says otherwise)")
+    p.add_argument("--budget_min", type=float, default=budget_min,
+                   help=f"minutes; {cut} when the estimate exceeds it; -1 = no budget")
+    p.add_argument("--dry_run", action="store_true", help="print the runs and the estimate; train nothing")
 
 
 def check_phases(args):
