@@ -30,7 +30,7 @@ from dataclasses import asdict
 
 import torch
 
-from cli import ArgumentParser, RenamedFlag, UserError, int_list, model_config, resolved
+from cli import ArgumentParser, RenamedFlag, UserError, entry, int_list, model_config, resolved
 from machine import linear_seconds, proc_value, resolve_device, resolve_dtype
 from measure import (MIN_PAIRS, PRESETS, decode_paths, increase, kv_bytes, measure_model, model_family, param_counts,
                      read_bandwidth, with_threads_and_dtype)
@@ -283,7 +283,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:  # a mistake the user can fix: one line, no traceback; anything else is a bug
-        sys.exit("error: " + " ".join(str(e).split("\n")))
+    entry(main)

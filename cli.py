@@ -8,6 +8,7 @@ mistake read the same in every script.
 import argparse
 import json
 import os
+import sys
 
 from model import GPTConfig
 
@@ -22,6 +23,15 @@ def check(ok, message):
     """Refuse what the user can fix: raise UserError(message) unless ok."""
     if not ok:
         raise UserError(message)
+
+
+def entry(main):
+    """Every script's `__main__`: main(); a UserError becomes one `error: ...` line on stderr and exit status 1,
+    a mistake the user can fix, said without a traceback; anything else is a bug and keeps its traceback."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit("error: " + " ".join(str(e).splitlines()))
 
 
 class ArgumentParser(argparse.ArgumentParser):

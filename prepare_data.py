@@ -50,7 +50,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import sysconfig
 import time
 
@@ -60,7 +59,7 @@ import tiktoken.load
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError
+from cli import ArgumentParser, UserError, entry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
@@ -399,7 +398,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a mistake the user can fix: one line, no traceback; anything else is a bug
-        sys.exit(f"error: {e}")
+    entry(main)

@@ -29,7 +29,7 @@ import time
 import torch
 
 from checkpoint import load_checkpoint, load_streams
-from cli import ArgumentParser, UserError, load_meta
+from cli import ArgumentParser, UserError, entry, load_meta
 from machine import resolve_device, resolve_dtype, synchronize
 from kernels.fused import fused_decoder_for
 from model import GPT, GPTConfig
@@ -178,7 +178,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a mistake the user can fix: one line, no traceback; anything else is a bug
-        sys.exit("error: " + " ".join(str(e).split("\n")))
+    entry(main)

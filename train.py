@@ -33,7 +33,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -47,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_streams, save_checkpoint, streams_state
-from cli import ArgumentParser, UserError, check, load_meta, model_config
+from cli import ArgumentParser, UserError, check, entry, load_meta, model_config
 from counts import estimate_mfu, param_report
 from machine import peak_flops, resolve_device, resolve_dtype
 from diagnostics import diversity, stream_losses
@@ -603,8 +602,4 @@ def check_start(args, typed_flags, ckpt, path, src, meta):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a mistake the user can fix: one line, no traceback; any other exception is a bug
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
-        sys.exit(1)
+    entry(main)

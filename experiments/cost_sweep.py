@@ -33,7 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `python experiments/cost_sweep.py` from anywhere
     sys.path.insert(0, ROOT)
-from cli import ArgumentParser, RenamedFlag, UserError, int_list, model_config, resolved  # noqa: E402
+from cli import ArgumentParser, RenamedFlag, UserError, entry, int_list, model_config, resolved  # noqa: E402
 from counts import estimate_mfu, flops_per_token  # noqa: E402
 from machine import peak_flops, resolve_device, resolve_dtype, synchronize  # noqa: E402
 from experiments import plots  # noqa: E402
@@ -453,7 +453,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:  # a mistake the user can fix: one line, no traceback; anything else is a bug
-        sys.exit("error: " + " ".join(str(e).split("\n")))
+    entry(main)

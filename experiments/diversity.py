@@ -70,4 +70,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    runner.cli(main)
+    runner.entry(main)

@@ -339,4 +339,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    runner.cli(main)
+    runner.entry(main)

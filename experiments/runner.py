@@ -24,7 +24,7 @@ import time
 import torch
 
 from checkpoint import load_checkpoint
-from cli import ArgumentParser, RenamedFlag, UserError, int_list
+from cli import ArgumentParser, RenamedFlag, UserError, entry, int_list  # noqa: F401 (entry: the experiments')
 from counts import flops_per_token, param_report
 from machine import peak_flops
 from model import GPT, GPTConfig
@@ -445,11 +445,3 @@ def main(experiment, get_args, argv=None, shown=None):
     return result
 
 
-def cli(main):
-    """`python experiments/<name>.py`: run main(); a UserError becomes one `error: ...` line on stderr and exit
-    status 1, a mistake the user can fix; anything else is a bug and keeps its traceback."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
