@@ -2,6 +2,8 @@
 import ast
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -293,6 +295,24 @@ def test_dynamic_p_streams_share_one_backbone():
         attach_streams(make(11), sets[2])
 
 
+def per_stream_loss_under_ddp(store):
+    """The DDP half of the test below, run in a Python of its own: a gloo process group made inside pytest's
+    process outlives its test (DDP holds it in a reference cycle) until some later garbage collection destroys
+    it, and the suite twice stalled with gloo's threads still running."""
+    model = make(13, n_streams=3, n_kv_head=2)
+    P, idx = 3, torch.randint(0, model.config.vocab_size, (2, 10))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        _, loss, stream_logits = DDP(model)(idx, idx, streams=True)
+        aux = F.cross_entropy(stream_logits.flatten(0, 2), idx.repeat(P, 1).flatten())  # the mean per-stream loss
+        (loss + 0.5 * aux).backward()
+    finally:
+        dist.destroy_process_group()
+    prefix_grad = model.transformer.h[0].attn.prefix_k.grad
+    assert prefix_grad is not None and prefix_grad.abs().sum() > 0
+    print("prefix_k gradient", prefix_grad.abs().sum().item())
+
+
 def test_forward_returns_each_streams_logits_for_a_per_stream_loss(tmp_path):
     """Exercise 5's hook: model(X, Y, streams=True) gives every stream's own logits, from the same forward,
     so that lambda * mean(per-stream loss) trains the prefixes, also inside DistributedDataParallel."""
@@ -304,16 +324,10 @@ def test_forward_returns_each_streams_logits_for_a_per_stream_loss(tmp_path):
     h = stream_hidden(model, idx).view(P, B, T, -1)
     assert_close(stream_logits, model.lm_head(h), what="each stream through the LM head")
     assert torch.equal(logits, model(idx, idx)[0]) and torch.equal(loss, model(idx, idx)[1])
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        ddp = DDP(model)
-        _, loss, stream_logits = ddp(idx, idx, streams=True)
-        aux = F.cross_entropy(stream_logits.flatten(0, 2), idx.repeat(P, 1).flatten())  # the mean per-stream loss
-        (loss + 0.5 * aux).backward()
-    finally:
-        dist.destroy_process_group()
-    prefix_grad = model.transformer.h[0].attn.prefix_k.grad
-    assert prefix_grad is not None and prefix_grad.abs().sum() > 0
+    code = (f"import sys; sys.path[:0] = [{os.path.join(ROOT, 'tests')!r}, {ROOT!r}]; import test_model; "
+            f"test_model.per_stream_loss_under_ddp({str(tmp_path / 'store')!r})")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "prefix_k gradient" in res.stdout, (res.stdout + res.stderr)[-4000:]
 
 
 def test_config_defaults_and_sentinels():
