@@ -1,5 +1,6 @@
 """model.py against independent computations: plain GPT, explicit streams, explicit aggregator, full recompute."""
 import ast
+import gc
 import math
 import os
 import subprocess
@@ -303,9 +304,12 @@ def per_stream_loss_under_ddp(store):
     P, idx = 3, torch.randint(0, model.config.vocab_size, (2, 10))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     try:
-        _, loss, stream_logits = DDP(model)(idx, idx, streams=True)
+        ddp = DDP(model)
+        _, loss, stream_logits = ddp(idx, idx, streams=True)
         aux = F.cross_entropy(stream_logits.flatten(0, 2), idx.repeat(P, 1).flatten())  # the mean per-stream loss
-        (loss + 0.5 * aux).backward()
+        (loss + 0.5 * aux).backward()  # through DDP's reducer: the wrapper must live until here
+        del ddp
+        gc.collect()  # after a backward the wrapper sits in a reference cycle: it goes now, before its group
     finally:
         dist.destroy_process_group()
     prefix_grad = model.transformer.h[0].attn.prefix_k.grad
