@@ -29,6 +29,7 @@ is written.
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -319,6 +320,8 @@ def train(args, system, model, optimizer, meta, block_size, iter_num, best_val_l
                                "continue with --init_from=resume")
                 break
     if system.ddp:
+        del model  # after a backward DDP sits in a reference cycle: collect it now, before its process group goes
+        gc.collect()
         dist.destroy_process_group()
 
 
