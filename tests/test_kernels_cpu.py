@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernels_cpu import CpuKernels, build_library, cpu_source, launchers, missing, runtime, sanitized_env
-from util import ROOT, assert_close, make_model, reference_attention
+from util import IMPORTABLE, ROOT, assert_close, make_model, reference_attention
 
 from kernels import fused
 from kernels.fused import FusedDecoder
@@ -505,12 +505,11 @@ def sanitizer_runs(request):
                 if getattr(item, "originalname", "") in ("test_kernels_and_decoder_under_sanitizer",
                                                           "test_a_planted_fault_is_reported")}
     if not missing():
-        prelude = f"import sys; sys.path[:0] = [{os.path.join(ROOT, 'tests')!r}, {ROOT!r}]\n"
         for name, (sanitize, code, _) in SANITIZER_RUNS.items():
             if name in selected and not runtime_missing(sanitize):
                 out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-                proc = subprocess.Popen([sys.executable, "-c", prelude + code], cwd=ROOT, env=sanitized_env(sanitize),
-                                        stdout=out, stderr=err, text=True)
+                proc = subprocess.Popen([sys.executable, "-c", IMPORTABLE + code], cwd=ROOT,
+                                        env=sanitized_env(sanitize), stdout=out, stderr=err, text=True)
                 runs[name] = (proc, out, err)
     yield runs
     for proc, out, err in runs.values():

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import ProfilerActivity, profile
-from util import ROOT, assert_close, tiny_config
+from util import IMPORTABLE, ROOT, assert_close, tiny_config
 
 from checkpoint import attach_streams, clean_state_dict, streams_state
 from counts import param_report
@@ -328,8 +328,7 @@ def test_forward_returns_each_streams_logits_for_a_per_stream_loss(tmp_path):
     h = stream_hidden(model, idx).view(P, B, T, -1)
     assert_close(stream_logits, model.lm_head(h), what="each stream through the LM head")
     assert torch.equal(logits, model(idx, idx)[0]) and torch.equal(loss, model(idx, idx)[1])
-    code = (f"import sys; sys.path[:0] = [{os.path.join(ROOT, 'tests')!r}, {ROOT!r}]; import test_model; "
-            f"test_model.per_stream_loss_under_ddp({str(tmp_path / 'store')!r})")
+    code = IMPORTABLE + f"import test_model; test_model.per_stream_loss_under_ddp({str(tmp_path / 'store')!r})"
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "prefix_k gradient" in res.stdout, (res.stdout + res.stderr)[-4000:]
 

@@ -13,6 +13,8 @@ if ROOT not in sys.path:
 from model import GPT, GPTConfig  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+# the first line of `python -c` code a test runs in a process of its own: the test files and the repo importable
+IMPORTABLE = f"import sys; sys.path[:0] = [{os.path.dirname(os.path.abspath(__file__))!r}, {ROOT!r}]\n"
 
 
 def assert_close(actual, expected, atol=1e-5, rtol=1e-5, what="tensors"):
