@@ -51,10 +51,10 @@ def step_check(args):
         base, model = paired(runs[1], runs[8], args.budget / 2)
         med, lo, hi = increase(base, model)
         alloc = {P: step_allocations(models[P], dec, ctx) for P, dec in decs.items()}
-        floor = [(param_counts(c)["non_embedding"] + c.vocab_size * c.n_embd) * 2 + kv_bytes(c, 1, ctx + 1, 2)
-                 for c in cfgs.values()]  # bf16 bytes a step reads: the body, the tied LM head, the cache
+        floor = {P: (param_counts(c)["non_embedding"] + c.vocab_size * c.n_embd) * 2 + kv_bytes(c, 1, ctx + 1, 2)
+                 for P, c in cfgs.items()}  # bf16 bytes a step reads: the body, the tied LM head, the cache
         r = dict(context=ctx, p1_ms=[1e3 * t for t in base], p8_ms=[1e3 * t for t in model], ratio=1 + med,
-                 ratio_lo=1 + lo, ratio_hi=1 + hi, bytes_ratio=floor[1] / floor[0], target=target, ok=1 + med <= target,
+                 ratio_lo=1 + lo, ratio_hi=1 + hi, bytes_ratio=floor[8] / floor[1], target=target, ok=1 + med <= target,
                  alloc_p1=alloc[1], alloc_p8=alloc[8])
         out.append(r)
         print(f"{ctx:5d} | {statistics.median(r['p1_ms']):6.1f} {statistics.median(r['p8_ms']):6.1f} | "

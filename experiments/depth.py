@@ -203,7 +203,7 @@ def verdicts(rows, chosen, best):
         row = dict(claim=claim, hypothesis=hypothesis, at=inst["at"],
                    explore=f"{explore['verdict']}: {explore['mean']:+.4f} [{explore['min']:+.4f}, "
                    f"{explore['max']:+.4f}], {explore['seeds']} seeds")
-        if claim in {i["claim"] for i in chosen}:
+        if inst in chosen:
             confirm = noise.judged(hypothesis, diffs(rows, "confirm", inst), lower, holds="confirmed",
                                    missing="not measured (no confirmation run)")
             row.update({k: confirm[k] for k in ("seeds", "mean", "min", "max", "verdict")})
